@@ -1,0 +1,106 @@
+"""LightningModule that trains a DDPM noise network with the epsilon-prediction loss."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from deqlit.diffusion.schedule import alphas_cumprod, make_betas
+from deqlit.lit.ema import make_ema
+from deqlit.models.unet import DDIMUNet
+
+
+class DiffusionTrainModule(L.LightningModule):
+    """Trains `DDIMUNet(**model)` on images in [-1, 1]; keeps an EMA copy in `self.ema`.
+
+    Logs train/loss every step, val/denoise_mse (held-out images, fixed noise and timesteps, EMA
+    weights) every epoch, and a grid of samples from the EMA model every `sample_every` steps.
+    """
+
+    def __init__(self, model: dict[str, Any], diffusion: dict[str, Any], lr: float = 1e-3,
+                 weight_decay: float = 0.0, warmup_steps: int = 200, grad_clip: float = 1.0,
+                 ema_decay: float = 0.999, hflip: bool = True, sample_every: int = 1000,
+                 sample_count: int = 16, sample_timesteps: int = 50, sample_solver: str = "sequential",
+                 seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = DDIMUNet(**model)
+        self.ema = make_ema(self.model, ema_decay)
+        betas = make_betas(diffusion.get("beta_schedule", "linear"),
+                           diffusion.get("num_diffusion_timesteps", 1000),
+                           diffusion.get("beta_start", 1e-4), diffusion.get("beta_end", 0.02))
+        self.register_buffer("abar", alphas_cumprod(betas), persistent=False)
+
+    # ---- the loss -------------------------------------------------------------------------
+    def diffusion_loss(self, net: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor,
+                       noise: torch.Tensor) -> torch.Tensor:
+        """E ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2 (DDPM Eq. 14)."""
+        a = self.abar[t].to(x0.dtype)[:, None, None, None]
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return F.mse_loss(net(x_t, t), noise)
+
+    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        (x0,) = batch
+        if self.hparams.hflip:
+            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        t = torch.randint(0, len(self.abar), (x0.shape[0],), device=x0.device)
+        loss = self.diffusion_loss(self.model, x0, t, torch.randn_like(x0))
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.ema.update_parameters(self.model)
+        step = self.global_step
+        if self.hparams.sample_every and step % self.hparams.sample_every == 0:
+            self.log_samples()
+
+    def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
+        (x0,) = batch
+        # Fixed noise and timesteps so that the curve compares like with like across epochs.
+        gen = torch.Generator().manual_seed(1234 + batch_idx)
+        losses = []
+        for t_value in (50, 250, 500, 750, 950):
+            noise = torch.randn(x0.shape, generator=gen).to(x0)
+            t = torch.full((x0.shape[0],), t_value, device=x0.device, dtype=torch.long)
+            losses.append(self.diffusion_loss(self.ema.module, x0, t, noise))
+        self.log("val/denoise_mse", torch.stack(losses).mean(), prog_bar=True)
+
+    # ---- samples --------------------------------------------------------------------------
+    @torch.no_grad()
+    def log_samples(self) -> None:
+        from deqlit.sampling import generate
+
+        net = self.ema.module
+        was_training = net.training
+        net.eval()
+        gen = torch.Generator().manual_seed(self.hparams.seed)
+        shape = (self.hparams.sample_count, net.in_channels, net.resolution, net.resolution)
+        x_T = torch.randn(shape, generator=gen).to(self.device)
+        images, _ = generate(net, x_T, self.abar, timesteps=self.hparams.sample_timesteps,
+                             solver=self.hparams.sample_solver)
+        net.train(was_training)
+        grid = torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=4)
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            experiment.add_image("samples", grid, self.global_step)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr,
+                                weight_decay=self.hparams.weight_decay)
+        warmup = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        if self.hparams.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip,
+                                gradient_clip_algorithm="norm")
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA weights as a plain DDIMUNet state_dict."""
+        return {k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()}
