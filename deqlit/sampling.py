@@ -1,19 +1,42 @@
-"""One entry point for generating images with any solver (used by sample.py and the trainers)."""
+"""One entry point for generating images with any solver (sample.py, the trainers, benchmarks)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from deqlit.deq.layer import DEQSampler
+from deqlit.deq.solvers import SolverStats
 from deqlit.diffusion.schedule import timestep_sequence
 from deqlit.diffusion.sequential import ddim_sample
 
+SAMPLERS = ("sequential", "picard", "anderson", "triangular-anderson")
+
+
+def draw_noise(shape: tuple[int, ...], seq_len: int, eta: float, generator: torch.Generator,
+               dtype=torch.float32) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """x_T (B, C, H, W) and, when eta > 0, the injected noise (T, B, C, H, W), from one generator."""
+    x_T = torch.randn(shape, generator=generator, dtype=dtype)
+    noise = torch.randn((seq_len,) + tuple(shape), generator=generator, dtype=dtype) if eta > 0 else None
+    return x_T, noise
+
 
 def generate(model, x_T: torch.Tensor, abar: torch.Tensor, timesteps: int, skip: str = "uniform",
-             eta: float = 0.0, solver: str = "sequential", noise: torch.Tensor | None = None,
-             **solver_options: Any) -> tuple[torch.Tensor, dict]:
-    """x_T (B, C, H, W) -> (x_0 (B, C, H, W), stats)."""
+             eta: float = 0.0, solver: str = "sequential", noise: Optional[torch.Tensor] = None,
+             max_batch: Optional[int] = None, **solver_options: Any) -> tuple[torch.Tensor, SolverStats]:
+    """x_T (B, C, H, W) -> (x_0 (B, C, H, W), stats) with the sequential chain or a DEQ solver."""
+    if solver not in SAMPLERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SAMPLERS)}")
     seq = timestep_sequence(timesteps, len(abar), skip)
+    if eta > 0 and noise is None:
+        noise = torch.randn((len(seq),) + tuple(x_T.shape), dtype=x_T.dtype, device=x_T.device)
     if solver == "sequential":
-        return ddim_sample(model, x_T, abar, seq, eta=eta, noise=noise), {"nfe": len(seq)}
-    raise ValueError(f"unknown solver {solver!r}")
+        if solver_options.get("callback") is not None:
+            solver_options["callback"] = None
+        x0 = ddim_sample(model, x_T, abar, seq, eta=eta, noise=noise)
+        stats = SolverStats(iterations=len(seq), converged=True, network_rows=len(seq))
+        return x0, stats
+    deq = DEQSampler(model, abar, seq, eta=eta, solver=solver, solver_options=solver_options,
+                     max_batch=max_batch)
+    X, stats = deq(x_T, noise)
+    return X[0], stats

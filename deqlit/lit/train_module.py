@@ -23,7 +23,8 @@ class DiffusionTrainModule(L.LightningModule):
     def __init__(self, model: dict[str, Any], diffusion: dict[str, Any], lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 200, grad_clip: float = 1.0,
                  ema_decay: float = 0.999, hflip: bool = True, sample_every: int = 1000,
-                 sample_count: int = 16, sample_timesteps: int = 50, sample_solver: str = "sequential",
+                 sample_count: int = 16, sample_timesteps: int = 50,
+                 sample_solver: str = "triangular-anderson",
                  seed: int = 0):
         super().__init__()
         self.save_hyperparameters()

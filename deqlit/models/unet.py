@@ -192,7 +192,7 @@ class DDIMUNet(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"this DDIMUNet takes {self.in_channels}-channel images, got "
                              f"{x.shape[1]}: convert the images (e.g. grayscale <-> RGB)")
-        temb = self.temb.dense[0](timestep_embedding(t, self.ch))
+        temb = self.temb.dense[0](timestep_embedding(t, self.ch).to(self.conv_in.weight.dtype))
         temb = self.temb.dense[1](swish(temb))
 
         hs = [self.conv_in(x)]

@@ -1,0 +1,67 @@
+"""The DEQ-DDIM layer: x_T (and injected noise) -> all T chain states, as an nn.Module.
+
+Forward solves X* = h(X*; x_T) without gradient. With grad='onestep' (and autograd on) it then
+applies one damped step with gradient (paper Eq. 18, "1-step gradient"):
+    X = (1 - tau) X* + tau h(X*; x_T)
+so gradients reach x_T (through x_T itself and eps(x_T)) and the network's parameters (through
+the eps of every state) at the cost of one batched network call, whatever T is.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from deqlit.deq.fixed_point import FixedPointMap
+from deqlit.deq.solvers import SolverStats, get_solver, solve
+
+GRAD_MODES = ("none", "onestep")
+
+
+class DEQSampler(nn.Module):
+    """Solves the whole DDIM chain as one fixed point.
+
+    Args: model (eps network, forward(x, t)), abar (N,) cumulative alphas, seq the timestep
+    subsequence (T,), eta, solver name and its options, grad mode, tau, max_batch (rows per network
+    call; None = all at once).
+    Forward: x_T (B, C, H, W), noise (T, B, C, H, W) when eta > 0, init (T, B, C, H, W) a warm start
+    -> (X (T, B, C, H, W) with X[0] = x_0, SolverStats).
+    """
+
+    def __init__(self, model: nn.Module, abar: torch.Tensor, seq: list[int], eta: float = 0.0,
+                 solver: str = "anderson", solver_options: Optional[dict[str, Any]] = None,
+                 grad: str = "none", tau: float = 0.1, max_batch: Optional[int] = None):
+        super().__init__()
+        get_solver(solver)  # fail early on an unknown name
+        if grad not in GRAD_MODES:
+            raise ValueError(f"unknown grad mode {grad!r}; use one of {GRAD_MODES}")
+        if not 0 < tau <= 1:
+            raise ValueError(f"tau must be in (0, 1], got {tau}")
+        self.model = model
+        self.register_buffer("abar", abar.detach().clone().to(torch.float64), persistent=False)
+        self.seq, self.eta, self.solver = list(seq), eta, solver
+        self.solver_options = dict(solver_options or {})
+        self.grad, self.tau, self.max_batch = grad, tau, max_batch
+
+    @property
+    def T(self) -> int:
+        return len(self.seq)
+
+    def make_map(self) -> FixedPointMap:
+        return FixedPointMap(self.model, self.abar, self.seq, self.eta, self.max_batch)
+
+    def forward(self, x_T: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                init: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, SolverStats]:
+        fmap = self.make_map()
+        with torch.no_grad():
+            fmap.bind(x_T.detach(), None if noise is None else noise.detach())
+            # The reference starts every state at x_T; a warm start (e.g. the previous solve
+            # during inversion) often needs far fewer iterations.
+            start = init.detach() if init is not None else x_T.detach()[None].expand(self.T, *x_T.shape).clone()
+            X, stats = solve(self.solver, fmap, start, **self.solver_options)
+        stats.network_rows = fmap.network_rows + 1  # + eps(x_T)
+        if self.grad == "onestep" and torch.is_grad_enabled():
+            grad_map = self.make_map().bind(x_T, noise)
+            X = (1 - self.tau) * X + self.tau * grad_map(X)
+        return X, stats
