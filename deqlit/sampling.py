@@ -31,9 +31,9 @@ def generate(model, x_T: torch.Tensor, abar: torch.Tensor, timesteps: int, skip:
     if eta > 0 and noise is None:
         noise = torch.randn((len(seq),) + tuple(x_T.shape), dtype=x_T.dtype, device=x_T.device)
     if solver == "sequential":
-        if solver_options.get("callback") is not None:
-            solver_options["callback"] = None
-        x0 = ddim_sample(model, x_T, abar, seq, eta=eta, noise=noise)
+        callback = solver_options.pop("callback", None)
+        step_callback = None if callback is None else (lambda n: callback(n, SolverStats(iterations=n)))
+        x0 = ddim_sample(model, x_T, abar, seq, eta=eta, noise=noise, callback=step_callback)
         stats = SolverStats(iterations=len(seq), converged=True, network_rows=len(seq))
         return x0, stats
     deq = DEQSampler(model, abar, seq, eta=eta, solver=solver, solver_options=solver_options,

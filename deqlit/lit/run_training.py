@@ -53,7 +53,8 @@ def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = Fals
     trainer = L.Trainer(max_steps=train.get("max_steps", 10000), accelerator="auto", devices=1,
                         logger=TensorBoardLogger(str(out), name="tb", version=0),
                         callbacks=[checkpoint, ExportEMA(out / "ema.pt")],
-                        log_every_n_steps=10, fast_dev_run=fast_dev_run,
+                        log_every_n_steps=train.get("log_every_n_steps", 10),
+                        fast_dev_run=fast_dev_run,
                         num_sanity_val_steps=0, enable_progress_bar=True)
     ckpt_path = None
     if resume:
