@@ -79,3 +79,20 @@ def ddpm_sample(model: NoiseModel, x_T: torch.Tensor, betas: torch.Tensor,
         else:
             x = mean
     return x
+
+
+def ddim_encode(model: NoiseModel, x0: torch.Tensor, abar: torch.Tensor, seq: list[int]) -> torch.Tensor:
+    """Deterministic DDIM inversion: run the eta = 0 chain backwards, x_0 -> x_T (B, C, H, W).
+
+    Each step reuses the noise predicted at the current state, x_i = sqrt(abar_i) x0_pred +
+    sqrt(1 - abar_i) eps(x_{i-1}); exact in the limit of small steps, a good start for inversion.
+    """
+    chain = chain_alphas(abar, seq)
+    x = x0
+    for i in range(1, len(seq) + 1):
+        t = torch.full((x.shape[0],), seq[i - 1], device=x.device, dtype=torch.long)
+        eps = model(x, t)
+        a_prev, a_cur = float(chain[i - 1]), float(chain[i])
+        x0_pred = (x - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
+        x = a_cur ** 0.5 * x0_pred + (1 - a_cur) ** 0.5 * eps
+    return x

@@ -1,0 +1,16 @@
+"""Invert images: find the x_T from which the diffusion model regenerates each of them.
+
+    python invert.py                                    # 16 held-out bundled faces, shipped model
+    python invert.py --data celeba                      # the paper's CelebA setting
+    python invert.py --method baseline --timesteps 100 --max-steps 200
+    python invert.py --resume                           # continue an interrupted run
+"""
+import sys
+
+from deqlit.commands.invert import main
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        sys.exit(f"error: {err}")
