@@ -20,7 +20,8 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
     parser.add_argument("--config", default=None, help="YAML config (default: configs/<data>.yaml)")
     args, rest = parser.parse_known_args(argv)
     data = args.data or default_data
-    config_name = data.split(":", 1)[0] if data.startswith("folder:") else data
+    # A folder of images goes with the shipped faces model unless --config names another one.
+    config_name = "faces" if data.startswith("folder:") else data
     cfg = load_config(args.config if args.config else find_config(config_name))
     if args.data and args.data.startswith("folder:"):
         set_path(cfg, "data.name", args.data)

@@ -50,15 +50,15 @@ class SaveInversionState(Callback):
 
 def check_inputs(cfg: dict, ckpt: Optional[str]) -> None:
     """One message naming everything that is missing: the dataset and the checkpoint."""
-    from deqlit.data.folders import DatasetNotFoundError, dataset_path, expected_layout
+    from deqlit.data.folders import DatasetNotFoundError
     problems = []
-    name = cfg["data"]["name"]
-    if name not in ("faces", "digits"):
-        root = cfg["data"].get("root", "data")
-        path = dataset_path(name, root)
-        if not path.exists():
-            problems.append(f"dataset {name!r}: {path} does not exist. Expected layout:\n"
-                            f"{expected_layout(name, root)}")
+    data = cfg["data"]
+    if data["name"] not in ("faces", "digits"):
+        try:  # reading one image finds a missing folder or file list, with the loader's own words
+            load_images(data["name"], cfg["inversion"].get("split", "test"), data["resolution"],
+                        data["channels"], data.get("root", "data"), limit=1)
+        except DatasetNotFoundError as err:
+            problems.append(str(err))
     ckpt_text = ckpt or cfg.get("checkpoint", {}).get("path")
     if ckpt_text and not resolve_checkpoint(ckpt_text).exists():
         problems.append(f"checkpoint: {resolve_checkpoint(ckpt_text)} does not exist. "
