@@ -32,7 +32,7 @@ def generate(model, x_T: torch.Tensor, abar: torch.Tensor, timesteps: int, skip:
         noise = torch.randn((len(seq),) + tuple(x_T.shape), dtype=x_T.dtype, device=x_T.device)
     if solver == "sequential":
         callback = solver_options.pop("callback", None)
-        step_callback = None if callback is None else (lambda n: callback(n, SolverStats(iterations=n)))
+        step_callback = None if callback is None else (lambda n: callback(n, SolverStats(iterations=n), None))
         x0 = ddim_sample(model, x_T, abar, seq, eta=eta, noise=noise, callback=step_callback)
         stats = SolverStats(iterations=len(seq), converged=True, network_rows=len(seq))
         return x0, stats

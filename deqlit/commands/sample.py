@@ -77,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     bar = tqdm(total=min(s["max_iter"], seq_len) if s["solver"] != "sequential" else seq_len,
                desc=f"{s['solver']} T={seq_len}", unit="it")
 
-    def on_iteration(n, stats):
+    def on_iteration(n, stats, fx):
         bar.update(1)
         if stats.rel_residual:
             bar.set_postfix(residual=f"{stats.rel_residual[-1]:.2e}")

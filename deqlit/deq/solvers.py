@@ -7,7 +7,8 @@ of f the rows >= T - n are exact whatever the start. Every solver here keeps tha
 taking the plain update on the settled rows, so each reaches the exact fixed point within T calls
 (and stops there); acceleration is applied to the rows that are not settled yet.
 
-The solvers never log or print; `callback(n, stats)` lets callers watch progress.
+The solvers never log or print; `callback(n, stats, fx)` lets callers watch progress (fx is
+the consistent iterate f(X) of call n).
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def per_row_gram(residual_history: list[torch.Tensor]) -> torch.Tensor:
 def _run(name: str, f: Map, x0: torch.Tensor, *, max_iter: int, tol: float,
          mix: Optional[Callable[[list, list, torch.Tensor], torch.Tensor]], m: int,
          freeze: bool, reducer: LocalReducer,
-         callback: Optional[Callable[[int, SolverStats], None]]) -> tuple[torch.Tensor, SolverStats]:
+         callback: Optional[Callable[[int, SolverStats, torch.Tensor], None]]) -> tuple[torch.Tensor, SolverStats]:
     """The loop shared by all solvers. `mix(xs, fxs, gs) -> X_next` or None for plain iteration."""
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
@@ -119,7 +120,7 @@ def _run(name: str, f: Map, x0: torch.Tensor, *, max_iter: int, tol: float,
         stats.rel_residual.append(rel_res)
         stats.row_residual = row_rel.tolist()
         if callback is not None:
-            callback(n, stats)
+            callback(n, stats, fx)
         # After n calls the rows >= T - n of f(X) are exact, so at n = T all of them are.
         if rel_res < tol or n >= T:
             stats.converged = True
