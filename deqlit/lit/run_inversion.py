@@ -87,7 +87,8 @@ def build_module(cfg: dict) -> InversionModule:
         grad_checkpointing=inv.get("grad_checkpointing", False), max_batch=inv.get("max_batch"))
 
 
-def run_inversion(cfg: dict, resume: bool = False, progress: bool = True) -> tuple[InversionModule, Path]:
+def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
+                  callbacks: Optional[list[Callback]] = None) -> tuple[InversionModule, Path]:
     inv = cfg["inversion"]
     out = Path(inv["out"])
     state_path = out / "state.pt"
@@ -106,7 +107,7 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True) -> tup
     if remaining > 0:
         trainer = L.Trainer(max_epochs=1, accelerator="auto", devices=1, enable_checkpointing=False,
                             logger=TensorBoardLogger(str(out), name="tb", version=0),
-                            callbacks=[SaveInversionState(state_path, inv.get("save_every", 10))],
+                            callbacks=[SaveInversionState(state_path, inv.get("save_every", 10)), *(callbacks or [])],
                             enable_progress_bar=progress, enable_model_summary=False,
                             num_sanity_val_steps=0, log_every_n_steps=1)
         steps = DataLoader(TensorDataset(torch.arange(remaining)), batch_size=1)
