@@ -107,7 +107,7 @@ class InversionModule(L.LightningModule):
         self.register_buffer("seconds", torch.zeros(n))
         self.register_buffer("cursor", torch.zeros(2, dtype=torch.long))   # [batch, step]
         self.optimizer: Optional[torch.optim.Adam] = None
-        self.warm: Optional[torch.Tensor] = None
+        self.warm: Optional[torch.Tensor] = None       # last solution X (T, B, C, H, W)
         self._pending_optimizer_state: Optional[dict] = None
 
     # ---- bookkeeping ----------------------------------------------------------------------
@@ -168,6 +168,8 @@ class InversionModule(L.LightningModule):
             x0 = sequential_chain_with_grad(self.model, x_T, self.abar, self.seq, self.eta, noise,
                                             self.grad_checkpointing)
             return x0, self.T
+        # Warm start from the previous solution. (Adding the direct effect of the new x_T on each
+        # state, sqrt(abar_i / abar_T) dx_T, was tried and is worse: a trained eps cancels most of it.)
         init = self.warm if self.warm_start else None
         X, stats = self.deq(x_T, noise, init=init)
         self.warm = X.detach()
