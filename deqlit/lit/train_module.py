@@ -53,8 +53,13 @@ class DiffusionTrainModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: callbacks (the checkpoint) run before that hook,
+        # and a checkpoint must hold the EMA of every step it holds the weights of.
         self.ema.update_parameters(self.model)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step
         if self.hparams.sample_every and step % self.hparams.sample_every == 0:
             self.log_samples()
