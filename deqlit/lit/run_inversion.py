@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +20,12 @@ from deqlit.lit.inversion_module import InversionModule
 from deqlit.models.build import build_noise_model, resolve_checkpoint
 
 SOLVER_KEYS = ("max_iter", "tol", "m", "lam", "beta", "relative_lam", "freeze")
+
+# Expected here and only noise to a user: the module owns one Adam per image batch, and the frozen
+# noise network stays in eval mode on purpose.
+for _message in (r".*configure_optimizers.*returned `None`", r".*module\(s\) in eval mode",
+                 r".*isinstance\(treespec, LeafSpec\)"):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 class MissingInputsError(FileNotFoundError):
