@@ -207,3 +207,9 @@ def test_nan_raises_with_iteration_and_remedy(solver):
 def test_eta_needs_injected_noise(net64):
     with pytest.raises(ValueError, match="injected noise"):
         FixedPointMap(net64, ABAR, timestep_sequence(5), eta=0.5).bind(torch.zeros(1, 1, 8, 8, dtype=torch.float64))
+
+
+def test_package_exports_the_documented_names():
+    import deqlit
+    assert deqlit.DDIMUNet is not None and callable(deqlit.load_weights)
+    assert set(deqlit.SOLVERS) == {"picard", "anderson", "triangular-anderson"}
