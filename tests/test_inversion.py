@@ -174,5 +174,6 @@ def test_invert_py_default_run_end_to_end_shrunk_with_interrupt_and_resume(tmp_p
     for image in written["images"]:
         assert image["steps"] == 3 and image["min_loss"] <= image["final_loss"] + 1e-6
         assert 0 < image["psnr"] < 100 and -1 <= image["ssim"] <= 1
+        assert image["mse"] == pytest.approx(image["min_loss"] / 1024, rel=1e-3)
     latents = torch.load(out / "latents.pt", weights_only=True)
     assert latents["x_T"].shape == (2, 1, 32, 32) and latents["settings"]["timesteps"] == 4

@@ -26,6 +26,7 @@ import lightning as L
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from deqlit.deq.layer import DEQSampler
@@ -252,7 +253,7 @@ class InversionModule(L.LightningModule):
 
     # ---- results --------------------------------------------------------------------------
     def image_metrics(self) -> dict[str, Any]:
-        """Per image: min and final loss, PSNR and SSIM of the best reconstruction, seconds."""
+        """Per image: min and final loss; MSE, PSNR and SSIM of the best reconstruction; seconds."""
         done = torch.isfinite(self.min_loss)
         recon = self.best_recon.clamp(-1, 1)
         per_image = []
@@ -263,13 +264,14 @@ class InversionModule(L.LightningModule):
             per_image.append({
                 "index": k, "min_loss": float(self.min_loss[k]),
                 "final_loss": float(self.final_loss[k]) if math.isfinite(float(self.final_loss[k])) else None,
+                "mse": float(mean_squared_error(rec, target)),
                 "psnr": float(peak_signal_noise_ratio(rec, target, data_range=2.0)),
                 "ssim": float(structural_similarity_index_measure(rec, target, data_range=2.0)),
                 "seconds": float(self.seconds[k]),
                 "steps": int(torch.isfinite(self.loss_history[k]).sum()),
             })
         means = {}
-        for key in ("min_loss", "final_loss", "psnr", "ssim", "seconds"):
+        for key in ("min_loss", "final_loss", "mse", "psnr", "ssim", "seconds"):
             values = [m[key] for m in per_image if m[key] is not None]
             means[f"mean_{key}"] = sum(values) / len(values) if values else None
         return {"settings": self.settings, "images": per_image, **means}
