@@ -8,8 +8,8 @@ Part 1, loss against wall time (the paper's Figure 3): both methods invert the s
 same random start for --steps steps; reports each method's min loss within the shorter of the two
 run times (equal time budget), the time to reach loss 1.0, and the final mean PSNR.
 Part 2, memory of one optimization step for T in --memory-timesteps: each measurement runs in a
-fresh process and reports the growth of its peak resident memory (ru_maxrss) during one step over
-the peak after set-up, so allocator caches of other runs cannot hide it.
+fresh process and reports the growth of its peak resident memory (VmHWM, reset after set-up) during one
+step over the memory after set-up, so other runs cannot hide it.
 Writes bench/results/inversion.csv, inversion_loss_vs_time.png and inversion_memory.csv.
 """
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -74,17 +73,27 @@ def measure_memory(method: str, T: int, ckpt: str | None) -> dict:
     cfg["inversion"]["max_iter"] = 3          # memory does not depend on the iteration count
     module = build_module(cfg)
     module.log = lambda *a, **k: None       # no Trainer here
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss survives fork+exec (it would report the parent's peak); the kernel's per-process
+    # high-water mark VmHWM can be reset by writing 5 to /proc/self/clear_refs.
+    Path("/proc/self/clear_refs").write_text("5")
+    base = proc_status_mb("VmRSS")
     start = time.perf_counter()
     module.training_step(None, 0)           # starts the batch (initial latents) and takes one step
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"method": method, "T": T, "step_peak_growth_mb": (peak - base) / 1024,
-            "process_peak_mb": peak / 1024, "step_seconds": time.perf_counter() - start}
+    peak = proc_status_mb("VmHWM")
+    return {"method": method, "T": T, "step_peak_growth_mb": peak - base,
+            "process_peak_mb": peak, "step_seconds": time.perf_counter() - start}
+
+
+def proc_status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--timesteps", type=int, nargs="+", default=[10, 100])
+    p.add_argument("--timesteps", type=int, nargs="*", default=[10, 100])
     p.add_argument("--memory-timesteps", type=int, nargs="*", default=[10, 100, 1000], dest="memory_timesteps")
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--steps", type=int, default=40)
@@ -118,11 +127,12 @@ def main() -> None:
         ratio = at_budget["baseline"] / at_budget["deq"]
         print(f"T={T}: equal time budget {budget:.1f}s: baseline/DEQ min loss = {ratio:.2f}"
               f"{'  (target >= 20 at T = 100: ' + ('PASS' if ratio >= 20 else 'FAIL') + ')' if T == 100 else ''}")
-    with open(RESULTS / "inversion.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(curves)
+    if rows:
+        with open(RESULTS / "inversion.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        plot(curves)
     memory = []
     for T in args.memory_timesteps:
         for method in ("deq", "baseline"):

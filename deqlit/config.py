@@ -7,12 +7,26 @@ Values are parsed as YAML, so numbers, lists and booleans keep their types.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def parse_value(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
@@ -36,7 +50,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     with open(path) as fh:
-        cfg = yaml.safe_load(fh) or {}
+        cfg = yaml.load(fh, Loader=_Loader) or {}
     base = cfg.pop("base", None)
     if base:  # a config may extend another one, named relative to itself
         parent = load_config(path.parent / base)
@@ -92,7 +106,7 @@ def apply_overrides(cfg: dict, args: list[str]) -> dict:
                 raise SystemExit(f"{arg} needs a value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        set_path(cfg, key, yaml.safe_load(raw))
+        set_path(cfg, key, parse_value(raw))
     return cfg
 
 
