@@ -27,11 +27,10 @@ _Loader.add_implicit_resolver(
 
 def parse_value(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
-PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def config_dirs() -> list[Path]:
-    return [d for d in (REPO_CONFIGS, PACKAGE_CONFIGS) if d.is_dir()]
+    return [d for d in (REPO_CONFIGS,) if d.is_dir()]
 
 
 def find_config(name: str) -> Path:

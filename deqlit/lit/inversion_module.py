@@ -31,7 +31,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from deqlit.deq.layer import DEQSampler
 from deqlit.diffusion.schedule import chain_alphas, ddim_sigmas, timestep_sequence
-from deqlit.diffusion.sequential import ddim_encode, ddim_step
+from deqlit.diffusion.sequential import ddim_encode, ddim_sample, ddim_step
 
 METHODS = ("deq", "baseline")
 INITS = ("random", "ddim-inversion")
@@ -160,7 +160,6 @@ class InversionModule(L.LightningModule):
     @torch.no_grad()
     def reconstruct(self, x_T: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
         """x_0 of the exact chain from x_T (the sequential sampler, our oracle)."""
-        from deqlit.diffusion.sequential import ddim_sample
         return ddim_sample(self.model, x_T, self.abar, self.seq, eta=self.eta, noise=noise)
 
     def predict_x0(self, x_T: torch.Tensor, noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -48,7 +48,7 @@ def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = Fals
     ckpt_dir = out / "checkpoints"
     # `last.ckpt` every N steps so that an interrupted run loses little; no metric needed for it.
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1,
-                                 filename="step-{step}",
+                                 filename="step-{step}", auto_insert_metric_name=False,
                                  every_n_train_steps=train.get("checkpoint_every", 250))
     trainer = L.Trainer(max_steps=train.get("max_steps", 10000), accelerator="auto", devices=1,
                         logger=TensorBoardLogger(str(out), name="tb", version=0),
