@@ -131,6 +131,45 @@ def test_stats_report_residual_traces_and_network_rows(net64):
     assert stats.rel_residual[-1] < stats.rel_residual[0]
 
 
+class RowCounter(torch.nn.Module):
+    """Counts the rows that the wrapped noise model evaluates with autograd on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows_with_grad = model, 0
+
+    def forward(self, x, t):
+        if torch.is_grad_enabled():
+            self.rows_with_grad += x.shape[0]
+        return self.model(x, t)
+
+
+def test_frozen_network_one_step_gradient_evaluates_only_x_T_with_autograd():
+    """Inversion's case (weights frozen): the layer reuses the solver's eps and evaluates only
+    eps(x_T) with autograd, yet gives the same X and the same d loss / d x_T as the full damped
+    step (1 - tau) X* + tau h(X*; x_T), recomputed here with a fresh map."""
+    T, tau = 8, 0.1
+    seq = timestep_sequence(T)
+    net = RowCounter(GaussianDataNoise(seed=3, dtype=torch.float64).requires_grad_(False))
+    x_T, _ = chain_inputs(T, 0.0, seed=9, batch=2)
+    layer = DEQSampler(net, ABAR, seq, 0.0, "anderson", dict(max_iter=4, tol=0.0), grad="onestep", tau=tau)
+    x = x_T.clone().requires_grad_(True)
+    X, _ = layer(x)
+    assert net.rows_with_grad == 2                       # eps(x_T) of the 2 images, nothing else
+    weight = torch.randn(X[0].shape, generator=torch.Generator().manual_seed(1), dtype=X.dtype)
+    (weight * X[0]).sum().backward()     # a linear loss: the same upstream gradient for both
+
+    with torch.no_grad():   # same solve, not converged (4 of 8 iterations): X* is f(X_last)
+        X_star, _ = DEQSampler(net, ABAR, seq, 0.0, "anderson", dict(max_iter=4, tol=0.0))(x_T)
+    x2 = x_T.clone().requires_grad_(True)
+    full = (1 - tau) * X_star + tau * FixedPointMap(net, ABAR, seq).bind(x2)(X_star)
+    (weight * full[0]).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    # The values differ only by h(X*) - f(X_last), i.e. by the solver's residual.
+    assert torch.allclose(X, X_star, atol=1e-12)
+    assert (full - X).abs().max() <= tau * (X_star - FixedPointMap(net, ABAR, seq).bind(x_T)(X_star)).abs().max() + 1e-12
+
+
 def test_one_step_gradient_equals_autograd_of_one_damped_step(net64):
     """d loss / d x_T from the layer equals autograd through (1 - tau) X* + tau h(X*; x_T)
     written out by hand with the sequential-form coefficients; also a gradcheck on x_T."""

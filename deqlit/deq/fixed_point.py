@@ -60,6 +60,7 @@ class FixedPointMap:
         chain = chain_alphas(abar, seq)                       # (T+1,) abar of x_0..x_T
         sigmas = ddim_sigmas(chain, eta)                      # (T,) step out of x_1..x_T
         c, d = fixed_point_coefficients(chain, sigmas)
+        self.abar = abar
         self.chain_abar, self.c, self.d = chain, c, d
         self.timesteps = torch.tensor(seq, dtype=torch.long)  # network time of x_1..x_T
         self.x_T: Optional[torch.Tensor] = None
@@ -87,6 +88,14 @@ class FixedPointMap:
         eps_top = batched_eps(self.model, x_T[None], self.timesteps[-1:], self.max_batch)[0]
         self._eps_top = eps_top
         return self
+
+    def cached_eps(self) -> torch.Tensor:
+        """eps of x_1..x_{T-1} from the last evaluation without gradient, (T-1, B, C, H, W)."""
+        return self._eps
+
+    def top_eps(self) -> torch.Tensor:
+        """eps(x_T) computed by bind (with a graph when x_T requires grad), (B, C, H, W)."""
+        return self._eps_top
 
     def row_shape(self, view: torch.Tensor) -> torch.Tensor:
         """Broadcast a (R,) coefficient over (R, B, C, H, W)."""

@@ -62,6 +62,23 @@ class DEQSampler(nn.Module):
             X, stats = solve(self.solver, fmap, start, **self.solver_options)
         stats.network_rows = fmap.network_rows + 1  # + eps(x_T)
         if self.grad == "onestep" and torch.is_grad_enabled():
-            grad_map = self.make_map().bind(x_T, noise)
-            X = (1 - self.tau) * X + self.tau * grad_map(X)
+            if any(p.requires_grad for p in self.model.parameters()):
+                # Training the network: every state's eps carries a gradient to the weights.
+                grad_map = self.make_map().bind(x_T, noise)
+                X = (1 - self.tau) * X + self.tau * grad_map(X)
+            else:
+                X = (1 - self.tau) * X + self.tau * latent_only_step(fmap, x_T, noise)
         return X, stats
+
+
+def latent_only_step(fmap: FixedPointMap, x_T: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+    """h(X*; x_T) with a graph to x_T (and noise) only, for a frozen network (inversion).
+
+    With the weights frozen and X* detached, the eps of the states x_1..x_{T-1} carry no gradient,
+    so the solver's last cached eps are reused and only eps(x_T) is evaluated with autograd: one
+    network row per image instead of T. The value is f(X_last), which is what the solver returned.
+    fmap: the map the solver used (bound, cache filled). x_T (B, C, H, W) -> (T, B, C, H, W).
+    """
+    grad_map = FixedPointMap(fmap.model, fmap.abar, fmap.seq, fmap.eta, fmap.max_batch, fmap.reducer)
+    grad_map.bind(x_T, noise)
+    return grad_map.states_from_eps(torch.cat([fmap.cached_eps(), grad_map.top_eps()[None]]))
