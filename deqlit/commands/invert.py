@@ -40,7 +40,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     module, out = run_inversion(cfg, resume=args.resume, progress=not args.no_progress)
     metrics = module.image_metrics()
     print(f"\ninverted {len(metrics['images'])} images with {module.method} (T = {module.T}): "
-          f"mean min loss {metrics['mean_min_loss']:.3f}, mean PSNR {metrics['mean_psnr']:.2f} dB, "
+          f"mean loss {metrics['mean_exact_loss']:.3f} (exact chain from the saved latents; "
+          f"min during the optimization {metrics['mean_min_loss']:.3f}), mean PSNR {metrics['mean_psnr']:.2f} dB, "
           f"mean SSIM {metrics['mean_ssim']:.3f}")
     print(f"results in {out}/: grid.png (target | initial | final), loss_curve.png, metrics.json, "
           f"latents.pt (python sample.py --latents {out}/latents.pt)")
