@@ -4,7 +4,9 @@ Forward solves X* = h(X*; x_T) without gradient. With grad='onestep' (and autogr
 applies one damped step with gradient (paper Eq. 18, "1-step gradient"):
     X = (1 - tau) X* + tau h(X*; x_T)
 so gradients reach x_T (through x_T itself and eps(x_T)) and the network's parameters (through
-the eps of every state) at the cost of one batched network call, whatever T is.
+the eps of every state) at the cost of one batched network call, whatever T is. With the network
+frozen (inversion) only eps(x_T) carries a gradient, so the step reuses the solver's eps and
+evaluates one row per image with autograd (latent_only_step).
 """
 from __future__ import annotations
 
