@@ -1,12 +1,14 @@
 """Inversion benchmark: DEQ (Algorithm 2) against the baseline (Algorithm 1) on the shipped faces
 model and held-out faces.
 
-    python bench/inversion.py                                   # T = 10 and 100, 4 faces, 40 steps
-    python bench/inversion.py --timesteps 10 --steps 20 --memory-timesteps 10 100
+    python bench/inversion.py              # T = 10 and 100, 2 faces, 2 and 10 minutes per method
+    python bench/inversion.py --timesteps 10 --budget-s 60 --memory-timesteps 10 100
 
 Part 1, loss against wall time (the paper's Figure 3): both methods invert the same faces from the
-same random start for --steps steps; reports each method's min loss within the shorter of the two
-run times (equal time budget), the time to reach loss 1.0, and the final mean PSNR.
+same random start, each for the same wall-time budget (--budget-s, one per T; or --steps steps);
+every step's loss is recomputed afterwards, untimed, with the exact sequential chain. Reports each
+method's min loss within the shorter of the two run times (equal time budget), the time to reach
+loss 1.0, and the final mean PSNR.
 Part 2, memory of one optimization step for T in --memory-timesteps: each measurement runs in a
 fresh process and reports the growth of its peak resident memory (VmHWM, reset after set-up) during one
 step over the memory after set-up, so other runs cannot hide it.
@@ -42,8 +44,9 @@ class StepClock(Callback):
     update k) and is not timed: the clock stops while it is copied.
     """
 
-    def __init__(self):
+    def __init__(self, budget_s: float | None = None):
         self.stamps, self.latents, self.start, self.paused = [], [], None, 0.0
+        self.budget_s = budget_s
 
     def on_train_start(self, trainer, module):
         self.start = time.perf_counter()
@@ -58,6 +61,8 @@ class StepClock(Callback):
         self.stamps.append(time.perf_counter() - self.start - self.paused)
         if batch_idx == 0:
             self.latents.append(module.best_latents.clone())   # step 0 is always its best so far
+        if self.budget_s is not None and self.stamps[-1] >= self.budget_s:
+            trainer.should_stop = True
 
 
 def config(method: str, T: int, images: int, steps: int, ckpt: str | None, lr: float, init: str) -> dict:
@@ -69,20 +74,21 @@ def config(method: str, T: int, images: int, steps: int, ckpt: str | None, lr: f
     return cfg
 
 
-def run_curve(cfg: dict) -> tuple[list[float], list[float], float]:
+def run_curve(cfg: dict, budget_s: float | None = None) -> tuple[list[float], list[float], float]:
     """Mean exact loss per step, wall seconds at the end of each step, final mean PSNR.
 
     The loss of every step is recomputed after the run with the exact sequential chain from that
     step's latents: DEQ's own x_0 is only as exact as its solver tolerance.
     """
     module = build_module(cfg)
-    clock = StepClock()
+    clock = StepClock(budget_s)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[clock])
     steps = module.total_steps()
     trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(torch.arange(steps)), batch_size=1))
     losses = [float(frobenius_loss(module.reconstruct(x_T, module.batch_noise(slice(None))), module.targets).mean())
               for x_T in clock.latents]
+    module.finish_batch(slice(None))    # a budget may stop the run mid-batch: exact metrics anyway
     return losses, clock.stamps, module.image_metrics()["mean_psnr"]
 
 
@@ -114,8 +120,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--timesteps", type=int, nargs="*", default=[10, 100])
     p.add_argument("--memory-timesteps", type=int, nargs="*", default=[10, 100, 1000], dest="memory_timesteps")
-    p.add_argument("--images", type=int, default=4)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--images", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1000, help="steps per method (the cap when --budget-s is set)")
+    p.add_argument("--budget-s", type=float, nargs="*", default=[120, 600], dest="budget_s",
+                   help="wall seconds per method, one per --timesteps entry: both methods get the same time")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--init", default="random", choices=["random", "ddim-inversion"])
     p.add_argument("--ckpt", default=None)
@@ -127,9 +135,13 @@ def main() -> None:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     curves, rows = {}, []
-    for T in args.timesteps:
+    budgets = args.budget_s if args.budget_s else [None] * len(args.timesteps)
+    if len(budgets) != len(args.timesteps):
+        p.error("give one --budget-s per --timesteps entry")
+    for T, budget_s in zip(args.timesteps, budgets):
         for method in ("deq", "baseline"):
-            losses, stamps, psnr = run_curve(config(method, T, args.images, args.steps, args.ckpt, args.lr, args.init))
+            losses, stamps, psnr = run_curve(config(method, T, args.images, args.steps, args.ckpt, args.lr, args.init),
+                                             budget_s)
             curves[(T, method)] = (losses, stamps)
             reach = next((s for s, l in zip(stamps, losses) if l <= 1.0), None)
             rows.append({"T": T, "method": method, "steps": len(losses), "seconds": stamps[-1],
