@@ -35,6 +35,7 @@ from deqlit.lit.inversion_module import frobenius_loss
 from deqlit.lit.run_inversion import build_module
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_BUDGET_S = {10: 120.0, 100: 600.0}   # wall seconds per method; other T run --steps steps
 
 
 class StepClock(Callback):
@@ -121,8 +122,9 @@ def main() -> None:
     p.add_argument("--timesteps", type=int, nargs="*", default=[10, 100])
     p.add_argument("--memory-timesteps", type=int, nargs="*", default=[10, 100, 1000], dest="memory_timesteps")
     p.add_argument("--images", type=int, default=2)
-    p.add_argument("--steps", type=int, default=1000, help="steps per method (the cap when --budget-s is set)")
-    p.add_argument("--budget-s", type=float, nargs="*", default=[120, 600], dest="budget_s",
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per method (default: 40, or a cap of 1000 under a time budget)")
+    p.add_argument("--budget-s", type=float, nargs="*", default=None, dest="budget_s",
                    help="wall seconds per method, one per --timesteps entry: both methods get the same time")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--init", default="random", choices=["random", "ddim-inversion"])
@@ -135,12 +137,13 @@ def main() -> None:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     curves, rows = {}, []
-    budgets = args.budget_s if args.budget_s else [None] * len(args.timesteps)
+    budgets = args.budget_s if args.budget_s is not None else [DEFAULT_BUDGET_S.get(T) for T in args.timesteps]
     if len(budgets) != len(args.timesteps):
         p.error("give one --budget-s per --timesteps entry")
     for T, budget_s in zip(args.timesteps, budgets):
         for method in ("deq", "baseline"):
-            losses, stamps, psnr = run_curve(config(method, T, args.images, args.steps, args.ckpt, args.lr, args.init),
+            steps = args.steps or (1000 if budget_s else 40)
+            losses, stamps, psnr = run_curve(config(method, T, args.images, steps, args.ckpt, args.lr, args.init),
                                              budget_s)
             curves[(T, method)] = (losses, stamps)
             reach = next((s for s, l in zip(stamps, losses) if l <= 1.0), None)
