@@ -7,6 +7,8 @@ Values are parsed as YAML, so numbers, lists and booleans keep their types.
 from __future__ import annotations
 
 import copy
+import difflib
+import warnings
 import re
 from pathlib import Path
 from typing import Any
@@ -105,8 +107,20 @@ def apply_overrides(cfg: dict, args: list[str]) -> dict:
                 raise SystemExit(f"{arg} needs a value")
             key, raw = arg[2:], args[i + 1]
             i += 2
+        warn_if_new_key(cfg, key)
         set_path(cfg, key, parse_value(raw))
     return cfg
+
+
+def warn_if_new_key(cfg: dict, dotted: str) -> None:
+    """A key the config does not have is allowed (optional keys exist) but is likely a typo: say so."""
+    *parents, leaf = dotted.split(".")
+    node = get_path(cfg, ".".join(parents)) if parents else cfg
+    if isinstance(node, dict) and leaf not in node:
+        close = difflib.get_close_matches(leaf, [k for k in node], n=3)
+        hint = f"; did you mean {', '.join('--' + '.'.join(parents + [c]) for c in close)}?" if close else ""
+        warnings.warn(f"--{dotted} is not a key of the config, so it is added as a new key "
+                      f"(only optional keys are read that way){hint}", UserWarning, stacklevel=3)
 
 
 def save_config(cfg: dict, path: str | Path) -> None:

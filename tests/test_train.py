@@ -275,6 +275,16 @@ def test_override_values_keep_their_yaml_types():
     assert cfg == before  # the loaded config is not modified in place
 
 
+def test_override_of_a_key_the_config_lacks_warns_with_the_close_match():
+    with pytest.warns(UserWarning, match=r"--inversion\.lrr is not a key.*did you mean --inversion\.lr\?"):
+        cfg = apply_overrides(load_config(FACES_YAML), ["--inversion.lrr", "0.1"])
+    assert cfg["inversion"]["lrr"] == 0.1            # still added: optional keys are read this way
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # an existing key says nothing
+        apply_overrides(load_config(FACES_YAML), ["--inversion.lr", "0.1"])
+
+
 def test_override_exponent_float_is_a_float():
     """YAML 1.1 would read `1e-4` (no dot) as a string, and AdamW would fail on it."""
     cfg = apply_overrides(load_config(FACES_YAML), ["--train.lr", "1e-4", "--model.ch_mult", "[1e0, 2]"])
