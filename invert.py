@@ -7,10 +7,8 @@
 """
 import sys
 
+from deqlit.cli import run_main
 from deqlit.commands.invert import main
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    run_main(main, sys.argv[1:], script="invert.py")

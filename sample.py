@@ -6,10 +6,8 @@
 """
 import sys
 
+from deqlit.cli import run_main
 from deqlit.commands.sample import main
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    run_main(main, sys.argv[1:], script="sample.py", resume_flag=None)

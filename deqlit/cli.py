@@ -1,7 +1,14 @@
-"""Shared command-line handling of the entry scripts: --data/--config plus dotted overrides."""
+"""Shared command-line handling of the entry scripts: --data/--config plus dotted overrides, and
+`run_main`, which turns expected user errors into one line on stderr (traceback with --debug)."""
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shlex
+import signal
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from deqlit.config import apply_overrides, find_config, load_config, set_path
@@ -31,3 +38,87 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
         if value is not None:
             set_path(cfg, key, value)
     return args, cfg
+
+
+# ---- argument types and the error wrapper of the entry scripts ---------------------------------
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a zero or negative count would divide by zero or do nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
+def describe_error(err: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit code) for an error the user can fix or must know of; None for a bug.
+
+    Exit code 2 for bad input (as argparse), 1 for a run that failed (divergence, full disk).
+    """
+    from deqlit.config import ConfigError
+    from deqlit.deq.solvers import SolverDivergedError
+    from deqlit.lit.guards import NonFiniteError, UserInputError, find_enospc
+
+    full = find_enospc(err)
+    if full is not None:
+        if full.filename and "no space left" in str(full):
+            return str(full), 1
+        where = full.filename or "a file under the output folder"
+        return f"no space left on device while writing {where}; free space or choose another --out", 1
+    if isinstance(err, (NonFiniteError, SolverDivergedError)):
+        return str(err), 1
+    if isinstance(err, (ConfigError, UserInputError)):
+        return str(err), 2
+    if isinstance(err, PermissionError):
+        where = f" {err.filename}" if err.filename else ""
+        return f"permission denied{where}: choose another --out or fix the permissions ({err})", 2
+    if isinstance(err, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                        ValueError)):
+        return str(err), 2
+    if isinstance(err, RuntimeError) and re.search(r"PytorchStreamWriter failed|unexpected pos", str(err)):
+        return (f"writing a file failed ({str(err).splitlines()[0][:120]}): the disk may be full "
+                "or the output folder unwritable"), 1
+    return None
+
+
+def resume_command(script: str, argv: list[str], resume_flag: str = "--resume") -> str:
+    """The command line that continues this run: the same arguments, plus --resume if absent."""
+    has = any(a == resume_flag or a.startswith(resume_flag + "=") for a in argv)
+    return shlex.join(["python", script, *argv, *([] if has else [resume_flag])])
+
+
+def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None, *, script: str,
+             resume_flag: str | None = "--resume") -> None:
+    """Run an entry script's main(argv), printing expected errors as `error: ...` and exiting.
+
+    --debug (removed from argv) or DEQLIT_DEBUG=1 re-raises instead, with the traceback.
+    RunInterrupted (guards.interrupts_as_exceptions) prints what was saved and the --resume
+    command, and exits 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
+    """
+    from deqlit.lit.guards import RunInterrupted, quiet_lightning_tips
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DEQLIT_DEBUG", "0") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    quiet_lightning_tips()
+    try:
+        main(argv)
+    except RunInterrupted as err:
+        print(f"{script}: {err}", file=sys.stderr)
+        if resume_flag and err.resumable:
+            print(f"resume with: {resume_command(script, argv, resume_flag)}", file=sys.stderr)
+        sys.exit(128 + err.signum)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{script}: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except Exception as err:
+        described = None if debug else describe_error(err)
+        if described is None:
+            raise
+        message, code = described
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(code)

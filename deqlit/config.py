@@ -18,6 +18,17 @@ import yaml
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
+class ConfigError(ValueError):
+    """A --section.key override (or config value) the user must fix; the message says how."""
+
+
+class UnknownSectionError(ConfigError, KeyError):
+    """--section.key names a section the config does not have."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way."""
 
@@ -75,8 +86,11 @@ def set_path(cfg: dict, dotted: str, value: Any) -> None:
     node = cfg
     for part in parents:
         if part not in node or not isinstance(node[part], dict):
-            raise KeyError(f"unknown config section {part!r} in --{dotted}; sections: "
-                           f"{', '.join(k for k, v in node.items() if isinstance(v, dict))}")
+            sections = [k for k, v in node.items() if isinstance(v, dict)]
+            close = difflib.get_close_matches(part, sections, n=1)
+            hint = f"; did you mean --{dotted.replace(part, close[0], 1)}?" if close else "."
+            raise UnknownSectionError(f"unknown config section {part!r} in --{dotted}{hint} "
+                                      f"Sections: {', '.join(sections)}")
         node = node[part]
     node[leaf] = value
 
@@ -108,8 +122,39 @@ def apply_overrides(cfg: dict, args: list[str]) -> dict:
             key, raw = arg[2:], args[i + 1]
             i += 2
         warn_if_new_key(cfg, key)
-        set_path(cfg, key, parse_value(raw))
+        set_path(cfg, key, typed_value(get_path(cfg, key), parse_value(raw), raw, key))
     return cfg
+
+
+def typed_value(old: Any, new: Any, raw: str, key: str) -> Any:
+    """`new` checked against the type of the config's value `old`; a mismatch raises ConfigError.
+
+    null is always allowed (it unsets an optional value); an int is accepted for a float and a
+    whole float (1e3) for an int; a number or boolean typed for a string key keeps its text.
+    """
+    if old is None or new is None:
+        return new
+    number = isinstance(new, (int, float)) and not isinstance(new, bool)
+    if isinstance(old, bool):
+        ok, want = isinstance(new, bool), "true or false"
+    elif isinstance(old, int):
+        ok, want = number and float(new).is_integer(), "an integer"
+        new = int(new) if ok else new
+    elif isinstance(old, float):
+        ok, want = number, "a number"
+        new = float(new) if ok else new
+    elif isinstance(old, str):
+        ok, want = isinstance(new, (str, int, float, bool)), "a string"
+        new = raw.strip() if ok and not isinstance(new, str) else new
+    elif isinstance(old, list):
+        ok, want = isinstance(new, list), "a list such as [1, 2]"
+    elif isinstance(old, dict):
+        ok, want = isinstance(new, dict), "a section (set its keys as --section.key value)"
+    else:
+        ok, want = True, ""
+    if not ok:
+        raise ConfigError(f"--{key} expects {want} (the config has {old!r}), got {raw!r}")
+    return new
 
 
 def warn_if_new_key(cfg: dict, dotted: str) -> None:

@@ -16,10 +16,19 @@ def warmup_ema_decay(num_averaged: int, max_decay: float) -> float:
 
 
 def make_ema(model: nn.Module, max_decay: float) -> AveragedModel:
-    def average(avg_param: torch.Tensor, param: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        decay = warmup_ema_decay(int(num_averaged), max_decay)
-        return decay * avg_param + (1.0 - decay) * param
+    """An AveragedModel (keys 'module.*', 'n_averaged') whose update is one fused step per device.
 
-    ema = AveragedModel(model, avg_fn=average)
+    The decay is computed from the `n_averaged` tensor on the device, once per update, so an
+    update makes no host sync per parameter (an `int(n)` per tensor would, on a GPU).
+    """
+    def average(avg_params: list[torch.Tensor], params: list[torch.Tensor],
+                num_averaged: torch.Tensor) -> None:
+        n = num_averaged.to(torch.float64)
+        decay = torch.clamp((1.0 + n) / (10.0 + n), max=max_decay)
+        # avg <- decay * avg + (1 - decay) * param, as avg + (1 - decay) * (param - avg)
+        weight = (1.0 - decay).to(avg_params[0].dtype)
+        torch._foreach_lerp_(avg_params, params, weight)
+
+    ema = AveragedModel(model, multi_avg_fn=average)
     ema.requires_grad_(False)
     return ema

@@ -10,6 +10,7 @@ import torchvision
 
 from deqlit.diffusion.schedule import alphas_cumprod, make_betas
 from deqlit.lit.ema import make_ema
+from deqlit.lit.guards import NonFiniteError
 from deqlit.models.unet import DDIMUNet
 
 
@@ -50,6 +51,11 @@ class DiffusionTrainModule(L.LightningModule):
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         t = torch.randint(0, len(self.abar), (x0.shape[0],), device=x0.device)
         loss = self.diffusion_loss(self.model, x0, t, torch.randn_like(x0))
+        # Before backward and the optimizer step, so that NaN never reaches the weights or the EMA
+        # (one scalar host sync per step). Raising makes Lightning stop with nothing saved.
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteError(f"training diverged at step {self.global_step + 1}: "
+                                 f"the loss is {loss.item()}")
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -78,6 +84,7 @@ class DiffusionTrainModule(L.LightningModule):
     # ---- samples --------------------------------------------------------------------------
     @torch.no_grad()
     def log_samples(self) -> None:
+        from deqlit.diffusion.chain import Chain
         from deqlit.sampling import generate
 
         net = self.ema.module
@@ -86,8 +93,8 @@ class DiffusionTrainModule(L.LightningModule):
         gen = torch.Generator().manual_seed(self.hparams.seed)
         shape = (self.hparams.sample_count, net.in_channels, net.resolution, net.resolution)
         x_T = torch.randn(shape, generator=gen).to(self.device)
-        images, _ = generate(net, x_T, self.abar, timesteps=self.hparams.sample_timesteps,
-                             solver=self.hparams.sample_solver)
+        chain = Chain.build(self.abar, self.hparams.sample_timesteps)
+        images, _ = generate(net, x_T, chain, solver=self.hparams.sample_solver)
         net.train(was_training)
         grid = torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=4)
         experiment = getattr(self.logger, "experiment", None)

@@ -68,7 +68,16 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, KeyError... by cause
         text = str(err)
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        # torch 2.14: "unsupported GLOBAL posix.system whose module posix is blocked" for modules
+        # that run code (os, posix, subprocess, builtins.eval...); older wording for the others.
+        blocked = re.search(r"unsupported GLOBAL (\S+) whose module (\S+) is blocked", text, re.I)
+        if blocked:
+            raise CheckpointFormatError(
+                f"{path} contains code that deqlit refuses to run: unpickling it would call "
+                f"{blocked.group(1)} (module {blocked.group(2)}). A model checkpoint needs no code; "
+                "do not load this file with weights_only=False unless you know what it does, and "
+                "get the weights from a source you trust") from err
+        refused = re.search(r"Unsupported global:? GLOBAL (\S+)", text, re.I)
         if refused:
             raise CheckpointFormatError(
                 f"{path} pickles the Python object {refused.group(1)}, and deqlit unpickles only "
@@ -114,7 +123,8 @@ def _strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torc
 def _select_lightning(sd: Mapping[str, torch.Tensor], ema: bool,
                       path: Path) -> dict[str, torch.Tensor]:
     """'ema.module.<key>' (ema=True) or 'model.<key>' (ema=False) of a Lightning state_dict."""
-    prefix, other = ("ema.module.", "ema=False") if ema else ("model.", "ema=True")
+    prefix, other = (("ema.module.", "--checkpoint.ema false (ema=False in load_weights)") if ema
+                     else ("model.", "--checkpoint.ema true (ema=True in load_weights)"))
     picked = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if not picked:
         kind = "EMA" if ema else "raw ('model.*')"
@@ -135,7 +145,8 @@ def _extract_state_dict(obj: Any, ema: bool, path: Path) -> dict[str, torch.Tens
             if len(obj) < 5 or not _is_tensor_dict(obj[-1]):
                 raise CheckpointFormatError(
                     f"{path} is a DDIM ckpt.pth without an EMA shadow (it has {len(obj)} elements; "
-                    "DDIM saves the EMA as the 5th): load its raw weights with ema=False")
+                    "DDIM saves the EMA as the 5th): use its raw weights with --checkpoint.ema "
+                    "false on the command line (ema=False in load_weights)")
             return _strip_prefix(obj[-1], "module.")
         return _strip_prefix(obj[0], "module.")
     if not isinstance(obj, Mapping):
