@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from deqlit.diffusion.chain import Chain
 from deqlit.config import load_config
 from deqlit.data.faces import load_faces
 from deqlit.diffusion.schedule import timestep_sequence
@@ -51,7 +52,7 @@ def main() -> None:
     x_T = torch.randn(args.num_samples, 1, 32, 32, generator=gen)
     start = time.perf_counter()
     with torch.no_grad():
-        samples = ddim_sample(model, x_T, abar, timestep_sequence(args.timesteps))
+        samples = ddim_sample(model, x_T, Chain.from_sequence(abar, timestep_sequence(args.timesteps)))
     figures["sampling_seconds"] = time.perf_counter() - start
     figures["sample_min"], figures["sample_max"] = float(samples.min()), float(samples.max())
     samples = samples.clamp(-1, 1)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from deqlit.diffusion.chain import Chain
 from deqlit.config import find_config, load_config
 from deqlit.deq.fixed_point import FixedPointMap, batched_eps
 from deqlit.deq.solvers import solve
@@ -50,7 +51,7 @@ def time_network_call(model, X: torch.Tensor, seq: list[int], repeats: int = 3) 
 
 
 def run_solver(model, abar, seq, x_T, ref_x0, solver: str, max_iter: int) -> dict:
-    fmap = FixedPointMap(model, abar, seq).bind(x_T)
+    fmap = FixedPointMap(model, Chain.from_sequence(abar, seq)).bind(x_T)
     trace_rmse, trace_res, stamps = [], [], []
     start = time.perf_counter()
 
@@ -98,7 +99,7 @@ def main() -> None:
             x_T = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
             with torch.no_grad():
                 start = time.perf_counter()
-                ref = ddim_sample(model, x_T, abar, seq)
+                ref = ddim_sample(model, x_T, Chain.from_sequence(abar, seq))
                 seq_seconds = time.perf_counter() - start
                 net_seconds = time_network_call(model, x_T[None].expand(T, 1, 1, 32, 32), seq)
                 for solver in args.solvers:

@@ -7,7 +7,7 @@ import torch
 
 from deqlit.deq.layer import DEQSampler
 from deqlit.deq.solvers import SolverStats
-from deqlit.diffusion.schedule import timestep_sequence
+from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.sequential import ddim_sample
 
 SAMPLERS = ("sequential", "picard", "anderson", "triangular-anderson")
@@ -21,22 +21,23 @@ def draw_noise(shape: tuple[int, ...], seq_len: int, eta: float, generator: torc
     return x_T, noise
 
 
-def generate(model, x_T: torch.Tensor, abar: torch.Tensor, timesteps: int, skip: str = "uniform",
-             eta: float = 0.0, solver: str = "sequential", noise: Optional[torch.Tensor] = None,
-             max_batch: Optional[int] = None, **solver_options: Any) -> tuple[torch.Tensor, SolverStats]:
-    """x_T (B, C, H, W) -> (x_0 (B, C, H, W), stats) with the sequential chain or a DEQ solver."""
+def generate(model, x_T: torch.Tensor, chain: Chain, solver: str = "sequential",
+             noise: Optional[torch.Tensor] = None, max_batch: Optional[int] = None,
+             **solver_options: Any) -> tuple[torch.Tensor, SolverStats]:
+    """x_T (B, C, H, W) -> (x_0 (B, C, H, W), stats) with the sequential chain or a DEQ solver.
+
+    noise (T, B, C, H, W) is the injected noise when chain.eta > 0 (drawn here when None).
+    """
     if solver not in SAMPLERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SAMPLERS)}")
-    seq = timestep_sequence(timesteps, len(abar), skip)
-    if eta > 0 and noise is None:
-        noise = torch.randn((len(seq),) + tuple(x_T.shape), dtype=x_T.dtype, device=x_T.device)
+    if chain.eta > 0 and noise is None:
+        noise = torch.randn((chain.T,) + tuple(x_T.shape), dtype=x_T.dtype, device=x_T.device)
     if solver == "sequential":
         callback = solver_options.pop("callback", None)
         step_callback = None if callback is None else (lambda n: callback(n, SolverStats(iterations=n), None))
-        x0 = ddim_sample(model, x_T, abar, seq, eta=eta, noise=noise, callback=step_callback)
-        stats = SolverStats(iterations=len(seq), converged=True, network_rows=len(seq))
+        x0 = ddim_sample(model, x_T, chain, noise=noise, callback=step_callback)
+        stats = SolverStats(iterations=chain.T, converged=True, network_rows=chain.T)
         return x0, stats
-    deq = DEQSampler(model, abar, seq, eta=eta, solver=solver, solver_options=solver_options,
-                     max_batch=max_batch)
+    deq = DEQSampler(model, chain, solver=solver, solver_options=solver_options, max_batch=max_batch)
     X, stats = deq(x_T, noise)
     return X[0], stats

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deqlit.diffusion.chain import Chain
 from deqlit.deq.fixed_point import FixedPointMap
 from deqlit.deq.layer import DEQSampler
 from deqlit.deq.solvers import SolverDivergedError, solve
@@ -34,8 +35,8 @@ def test_picard_equals_sequential_ddim_after_exactly_T_iterations(net64, T, skip
     seq = timestep_sequence(T, 1000, skip)
     x_T, noise = chain_inputs(len(seq), eta, seed=T)
     with torch.no_grad():
-        states = ddim_sample(net64, x_T, ABAR, seq, eta=eta, noise=noise, return_all=True)
-        deq = DEQSampler(net64, ABAR, seq, eta, "picard", dict(max_iter=10 * T, tol=0.0))
+        states = ddim_sample(net64, x_T, Chain.from_sequence(ABAR, seq, eta), noise=noise, return_all=True)
+        deq = DEQSampler(net64, Chain.from_sequence(ABAR, seq, eta), "picard", dict(max_iter=10 * T, tol=0.0))
         X, stats = deq(x_T, noise)
     assert stats.iterations == len(seq)            # stops at T: exact there
     assert (X[0] - states[0]).abs().max() <= 1e-5
@@ -57,13 +58,13 @@ def test_plain_iteration_settles_one_state_per_call():
     seq = timestep_sequence(T)
     x_T, _ = chain_inputs(T, 0.0, seed=1)
     with torch.no_grad():
-        states = ddim_sample(net, x_T, ABAR, seq, return_all=True)
+        states = ddim_sample(net, x_T, Chain.from_sequence(ABAR, seq), return_all=True)
         for k in (1, 4, 8, T - 1):
-            X, _ = DEQSampler(net, ABAR, seq, 0.0, "picard", dict(max_iter=k, tol=0.0))(x_T)
+            X, _ = DEQSampler(net, Chain.from_sequence(ABAR, seq, 0.0), "picard", dict(max_iter=k, tol=0.0))(x_T)
             err = (X - states).abs().flatten(1).amax(1)
             assert err[T - k:].max() <= 1e-10
             assert err[T - k - 1] > 1e-4
-        X, stats = DEQSampler(net, ABAR, seq, 0.0, "picard", dict(max_iter=100, tol=0.0))(x_T)
+        X, stats = DEQSampler(net, Chain.from_sequence(ABAR, seq, 0.0), "picard", dict(max_iter=100, tol=0.0))(x_T)
     assert stats.iterations == T and (X - states).abs().max() <= 1e-10
 
 
@@ -75,8 +76,8 @@ def test_accelerated_solvers_reach_sequential_in_float32(solver, T, eta):
     seq = timestep_sequence(T)
     x_T, noise = chain_inputs(T, eta, seed=7, dtype=torch.float32)
     with torch.no_grad():
-        ref = ddim_sample(net, x_T, ABAR, seq, eta=eta, noise=noise)
-        X, stats = DEQSampler(net, ABAR, seq, eta, solver, dict(max_iter=200, tol=1e-6))(x_T, noise)
+        ref = ddim_sample(net, x_T, Chain.from_sequence(ABAR, seq, eta), noise=noise)
+        X, stats = DEQSampler(net, Chain.from_sequence(ABAR, seq, eta), solver, dict(max_iter=200, tol=1e-6))(x_T, noise)
     assert (X[0] - ref).abs().max() <= 1e-4
     assert stats.iterations <= T
 
@@ -90,8 +91,8 @@ def test_no_solver_needs_more_than_T_iterations(solver, seed):
     seq = timestep_sequence(T)
     x_T, _ = chain_inputs(T, 0.0, seed=seed, batch=2)
     with torch.no_grad():
-        ref = ddim_sample(net, x_T, ABAR, seq)
-        X, stats = DEQSampler(net, ABAR, seq, 0.0, solver, dict(max_iter=1000, tol=0.0))(x_T)
+        ref = ddim_sample(net, x_T, Chain.from_sequence(ABAR, seq))
+        X, stats = DEQSampler(net, Chain.from_sequence(ABAR, seq, 0.0), solver, dict(max_iter=1000, tol=0.0))(x_T)
     assert stats.iterations == T
     assert (X[0] - ref).abs().max() <= 1e-8
 
@@ -102,9 +103,9 @@ def test_freezing_settled_states_saves_network_rows_without_changing_the_result(
     seq = timestep_sequence(T)
     x_T, _ = chain_inputs(T, 0.0, seed=3)
     with torch.no_grad():
-        ref = ddim_sample(net64, x_T, ABAR, seq)
-        X, stats = DEQSampler(net64, ABAR, seq, 0.0, solver, dict(max_iter=T, tol=0.0, freeze=True))(x_T)
-        _, plain = DEQSampler(net64, ABAR, seq, 0.0, solver, dict(max_iter=T, tol=0.0))(x_T)
+        ref = ddim_sample(net64, x_T, Chain.from_sequence(ABAR, seq))
+        X, stats = DEQSampler(net64, Chain.from_sequence(ABAR, seq, 0.0), solver, dict(max_iter=T, tol=0.0, freeze=True))(x_T)
+        _, plain = DEQSampler(net64, Chain.from_sequence(ABAR, seq, 0.0), solver, dict(max_iter=T, tol=0.0))(x_T)
     assert (X[0] - ref).abs().max() <= 1e-8
     assert stats.network_rows < 0.7 * plain.network_rows
 
@@ -114,8 +115,8 @@ def test_chunked_network_calls_give_the_same_map(net64):
     x_T, _ = chain_inputs(10, 0.0, seed=4)
     X = torch.randn(10, 3, 1, 8, 8, dtype=torch.float64)
     with torch.no_grad():
-        whole = FixedPointMap(net64, ABAR, seq).bind(x_T)(X)
-        chunked = FixedPointMap(net64, ABAR, seq, max_batch=4).bind(x_T)(X)
+        whole = FixedPointMap(net64, Chain.from_sequence(ABAR, seq)).bind(x_T)(X)
+        chunked = FixedPointMap(net64, Chain.from_sequence(ABAR, seq), max_batch=4).bind(x_T)(X)
     assert torch.allclose(whole, chunked, atol=1e-12)
 
 
@@ -124,7 +125,7 @@ def test_stats_report_residual_traces_and_network_rows(net64):
     seq = timestep_sequence(T)
     x_T, _ = chain_inputs(T, 0.0, seed=5)
     with torch.no_grad():
-        _, stats = DEQSampler(net64, ABAR, seq, 0.0, "anderson", dict(max_iter=T, tol=1e-3))(x_T)
+        _, stats = DEQSampler(net64, Chain.from_sequence(ABAR, seq, 0.0), "anderson", dict(max_iter=T, tol=1e-3))(x_T)
     assert len(stats.rel_residual) == len(stats.abs_residual) == stats.iterations
     assert len(stats.row_residual) == T
     assert stats.network_rows == stats.iterations * (T - 1) + 1
@@ -152,7 +153,7 @@ def test_frozen_network_one_step_gradient_evaluates_only_x_T_with_autograd():
     seq = timestep_sequence(T)
     net = RowCounter(GaussianDataNoise(seed=3, dtype=torch.float64).requires_grad_(False))
     x_T, _ = chain_inputs(T, 0.0, seed=9, batch=2)
-    layer = DEQSampler(net, ABAR, seq, 0.0, "anderson", dict(max_iter=4, tol=0.0), grad="onestep", tau=tau)
+    layer = DEQSampler(net, Chain.from_sequence(ABAR, seq, 0.0), "anderson", dict(max_iter=4, tol=0.0), grad="onestep", tau=tau)
     x = x_T.clone().requires_grad_(True)
     X, _ = layer(x)
     assert net.rows_with_grad == 2                       # eps(x_T) of the 2 images, nothing else
@@ -160,14 +161,14 @@ def test_frozen_network_one_step_gradient_evaluates_only_x_T_with_autograd():
     (weight * X[0]).sum().backward()     # a linear loss: the same upstream gradient for both
 
     with torch.no_grad():   # same solve, not converged (4 of 8 iterations): X* is f(X_last)
-        X_star, _ = DEQSampler(net, ABAR, seq, 0.0, "anderson", dict(max_iter=4, tol=0.0))(x_T)
+        X_star, _ = DEQSampler(net, Chain.from_sequence(ABAR, seq, 0.0), "anderson", dict(max_iter=4, tol=0.0))(x_T)
     x2 = x_T.clone().requires_grad_(True)
-    full = (1 - tau) * X_star + tau * FixedPointMap(net, ABAR, seq).bind(x2)(X_star)
+    full = (1 - tau) * X_star + tau * FixedPointMap(net, Chain.from_sequence(ABAR, seq)).bind(x2)(X_star)
     (weight * full[0]).sum().backward()
     assert torch.allclose(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
     # The values differ only by h(X*) - f(X_last), i.e. by the solver's residual.
     assert torch.allclose(X, X_star, atol=1e-12)
-    assert (full - X).abs().max() <= tau * (X_star - FixedPointMap(net, ABAR, seq).bind(x_T)(X_star)).abs().max() + 1e-12
+    assert (full - X).abs().max() <= tau * (X_star - FixedPointMap(net, Chain.from_sequence(ABAR, seq)).bind(x_T)(X_star)).abs().max() + 1e-12
 
 
 def test_one_step_gradient_equals_autograd_of_one_damped_step(net64):
@@ -176,7 +177,7 @@ def test_one_step_gradient_equals_autograd_of_one_damped_step(net64):
     T, tau = 6, 0.1
     seq = timestep_sequence(T)
     x_T, _ = chain_inputs(T, 0.0, seed=6, batch=2)
-    layer = DEQSampler(net64, ABAR, seq, 0.0, "picard", dict(max_iter=T, tol=0.0), grad="onestep", tau=tau)
+    layer = DEQSampler(net64, Chain.from_sequence(ABAR, seq, 0.0), "picard", dict(max_iter=T, tol=0.0), grad="onestep", tau=tau)
     x = x_T.clone().requires_grad_(True)
     X, _ = layer(x)
     target = torch.zeros_like(X[0])
@@ -184,7 +185,7 @@ def test_one_step_gradient_equals_autograd_of_one_damped_step(net64):
 
     # Hand-derived: row 0 of h is x_0 = y_T + sum_j c_j eps(x_j) with X* fixed (abar_0 = 1).
     with torch.no_grad():
-        X_star, _ = DEQSampler(net64, ABAR, seq, 0.0, "picard", dict(max_iter=T, tol=0.0))(x_T)
+        X_star, _ = DEQSampler(net64, Chain.from_sequence(ABAR, seq, 0.0), "picard", dict(max_iter=T, tol=0.0))(x_T)
     from deqlit.diffusion.schedule import chain_alphas, ddim_sigmas, fixed_point_coefficients
     chain = chain_alphas(ABAR, seq)
     c, _ = fixed_point_coefficients(chain, ddim_sigmas(chain, 0.0))
@@ -200,10 +201,10 @@ def test_one_step_gradient_equals_autograd_of_one_damped_step(net64):
     # The map's own autograd against finite differences, X* held fixed (what the step assumes).
     short_seq = seq[:3]
     with torch.no_grad():
-        X3, _ = DEQSampler(net64, ABAR, short_seq, 0.0, "picard", dict(max_iter=3, tol=0.0))(x_T[:1])
+        X3, _ = DEQSampler(net64, Chain.from_sequence(ABAR, short_seq, 0.0), "picard", dict(max_iter=3, tol=0.0))(x_T[:1])
 
     def damped_step(inp):
-        return (1 - tau) * X3 + tau * FixedPointMap(net64, ABAR, short_seq).bind(inp)(X3)
+        return (1 - tau) * X3 + tau * FixedPointMap(net64, Chain.from_sequence(ABAR, short_seq)).bind(inp)(X3)
     small = x_T[:1].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(damped_step, (small,), eps=1e-6, atol=1e-6)
 
@@ -211,7 +212,7 @@ def test_one_step_gradient_equals_autograd_of_one_damped_step(net64):
 def test_one_step_gradient_reaches_network_parameters(net64):
     seq = timestep_sequence(5)
     x_T, _ = chain_inputs(5, 0.0, seed=8, batch=1)
-    layer = DEQSampler(net64, ABAR, seq, 0.0, "anderson", dict(max_iter=5), grad="onestep")
+    layer = DEQSampler(net64, Chain.from_sequence(ABAR, seq, 0.0), "anderson", dict(max_iter=5), grad="onestep")
     X, _ = layer(x_T)
     X[0].sum().backward()
     grads = [p.grad for p in net64.parameters() if p.grad is not None]
@@ -226,7 +227,7 @@ def test_unknown_solver_or_option_raises():
     with pytest.raises(TypeError, match="no option"):
         solve("picard", f, torch.zeros(3, 1, 2), m=5)
     with pytest.raises(ValueError, match="grad mode"):
-        DEQSampler(torch.nn.Identity(), ABAR, [0, 1], grad="full")
+        DEQSampler(torch.nn.Identity(), Chain.from_sequence(ABAR, [0, 1]), grad="full")
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -245,7 +246,7 @@ def test_nan_raises_with_iteration_and_remedy(solver):
 
 def test_eta_needs_injected_noise(net64):
     with pytest.raises(ValueError, match="injected noise"):
-        FixedPointMap(net64, ABAR, timestep_sequence(5), eta=0.5).bind(torch.zeros(1, 1, 8, 8, dtype=torch.float64))
+        FixedPointMap(net64, Chain.build(ABAR, 5, eta=0.5)).bind(torch.zeros(1, 1, 8, 8, dtype=torch.float64))
 
 
 def test_package_exports_the_documented_names():

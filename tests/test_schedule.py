@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.schedule import (alphas_cumprod, chain_alphas, cosine_betas, ddim_sigmas,
                                        fixed_point_coefficients, linear_betas, make_betas,
                                        timestep_sequence)
@@ -63,8 +64,8 @@ def test_dropping_repeated_timesteps_does_not_change_the_chain(eta):
     # the first state of each run of equal timesteps takes a real step.
     keep = [k for k in range(len(full)) if k == 0 or full[k - 1] != full[k]]
     with torch.no_grad():
-        a = ddim_sample(model, x_T, ABAR, full, eta=eta, noise=noise_full)
-        b = ddim_sample(model, x_T, ABAR, distinct, eta=eta, noise=noise_full[keep])
+        a = ddim_sample(model, x_T, Chain.from_sequence(ABAR, full, eta), noise=noise_full)
+        b = ddim_sample(model, x_T, Chain.from_sequence(ABAR, distinct, eta), noise=noise_full[keep])
     assert torch.allclose(a, b, atol=1e-10)
 
 
@@ -85,7 +86,7 @@ def test_ddpm_sampler_equals_ddim_with_eta_one_on_the_full_chain():
     noise = torch.randn(1000, 2, 1, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         a = ddpm_sample(model, x_T, BETAS, noise=noise)
-        b = ddim_sample(model, x_T, ABAR, list(range(1000)), eta=1.0, noise=noise)
+        b = ddim_sample(model, x_T, Chain.from_sequence(ABAR, list(range(1000)), 1.0), noise=noise)
     assert torch.allclose(a, b, atol=1e-8)
 
 

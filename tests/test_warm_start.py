@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deqlit.diffusion.chain import Chain
 from deqlit.deq.fixed_point import FixedPointMap
 from deqlit.deq.layer import DEQSampler
 from deqlit.deq.warm_start import flow_ratios, shifted_warm_start
@@ -14,7 +15,7 @@ ABAR = alphas_cumprod(linear_betas())
 
 
 def first_residual(net, seq, x_T, X0) -> float:
-    fx = FixedPointMap(net, ABAR, seq).bind(x_T)(X0)
+    fx = FixedPointMap(net, Chain.from_sequence(ABAR, seq)).bind(x_T)(X0)
     return float((fx - X0).norm() / fx.norm())
 
 
@@ -37,7 +38,7 @@ def test_shifted_start_is_closer_to_the_new_fixed_point_than_the_old_solution(we
     gen = torch.Generator().manual_seed(0)
     x_T = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64)
     x_T_new = x_T + 0.01 * torch.randn(x_T.shape, generator=gen, dtype=torch.float64)
-    exact = DEQSampler(net, ABAR, seq, 0.0, "picard", dict(max_iter=T, tol=0.0))
+    exact = DEQSampler(net, Chain.from_sequence(ABAR, seq, 0.0), "picard", dict(max_iter=T, tol=0.0))
     with torch.no_grad():
         X_old, _ = exact(x_T)
         X_new, _ = exact(x_T_new)
@@ -60,7 +61,7 @@ def test_shifted_start_needs_fewer_solver_iterations():
     gen = torch.Generator().manual_seed(1)
     x_T = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64)
     x_T_new = x_T + 0.01 * torch.randn(x_T.shape, generator=gen, dtype=torch.float64)
-    layer = DEQSampler(net, ABAR, seq, 0.0, "triangular-anderson", dict(max_iter=T, tol=1e-4, m=3))
+    layer = DEQSampler(net, Chain.from_sequence(ABAR, seq, 0.0), "triangular-anderson", dict(max_iter=T, tol=1e-4, m=3))
     with torch.no_grad():
         X_old, _ = layer(x_T)
         _, plain = layer(x_T_new, init=X_old)

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from deqlit.diffusion.schedule import (chain_alphas, ddim_sigmas, fixed_point_coefficients)
+from deqlit.diffusion.chain import Chain
 from deqlit.parallel.reduce import LOCAL, LocalReducer
 
 NoiseModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,7 +35,7 @@ def batched_eps(model: NoiseModel, states: torch.Tensor, timesteps: torch.Tensor
     if rows == 0:
         return torch.empty_like(states)
     flat = states.reshape(rows * batch, *states.shape[2:])
-    t = timesteps.to(states.device).repeat_interleave(batch)
+    t = timesteps.repeat_interleave(batch)
     if max_batch is None or flat.shape[0] <= max_batch:
         eps = model(flat, t)
     else:
@@ -53,16 +53,12 @@ class FixedPointMap:
     the solvers pass it for states whose inputs can no longer change (see solvers.py).
     """
 
-    def __init__(self, model: NoiseModel, abar: torch.Tensor, seq: list[int], eta: float = 0.0,
-                 max_batch: Optional[int] = None, reducer: LocalReducer = LOCAL):
-        self.model, self.seq, self.eta, self.max_batch, self.reducer = model, seq, eta, max_batch, reducer
-        self.T = len(seq)
-        chain = chain_alphas(abar, seq)                       # (T+1,) abar of x_0..x_T
-        sigmas = ddim_sigmas(chain, eta)                      # (T,) step out of x_1..x_T
-        c, d = fixed_point_coefficients(chain, sigmas)
-        self.abar = abar
-        self.chain_abar, self.c, self.d = chain, c, d
-        self.timesteps = torch.tensor(seq, dtype=torch.long)  # network time of x_1..x_T
+    def __init__(self, model: NoiseModel, chain: Chain, max_batch: Optional[int] = None,
+                 reducer: LocalReducer = LOCAL):
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 (rows per network call) or None, got {max_batch}")
+        self.model, self.chain, self.max_batch, self.reducer = model, chain, max_batch, reducer
+        self.T, self.eta = chain.T, chain.eta
         self.x_T: Optional[torch.Tensor] = None
         self.calls = 0
         self.network_rows = 0
@@ -80,12 +76,14 @@ class FixedPointMap:
         if noise is not None and noise.shape != (self.T,) + tuple(x_T.shape):
             raise ValueError(f"noise must have shape {(self.T,) + tuple(x_T.shape)}, got {tuple(noise.shape)}")
         self.x_T, self.noise = x_T, noise
+        # The chain's constants follow x_T's device and dtype, copied once per solve.
         dtype, device = x_T.dtype, x_T.device
-        self._scale = self.chain_abar.sqrt().to(device=device, dtype=dtype)  # (T+1,)
-        self._c = self.c.to(device=device, dtype=dtype)
-        self._d = self.d.to(device=device, dtype=dtype)
+        self._scale = self.chain.abar.sqrt().to(device=device, dtype=dtype)  # (T+1,)
+        self._c = self.chain.c.to(device=device, dtype=dtype)
+        self._d = self.chain.d.to(device=device, dtype=dtype)
+        self._timesteps = self.chain.timestep_tensor(device)             # network time of x_1..x_T
         self._eps = torch.zeros((self.T - 1,) + tuple(x_T.shape), dtype=dtype, device=device)
-        eps_top = batched_eps(self.model, x_T[None], self.timesteps[-1:], self.max_batch)[0]
+        eps_top = batched_eps(self.model, x_T[None], self._timesteps[-1:], self.max_batch)[0]
         self._eps_top = eps_top
         return self
 
@@ -114,7 +112,7 @@ class FixedPointMap:
             raise ValueError(f"X must hold the {T} states x_0..x_{T - 1}, got {X.shape[0]} rows")
         active = T if frozen_from is None else max(1, min(frozen_from, T))
         # Cache row r holds eps of state x_{r+1}; x_1..x_{active-1} get a fresh evaluation.
-        fresh = batched_eps(self.model, X[1:active], self.timesteps[:active - 1], self.max_batch)
+        fresh = batched_eps(self.model, X[1:active], self._timesteps[:active - 1], self.max_batch)
         self.calls += 1
         self.network_rows += active - 1
         eps_all = torch.cat([fresh, self._eps[active - 1:T - 1], self._eps_top[None]])

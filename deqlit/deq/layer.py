@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from deqlit.deq.fixed_point import FixedPointMap
+from deqlit.diffusion.chain import Chain
 from deqlit.deq.solvers import SolverStats, get_solver, solve
 
 GRAD_MODES = ("none", "onestep")
@@ -24,15 +25,13 @@ GRAD_MODES = ("none", "onestep")
 class DEQSampler(nn.Module):
     """Solves the whole DDIM chain as one fixed point.
 
-    Args: model (eps network, forward(x, t)), abar (N,) cumulative alphas, seq the timestep
-    subsequence (T,), eta, solver name and its options, grad mode, tau, max_batch (rows per network
-    call; None = all at once).
+    Args: model (eps network, forward(x, t)), chain (timesteps, alpha-bars, eta), solver name and
+    its options, grad mode, tau, max_batch (rows per network call; None = all at once).
     Forward: x_T (B, C, H, W), noise (T, B, C, H, W) when eta > 0, init (T, B, C, H, W) a warm start
     -> (X (T, B, C, H, W) with X[0] = x_0, SolverStats).
     """
 
-    def __init__(self, model: nn.Module, abar: torch.Tensor, seq: list[int], eta: float = 0.0,
-                 solver: str = "anderson", solver_options: Optional[dict[str, Any]] = None,
+    def __init__(self, model: nn.Module, chain: Chain, solver: str = "anderson", solver_options: Optional[dict[str, Any]] = None,
                  grad: str = "none", tau: float = 0.1, max_batch: Optional[int] = None):
         super().__init__()
         get_solver(solver)  # fail early on an unknown name
@@ -40,18 +39,16 @@ class DEQSampler(nn.Module):
             raise ValueError(f"unknown grad mode {grad!r}; use one of {GRAD_MODES}")
         if not 0 < tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {tau}")
-        self.model = model
-        self.register_buffer("abar", abar.detach().clone().to(torch.float64), persistent=False)
-        self.seq, self.eta, self.solver = list(seq), eta, solver
+        self.model, self.chain, self.solver = model, chain, solver
         self.solver_options = dict(solver_options or {})
         self.grad, self.tau, self.max_batch = grad, tau, max_batch
 
     @property
     def T(self) -> int:
-        return len(self.seq)
+        return self.chain.T
 
     def make_map(self) -> FixedPointMap:
-        return FixedPointMap(self.model, self.abar, self.seq, self.eta, self.max_batch)
+        return FixedPointMap(self.model, self.chain, self.max_batch)
 
     def forward(self, x_T: torch.Tensor, noise: Optional[torch.Tensor] = None,
                 init: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, SolverStats]:
@@ -81,6 +78,6 @@ def latent_only_step(fmap: FixedPointMap, x_T: torch.Tensor, noise: Optional[tor
     network row per image instead of T. The value is f(X_last), which is what the solver returned.
     fmap: the map the solver used (bound, cache filled). x_T (B, C, H, W) -> (T, B, C, H, W).
     """
-    grad_map = FixedPointMap(fmap.model, fmap.abar, fmap.seq, fmap.eta, fmap.max_batch, fmap.reducer)
+    grad_map = FixedPointMap(fmap.model, fmap.chain, fmap.max_batch, fmap.reducer)
     grad_map.bind(x_T, noise)
     return grad_map.states_from_eps(torch.cat([fmap.cached_eps(), grad_map.top_eps()[None]]))

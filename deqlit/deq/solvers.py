@@ -30,38 +30,72 @@ class SolverDivergedError(FloatingPointError):
 
 @dataclass
 class SolverStats:
+    """What one solve did. Filled as tensors during the solve and turned into Python numbers once
+    at its end (`finish`), so that the loop itself reads one flag per iteration from the device.
+
+    Residuals are per image: ||f(X)_b - X_b|| / (1e-5 + ||f(X)_b||) over all rows of image b; the
+    traces hold the worst image per call.
+    """
     iterations: int = 0                      # calls of f
     converged: bool = False
-    abs_residual: list[float] = field(default_factory=list)   # ||f(X) - X|| per call
-    rel_residual: list[float] = field(default_factory=list)   # ||f(X) - X|| / (1e-5 + ||f(X)||)
+    abs_residual: list[float] = field(default_factory=list)   # max_b ||f(X)_b - X_b|| per call
+    rel_residual: list[float] = field(default_factory=list)   # max_b relative residual per call
     row_residual: list[float] = field(default_factory=list)   # per timestep row, last call
+    image_residual: list[float] = field(default_factory=list)  # per image, at its stop
+    image_iterations: list[int] = field(default_factory=list)  # per image: calls until it stopped
     network_rows: int = 0                    # eps evaluations per image (filled by the caller)
+    abs_trace: list[torch.Tensor] = field(default_factory=list, repr=False)   # (B,) per call
+    rel_trace: list[torch.Tensor] = field(default_factory=list, repr=False)   # (B,) per call
 
     @property
     def final_residual(self) -> float:
         return self.rel_residual[-1] if self.rel_residual else math.inf
 
+    def last_rel(self) -> float:
+        """The worst image's relative residual of the last call (a host sync: for progress bars)."""
+        return float(self.rel_trace[-1].max()) if self.rel_trace else math.inf
 
-def residuals(fx: torch.Tensor, x: torch.Tensor, reducer: LocalReducer) -> tuple[float, float, torch.Tensor]:
-    """Reference definition: ||f(X) - X|| / (1e-5 + ||f(X)||) over all rows and images.
+    def finish(self, row_rel: Optional[torch.Tensor], image_rel: torch.Tensor,
+               image_iterations: torch.Tensor) -> None:
+        if self.abs_trace:
+            self.abs_residual = torch.stack(self.abs_trace).amax(1).tolist()
+            self.rel_residual = torch.stack(self.rel_trace).amax(1).tolist()
+        if row_rel is not None:
+            self.row_residual = row_rel.tolist()
+        self.image_residual = image_rel.tolist()
+        self.image_iterations = [int(n) for n in image_iterations.tolist()]
 
-    Returns (absolute, relative, per-row relative (T,)).
+
+def residuals(fx: torch.Tensor, x: torch.Tensor, reducer: LocalReducer
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's residual ||f(X) - X|| / (1e-5 + ||f(X)||), per image over all rows.
+
+    fx, x (T, B, ...) -> (absolute (B,), relative (B,), per-row relative over all images (T,)),
+    float64 tensors on fx's device (no host sync).
     """
-    diff_sq = (fx - x).double().pow(2).flatten(2).sum(-1).sum(-1)   # (T,)
-    fx_sq = fx.double().pow(2).flatten(2).sum(-1).sum(-1)            # (T,)
-    total_diff = reducer.sum(diff_sq.sum()).sqrt()
-    total_fx = reducer.sum(fx_sq.sum()).sqrt()
-    row_rel = diff_sq.sqrt() / (1e-5 + fx_sq.sqrt())
-    return float(total_diff), float(total_diff / (1e-5 + total_fx)), row_rel
+    diff_sq = (fx - x).double().pow(2).flatten(2).sum(-1)   # (T, B)
+    fx_sq = fx.double().pow(2).flatten(2).sum(-1)            # (T, B)
+    image_diff = reducer.sum(diff_sq.sum(0)).sqrt()          # (B,)
+    image_fx = reducer.sum(fx_sq.sum(0)).sqrt()
+    row_rel = diff_sq.sum(1).sqrt() / (1e-5 + fx_sq.sum(1).sqrt())
+    return image_diff, image_diff / (1e-5 + image_fx), row_rel
 
 
-def check_finite(fx: torch.Tensor, iteration: int, solver: str) -> None:
-    if not torch.isfinite(fx).all():
-        raise SolverDivergedError(
-            f"{solver}: the fixed-point iterate became NaN/Inf at iteration {iteration}. "
-            f"Try a smaller beta (damping, e.g. 0.5), a larger lam (regularization, e.g. 1e-2), "
-            f"or solver='picard', which cannot diverge faster than the sequential chain; "
-            f"also check that the model's outputs are finite in float32")
+def divergence_message(solver: str, iteration: int) -> str:
+    if iteration == 1:
+        return (f"{solver}: the noise network returned NaN/Inf at iteration 1, from finite inputs: "
+                f"the model itself produces non-finite values (check the checkpoint's weights for "
+                f"NaN, e.g. from a diverged training run, and that the inputs are in range)")
+    return (f"{solver}: the fixed-point iterate became NaN/Inf at iteration {iteration} (the model "
+            f"gave finite values at iteration 1). Try a smaller beta (damping, e.g. 0.5), a larger "
+            f"lam (regularization, e.g. 1e-2), or solver='picard', which cannot diverge faster "
+            f"than the sequential chain; also check that the model's outputs are finite in float32")
+
+
+def check_inputs_finite(x0: torch.Tensor, solver: str) -> None:
+    if not bool(torch.isfinite(x0).all()):
+        raise SolverDivergedError(f"{solver}: the starting point (x_T or the warm start) holds "
+                                  f"NaN/Inf: fix the latents or noise before solving")
 
 
 def mixing_weights(gram: torch.Tensor, lam: float, relative_lam: bool) -> torch.Tensor:
@@ -98,39 +132,63 @@ def per_row_gram(residual_history: list[torch.Tensor]) -> torch.Tensor:
 
 def _run(name: str, f: Map, x0: torch.Tensor, *, max_iter: int, tol: float,
          mix: Optional[Callable[[list, list, torch.Tensor], torch.Tensor]], m: int,
-         freeze: bool, reducer: LocalReducer,
+         freeze: bool, reducer: LocalReducer, triangular: bool,
          callback: Optional[Callable[[int, SolverStats, torch.Tensor], None]]) -> tuple[torch.Tensor, SolverStats]:
-    """The loop shared by all solvers. `mix(xs, fxs, gs) -> X_next` or None for plain iteration."""
+    """The loop shared by all solvers. `mix(xs, fxs, gs) -> X_next` or None for plain iteration.
+
+    Every image stops on its own: once image b's residual is below tol, its result is f(X)_b of
+    that call, exactly what a solve of image b alone returns (Anderson's weights are per image,
+    so images interact only through when the loop stops). Results thus do not depend on the batch
+    size or on which images share a batch. The loop reads one small flag vector per call from the
+    device (all stopped? finite? rows to freeze?): the least a data-dependent stop needs.
+
+    triangular=True: row r depends only on rows > r (the forward chain), so after n calls the rows
+    >= T - n are exact; settled rows take the plain update and the solve ends at n = T.
+    triangular=False: rows may depend on themselves (the inverse chain); no such guarantee.
+    """
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    T = x0.shape[0]
+    if not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+    check_inputs_finite(x0, name)
+    T, B = x0.shape[0], x0.shape[1]
+    image_view = (1, B) + (1,) * (x0.dim() - 2)
     stats = SolverStats()
     x = x0
     xs: list[torch.Tensor] = []
     fxs: list[torch.Tensor] = []
     gs: list[torch.Tensor] = []
     frozen_from: Optional[int] = None
-    fx = x0
+    out = x0.clone()
+    done = torch.zeros(B, dtype=torch.bool, device=x0.device)
+    stop_rel = torch.zeros(B, dtype=torch.float64, device=x0.device)
+    stop_iter = torch.zeros(B, dtype=torch.long, device=x0.device)
+    row_rel: Optional[torch.Tensor] = None
     for n in range(1, max_iter + 1):
         fx = f(x, frozen_from) if freeze else f(x)
-        check_finite(fx, n, name)
         abs_res, rel_res, row_rel = residuals(fx, x, reducer)
         stats.iterations = n
-        stats.abs_residual.append(abs_res)
-        stats.rel_residual.append(rel_res)
-        stats.row_residual = row_rel.tolist()
+        stats.abs_trace.append(abs_res)
+        stats.rel_trace.append(rel_res)
+        exact_now = triangular and n >= T            # every row of f(X) is exact at n = T
+        newly = ~done & ((rel_res < tol) | exact_now | (n == max_iter))
+        out = torch.where(newly.reshape(image_view), fx, out)
+        stop_rel = torch.where(newly, rel_res, stop_rel)
+        stop_iter = torch.where(newly, torch.full_like(stop_iter, n), stop_iter)
+        done = done | newly
+        below = (row_rel < tol).flip(0).int().cumprod(0).sum() if freeze else torch.zeros((), device=x0.device)
+        all_done, finite, frozen_rows = torch.stack(
+            [done.all().double(), torch.isfinite(fx).all().double(), below.double()]).tolist()
+        if not finite:
+            raise SolverDivergedError(divergence_message(name, n))
         if callback is not None:
             callback(n, stats, fx)
-        # After n calls the rows >= T - n of f(X) are exact, so at n = T all of them are.
-        if rel_res < tol or n >= T:
-            stats.converged = True
+        if all_done:
             break
-        settled = T - n          # rows >= settled are exact in fx
         if freeze:
-            # The network inputs of rows >= settled no longer change: reuse their eps. Rows whose
-            # own residual is below tol and all of whose later rows are too are frozen as well.
-            below = int((row_rel < tol).flip(0).int().cumprod(0).sum())
-            frozen_from = min(settled + 1, T - below)
+            # The network inputs of settled rows no longer change: reuse their eps. Rows whose own
+            # residual is below tol and all of whose later rows are too are frozen as well.
+            frozen_from = min(T - n + 1, T - int(frozen_rows)) if triangular else T - int(frozen_rows)
         if mix is None:
             x = fx
             continue
@@ -140,9 +198,13 @@ def _run(name: str, f: Map, x0: torch.Tensor, *, max_iter: int, tol: float,
         if len(xs) > m:
             xs.pop(0), fxs.pop(0), gs.pop(0)
         x_next = mix(xs, fxs, gs)
-        x_next[settled:] = fx[settled:]
+        if triangular:
+            settled = T - n          # rows >= settled are exact in fx
+            x_next[settled:] = fx[settled:]
         x = x_next
-    return fx, stats
+    stats.converged = bool((stop_rel < tol).all()) or (triangular and stats.iterations >= T)
+    stats.finish(row_rel, stop_rel, stop_iter)
+    return out, stats
 
 
 def _mix_with(weights: torch.Tensor, xs: list[torch.Tensor], fxs: list[torch.Tensor],
@@ -159,36 +221,51 @@ def _mix_with(weights: torch.Tensor, xs: list[torch.Tensor], fxs: list[torch.Ten
     return beta * mixed_f + (1 - beta) * mixed_x
 
 
+def check_mixing_options(m: int, lam: float, beta: float) -> None:
+    if m < 1:
+        raise ValueError(f"m (Anderson's history length) must be >= 1, got {m}")
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam (Anderson's regularization) must be >= 0, got {lam}")
+    if not 0 < beta <= 1:
+        raise ValueError(f"beta (Anderson's damping) must be in (0, 1], got {beta}")
+
+
 def picard(f: Map, x0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3, freeze: bool = False,
-           reducer: LocalReducer = LOCAL, callback=None) -> tuple[torch.Tensor, SolverStats]:
+           reducer: LocalReducer = LOCAL, triangular: bool = True,
+           callback=None) -> tuple[torch.Tensor, SolverStats]:
     """Plain fixed-point iteration X <- f(X); exact after T calls on a triangular system."""
     return _run("picard", f, x0, max_iter=max_iter, tol=tol, mix=None, m=0, freeze=freeze,
-                reducer=reducer, callback=callback)
+                reducer=reducer, triangular=triangular, callback=callback)
 
 
 def anderson(f: Map, x0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3, m: int = 5,
              lam: float = 1e-3, beta: float = 1.0, relative_lam: bool = True, freeze: bool = False,
-             reducer: LocalReducer = LOCAL, callback=None) -> tuple[torch.Tensor, SolverStats]:
+             reducer: LocalReducer = LOCAL, triangular: bool = True,
+             callback=None) -> tuple[torch.Tensor, SolverStats]:
     """Anderson acceleration with weights solved per (timestep, image) row, as the reference does."""
+    check_mixing_options(m, lam, beta)
+
     def mix(xs, fxs, gs):
         return _mix_with(mixing_weights(per_row_gram(gs), lam, relative_lam), xs, fxs, beta)
     return _run("anderson", f, x0, max_iter=max_iter, tol=tol, mix=mix, m=m, freeze=freeze,
-                reducer=reducer, callback=callback)
+                reducer=reducer, triangular=triangular, callback=callback)
 
 
 def triangular_anderson(f: Map, x0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3,
                         m: int = 5, lam: float = 1e-3, beta: float = 1.0, relative_lam: bool = True,
-                        freeze: bool = False, reducer: LocalReducer = LOCAL,
+                        freeze: bool = False, reducer: LocalReducer = LOCAL, triangular: bool = True,
                         callback=None) -> tuple[torch.Tensor, SolverStats]:
     """Triangular Anderson (ParaTAA, Tang et al. 2024): row t's least-squares problem sums the Gram
     matrices of all rows j >= t, i.e. of itself and every state that it depends on."""
+    check_mixing_options(m, lam, beta)
+
     def mix(xs, fxs, gs):
         gram = per_row_gram(gs)                                           # (T, B, n, n)
         carry = reducer.carry_from_later(gram.sum(0, keepdim=True))       # later shards
         cumulative = gram.flip(0).cumsum(0).flip(0) + carry
         return _mix_with(mixing_weights(cumulative, lam, relative_lam), xs, fxs, beta)
     return _run("triangular-anderson", f, x0, max_iter=max_iter, tol=tol, mix=mix, m=m,
-                freeze=freeze, reducer=reducer, callback=callback)
+                freeze=freeze, reducer=reducer, triangular=triangular, callback=callback)
 
 
 SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, SolverStats]]] = {
@@ -202,6 +279,23 @@ def get_solver(name: str) -> Callable[..., tuple[torch.Tensor, SolverStats]]:
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
     return SOLVERS[name]
+
+
+# Arguments that callers pass, not settings a user chooses in a config.
+CALLER_ARGUMENTS = ("f", "x0", "reducer", "callback", "triangular")
+
+
+def option_defaults(name: str) -> dict[str, object]:
+    """The user-settable options of solver `name` and their defaults, read from its signature:
+    the one place where solver options are defined (configs list the union over solvers)."""
+    signature = inspect.signature(get_solver(name))
+    return {k: p.default for k, p in signature.parameters.items() if k not in CALLER_ARGUMENTS}
+
+
+def options_from(name: str, section: dict) -> dict[str, object]:
+    """The options of solver `name` found in a config section; the other solvers' keys are
+    left out (a config lists m, lam, beta for Anderson; picard takes none of them)."""
+    return {k: section[k] for k in option_defaults(name) if section.get(k) is not None}
 
 
 def solve(name: str, f: Map, x0: torch.Tensor, **options) -> tuple[torch.Tensor, SolverStats]:

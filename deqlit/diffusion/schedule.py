@@ -74,7 +74,8 @@ def chain_alphas(abar: torch.Tensor, seq: list[int]) -> torch.Tensor:
 
     State x_i (i >= 1) lives at timestep s_{i-1}; x_0 is the clean output with abar = 1.
     """
-    return torch.cat([torch.ones(1, dtype=torch.float64), abar.to(torch.float64)[seq]])
+    abar = abar.to(torch.float64)
+    return torch.cat([torch.ones(1, dtype=torch.float64, device=abar.device), abar[seq]])
 
 
 def ddim_sigmas(chain_abar: torch.Tensor, eta: float) -> torch.Tensor:
