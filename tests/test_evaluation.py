@@ -169,3 +169,18 @@ def test_fid_and_kid_compute_from_a_local_file_and_never_download(fake_inception
     assert abs(itself["fid"]) < 1e-3 * other["fid"]
     assert abs(itself["kid"]) < 0.05 * other["kid"]
     assert "note" not in itself          # real FID/KID carry no random-feature caveat
+
+
+def test_sample_py_writes_metrics_against_a_dataset_and_fails_before_sampling(tmp_path):
+    import json
+
+    from deqlit.commands.sample import main
+    metrics = main(["--timesteps", "3", "--num-images", "4", "--solver", "sequential",
+                    "--metrics", "fd-random,kd-random", "--ref-data", "faces", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["fd-random"] == metrics["fd-random"] > 0 and "kd-random_std" in written
+    assert written["ref_data"] == "faces" and written["num_reference"] == 84 and written["num_samples"] == 4
+    assert written["features"]["random"]["seed"] == 0 and "fid" not in written
+    with pytest.raises(InceptionWeightsMissing, match="fd-random"):
+        main(["--metrics", "fid", "--fid-weights", str(tmp_path / "none.pth"), "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "b").exists()      # failed before any sampling

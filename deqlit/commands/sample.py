@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from deqlit.cli import parse
 from deqlit.diffusion.schedule import timestep_sequence
+from deqlit.evaluation import DatasetMetrics, format_metrics
 from deqlit.models.build import build_noise_model
 from deqlit.sampling import SAMPLERS, draw_noise, generate
 
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-sequential", action="store_true", dest="compare",
                    help="also run the sequential chain on the same x_T and noise and compare")
     p.add_argument("--out", help="output folder")
+    p.add_argument("--metrics", help="comma-separated distances to --ref-data written into "
+                   "metrics.json: fid, kid (need --fid-weights), fd-random, kd-random (offline)")
+    p.add_argument("--ref-data", dest="ref_data", help="dataset for --metrics (default: --data)")
+    p.add_argument("--fid-weights", dest="fid_weights", help="local Inception weights file for "
+                   "fid/kid (default: evaluation.fid_weights of the config)")
     return p
 
 
@@ -60,6 +66,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args, cfg = parse(build_parser(), argv, FLAGS)
     s = cfg["sampling"]
     model, abar, ckpt_path = build_noise_model(cfg)
+    # --metrics: built now, so that missing weights or reference data fail before sampling
+    quality = (DatasetMetrics.from_config(args.metrics, cfg, model, args.ref_data, args.fid_weights)
+               if args.metrics else None)
     torch.manual_seed(s["seed"])
     if args.latents:
         x_T, noise, saved = load_latents(args.latents)
@@ -113,6 +122,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         metrics["x0_psnr_vs_sequential"] = psnr(x0.clamp(-1, 1), x0_seq.clamp(-1, 1))
         torchvision.utils.save_image((x0_seq.clamp(-1, 1) + 1) / 2, out / "samples_sequential.png",
                                      nrow=nrow)
+    if quality is not None:
+        metrics.update(quality(x0))
+        print(format_metrics(metrics))
     torch.save({"x_T": x_T, "noise": noise, "x0": x0}, out / "samples.pt")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'samples.png'} and {out / 'metrics.json'}: {stats.iterations} iterations, "

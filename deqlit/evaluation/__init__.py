@@ -11,7 +11,7 @@ import torch
 from deqlit.evaluation.denoising import denoising_loss
 from deqlit.evaluation.features import (INCEPTION_FILE, InceptionFeatures, InceptionWeightsMissing,
                                         RandomConvFeatures)
-from deqlit.evaluation.metrics import (METRICS, RANDOM_NOTE, ImageMetrics, format_metrics,
+from deqlit.evaluation.metrics import (METRICS, RANDOM_NOTE, DatasetMetrics, ImageMetrics, format_metrics,
                                        parse_metric_names, sample_metrics)
 
 
@@ -22,6 +22,6 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subset_size: int = 16, seed: int
     return values["kd-random"]
 
 
-__all__ = ["INCEPTION_FILE", "METRICS", "RANDOM_NOTE", "ImageMetrics", "InceptionFeatures",
+__all__ = ["INCEPTION_FILE", "METRICS", "RANDOM_NOTE", "DatasetMetrics", "ImageMetrics", "InceptionFeatures",
            "InceptionWeightsMissing", "RandomConvFeatures", "denoising_loss", "format_metrics", "kid",
            "parse_metric_names", "sample_metrics"]

@@ -138,3 +138,44 @@ def format_metrics(values: dict[str, Any]) -> str:
     if "note" in values:
         line += f"  [{values['note']}]"
     return line
+
+
+class DatasetMetrics:
+    """Distances of generated images to a named dataset (sample.py --metrics ... --ref-data NAME).
+
+    Built before sampling so that a missing weights file or dataset fails at once; the reference
+    images (N, C, H, W) load through deqlit.data.registry at the samples' resolution and channels
+    and their features are computed here. Calling it with samples (B, C, H, W) in [-1, 1] returns
+    the values plus what they were measured against.
+    """
+
+    def __init__(self, names: str | Sequence[str], ref_data: str, channels: int, resolution: int,
+                 root: str = "data", fid_weights: str | Path | None = None, split: str = "train",
+                 limit: Optional[int] = 50_000, device: str | torch.device = "cpu",
+                 batch_size: int = 64, **options: Any):
+        from deqlit.data.registry import load_images
+
+        self.metrics = ImageMetrics(names, channels, fid_weights, **options).to(device)
+        reference = load_images(ref_data, split, resolution, channels, root, limit)
+        for chunk in reference.split(batch_size):
+            self.metrics.update(chunk, real=True)
+        self.batch_size = batch_size
+        self.reference = {"ref_data": ref_data, "ref_split": split, "num_reference": len(reference)}
+
+    @classmethod
+    def from_config(cls, names: str | Sequence[str], cfg: dict, model: nn.Module,
+                    ref_data: Optional[str] = None, fid_weights: Optional[str] = None) -> "DatasetMetrics":
+        """From a resolved config: ref_data defaults to data.name, fid_weights to
+        evaluation.fid_weights; the images take the model's channels and resolution."""
+        evaluation = cfg.get("evaluation") or {}
+        return cls(names, ref_data or cfg["data"]["name"], model.in_channels, model.resolution,
+                   root=cfg["data"].get("root", "data"),
+                   fid_weights=fid_weights or evaluation.get("fid_weights"),
+                   limit=evaluation.get("ref_limit", 50_000),
+                   device=next(model.parameters()).device)
+
+    def __call__(self, samples: torch.Tensor) -> dict[str, Any]:
+        self.metrics.reset(real=False)
+        for chunk in check_images(samples, "samples").split(self.batch_size):
+            self.metrics.update(chunk, real=False)
+        return {**self.metrics.compute(), **self.reference, "num_samples": len(samples)}
