@@ -30,6 +30,12 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
     # A folder of images goes with the shipped faces model unless --config names another one.
     config_name = "faces" if data.startswith("folder:") else data
     cfg = load_config(args.config if args.config else find_config(config_name))
+    named = cfg.get("data", {}).get("name")
+    if args.data and args.config and not args.data.startswith("folder:") and named != args.data:
+        # A folder goes with any config's model; another set would silently use the wrong model.
+        raise ValueError(f"--data {args.data} contradicts --config {args.config}, whose data.name "
+                         f"is {named!r}: drop --config to use configs/{args.data}.yaml, or drop "
+                         f"--data to use {named!r}")
     if args.data and args.data.startswith("folder:"):
         set_path(cfg, "data.name", args.data)
     cfg = apply_overrides(cfg, rest)

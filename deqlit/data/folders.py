@@ -8,17 +8,20 @@ decodes only the first `limit` images of the split, so inverting 16 images never
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from deqlit.data.faces import resize, to_channels
+from deqlit.data.pixels import decode_image, small_image_note
 
 KNOWN_NAMES = ("faces", "digits", "cifar10", "celeba", "lsun-bedroom", "lsun-church", "folder:PATH")
 BUNDLED = ("faces", "digits")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
 FOLDER_TEST_EVERY = 10  # folders: sorted file i is 'test' when i % 10 == 0, else 'train'
 
 CIFAR_DIR = "cifar-10-batches-py"
@@ -42,7 +45,7 @@ _SOURCES = {
     "lsun": "the {category} lmdb from the LSUN site (https://www.yf.io/p/lsun, tools at "
             "https://github.com/fyu/lsun), exported to image files: "
             "python data.py export {category}_train_lmdb --out_dir {path}",
-    "folder": "any images of your own (.jpg, .jpeg, .png, .webp) in {path}",
+    "folder": "any images of your own (.jpg, .jpeg, .png, .webp, .tif, .tiff) in {path}",
 }
 
 
@@ -100,7 +103,8 @@ def expected_layout(name: str, root: str | Path = "data") -> str:
                 "  list_eval_partition.txt   (lines '000001.jpg 0'; 0 train, 1 valid, 2 test)\n"
                 "  img_align_celeba/\n"
                 "    000001.jpg ... 202599.jpg   (178x218 aligned face crops)")
-    return (f"{path}/\n  *.jpg | *.jpeg | *.png | *.webp   (at any depth, e.g. in sub-folders)\n"
+    return (f"{path}/\n  *.jpg | *.jpeg | *.png | *.webp | *.tif | *.tiff   (at any depth, e.g. "
+            "in sub-folders; 8- or 16-bit, grey or colour)\n"
             f"  split: sorted paths, every {FOLDER_TEST_EVERY}th image (the 1st, 11th, ...) is "
             "'test', the rest 'train'; 'all' takes every image")
 
@@ -188,42 +192,45 @@ def _load_cifar10(split: str, root: str | Path, limit: int | None) -> torch.Tens
 
 # --- image files (CelebA, LSUN, folder:PATH) ---------------------------------------------------
 
-def _open_rgb(path: Path) -> Image.Image:
-    """Decode one image file fully to RGB; ValueError naming the file if it cannot be read."""
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so a truncated file fails here rather than later
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {err}. Replace or delete the file.") from err
-
-
-def _center_square(image: Image.Image) -> Image.Image:
-    """The largest centered square of `image`."""
+def _center_square(image: Image.Image) -> tuple[int, int, int, int]:
+    """The box (left, top, right, bottom) of the largest centered square of `image`."""
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side))
+    return left, top, left + side, top + side
 
 
-def _decode(files: list[Path], resolution: int, celeba: bool) -> torch.Tensor:
-    """Image files -> float32 (N, 3, resolution, resolution) in [-1, 1], one file at a time.
+def _celeba_box(file: Path) -> Callable[[Image.Image], tuple[int, int, int, int]]:
+    def box(image: Image.Image) -> tuple[int, int, int, int]:
+        if image.size != CELEBA_SIZE:
+            raise ValueError(f"{file} is {image.size[0]}x{image.size[1]}, not the 178x218 of "
+                             "CelebA's 'Align&Cropped Images' (img_align_celeba)")
+        return CELEBA_CROP_BOX
+    return box
+
+
+def _decode(files: list[Path], resolution: int, channels: int, celeba: bool) -> torch.Tensor:
+    """Image files -> float32 (N, channels, resolution, resolution) in [-1, 1], one at a time.
 
     CelebA gets DDIM's fixed face crop; other images their center square. PIL's bilinear resize
-    (antialiased when shrinking) is what torchvision's Resize does to the PIL images in DDIM.
+    (antialiased when shrinking) is what torchvision's Resize does to the PIL images in DDIM; see
+    deqlit.data.pixels for bit depths. Warns once, naming them, about images far smaller than
+    the resolution (their crop's side under half of it): they are blown up and blurred.
     """
-    pixels = np.zeros((len(files), 3, resolution, resolution), np.uint8)  # uint8 keeps 200k small
+    images = torch.empty((len(files), channels, resolution, resolution))
+    small = []
     for i, file in enumerate(files):
-        image = _open_rgb(file)
-        if celeba:
-            if image.size != CELEBA_SIZE:
-                raise ValueError(f"{file} is {image.size[0]}x{image.size[1]}, not the 178x218 of "
-                                 "CelebA's 'Align&Cropped Images' (img_align_celeba)")
-            image = image.crop(CELEBA_CROP_BOX)
-        else:
-            image = _center_square(image)
-        image = image.resize((resolution, resolution), Image.Resampling.BILINEAR)
-        pixels[i] = np.asarray(image).transpose(2, 0, 1)
-    return _to_unit_range(pixels)
+        box = _celeba_box(file) if celeba else _center_square
+        pixels, size = decode_image(file, resolution, box)
+        images[i] = to_channels(pixels[None], channels)[0]
+        note = small_image_note(file, size, 128 if celeba else min(size), resolution)
+        if note:
+            small.append(note)
+    if small:
+        shown = "; ".join(small[:5]) + (f"; and {len(small) - 5} more" if len(small) > 5 else "")
+        warnings.warn(f"{len(small)} image(s) are far smaller than the model's "
+                      f"{resolution}x{resolution} (cropped side under {resolution / 2:g}), so they "
+                      f"are upscaled and blurred: {shown}", UserWarning, stacklevel=3)
+    return images
 
 
 def celeba_files(split: str, root: str | Path = "data") -> list[Path]:
@@ -249,10 +256,24 @@ def celeba_files(split: str, root: str | Path = "data") -> list[Path]:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Every image under `folder` (any depth), sorted by relative path; hidden files skipped."""
-    found = [p for p in folder.rglob("*")
-             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    """Every image under `folder` (any depth), sorted by relative path; hidden files skipped.
+
+    Other files are skipped with one warning that counts them by suffix.
+    """
+    found, skipped = [], {}
+    for p in folder.rglob("*"):
+        if any(part.startswith(".") for part in p.relative_to(folder).parts) or not p.is_file():
+            continue
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(p)
+        else:
+            suffix = p.suffix.lower() or "(no suffix)"
+            skipped[suffix] = skipped.get(suffix, 0) + 1
+    if skipped:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(skipped.items()))
+        warnings.warn(f"{folder}: skipped {sum(skipped.values())} file(s) that are not images "
+                      f"deqlit reads ({counts}); it reads {', '.join(IMAGE_SUFFIXES)}",
+                      UserWarning, stacklevel=3)
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
@@ -300,5 +321,5 @@ def load_local_dataset(name: str, split: str, resolution: int, channels: int,
         for file in files:
             if not file.is_file():  # CelebA lists files the folder may lack (partial unzip)
                 raise _not_found(name, root, f"missing {file}, listed in list_eval_partition.txt")
-        images = _decode(files, resolution, celeba=kind == "celeba")
+        return _decode(files, resolution, channels, celeba=kind == "celeba")
     return to_channels(images, channels)
