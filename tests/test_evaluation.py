@@ -184,3 +184,38 @@ def test_sample_py_writes_metrics_against_a_dataset_and_fails_before_sampling(tm
     with pytest.raises(InceptionWeightsMissing, match="fd-random"):
         main(["--metrics", "fid", "--fid-weights", str(tmp_path / "none.pth"), "--out", str(tmp_path / "b")])
     assert not (tmp_path / "b").exists()      # failed before any sampling
+
+
+def _tiny_train_cfg(tmp_path) -> dict:
+    from deqlit.config import load_config, set_path
+    cfg = load_config(__import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "faces.yaml")
+    for key, value in {"model.ch": 16, "model.ch_mult": [1, 2], "model.num_res_blocks": 1,
+                       "model.attn_resolutions": [], "model.norm_groups": 8, "model.resolution": 16,
+                       "data.resolution": 16, "train.max_steps": 4, "train.steps_per_epoch": 4,
+                       "train.checkpoint_every": 4, "train.sample_every": 0, "train.warmup_steps": 1,
+                       "train.sample_timesteps": 3, "train.metrics_every": 2, "train.metrics_count": 6,
+                       "train.metrics": "fd-random,kd-random", "train.out": str(tmp_path / "run")}.items():
+        set_path(cfg, key, value)
+    return cfg
+
+
+def test_training_logs_random_feature_metrics_every_n_steps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from deqlit.lit.metrics_callback import SampleMetrics, metrics_callbacks
+    from deqlit.lit.run_training import run_training
+    torch.set_num_threads(1)
+    cfg = _tiny_train_cfg(tmp_path)
+    module = run_training(cfg)
+    events = EventAccumulator(str(tmp_path / "run" / "tb" / "version_0")).Reload()
+    for tag in ("metrics/fd-random", "metrics/kd-random"):
+        steps = [e.step for e in events.Scalars(tag)]
+        assert steps == [2, 4], (tag, steps)
+        assert all(math.isfinite(e.value) for e in events.Scalars(tag))
+    # Sample i always starts from seed + i: the figures do not depend on the batching.
+    (callback,) = metrics_callbacks(cfg)
+    callback.on_fit_start(None, module)
+    by_three = callback.measure(module)["fd-random"]
+    callback.batch_size = 1
+    assert callback.measure(module)["fd-random"] == pytest.approx(by_three, rel=1e-6)
+    assert isinstance(callback, SampleMetrics) and metrics_callbacks({"train": {}}) == []

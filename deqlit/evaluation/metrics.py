@@ -140,6 +140,18 @@ def format_metrics(values: dict[str, Any]) -> str:
     return line
 
 
+def load_reference(name: str, split: str, resolution: int, channels: int, root: str = "data",
+                   limit: Optional[int] = 50_000) -> torch.Tensor:
+    """Reference images (N, C, H, W) in [-1, 1]: at most `limit` of the split (a cap, so a split
+    that holds fewer is not worth a warning)."""
+    import warnings
+
+    from deqlit.data.registry import load_images
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="asked for .* images but split")
+        return load_images(name, split, resolution, channels, root, limit)
+
+
 class DatasetMetrics:
     """Distances of generated images to a named dataset (sample.py --metrics ... --ref-data NAME).
 
@@ -153,10 +165,8 @@ class DatasetMetrics:
                  root: str = "data", fid_weights: str | Path | None = None, split: str = "train",
                  limit: Optional[int] = 50_000, device: str | torch.device = "cpu",
                  batch_size: int = 64, **options: Any):
-        from deqlit.data.registry import load_images
-
         self.metrics = ImageMetrics(names, channels, fid_weights, **options).to(device)
-        reference = load_images(ref_data, split, resolution, channels, root, limit)
+        reference = load_reference(ref_data, split, resolution, channels, root, limit)
         for chunk in reference.split(batch_size):
             self.metrics.update(chunk, real=True)
         self.batch_size = batch_size

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from deqlit.config import save_config
 from deqlit.lit.datamodule import ImageDataModule
+from deqlit.lit.metrics_callback import metrics_callbacks
 from deqlit.lit.guards import (DiskFullError, NonFiniteError, RunInterrupted, UserInputError,
                                atomic_torch_save, check_checkpoint_readable, check_output_dir,
                                find_enospc, first_nonfinite, interrupts_as_exceptions,
@@ -140,7 +141,7 @@ def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = Fals
     trainer = L.Trainer(max_steps=train.get("max_steps", 10000), accelerator="auto", devices=1,
                         precision=train.get("precision", "32-true"),
                         logger=TensorBoardLogger(str(out), name="tb", version=0),
-                        callbacks=[checkpoint, export, saver],
+                        callbacks=[checkpoint, export, saver, *metrics_callbacks(cfg)],
                         log_every_n_steps=train.get("log_every_n_steps", 10),
                         fast_dev_run=fast_dev_run,
                         num_sanity_val_steps=0, enable_progress_bar=True)
