@@ -1,0 +1,257 @@
+"""How gradients pass the DEQ fixed point: an explicit switch between 'none', 'onestep' and 'ift'.
+
+The forward solve finds X* = h(X*; x_T, theta) without a graph (fixed_point.py). A loss L(X*) then
+needs dL/dx_T and dL/dtheta. With v = dL/dX* and J = dh/dX at X*, the implicit function theorem
+gives
+    dL/d(x_T, theta) = (dh/d(x_T, theta))^T g,    g = (I - J)^{-T} v,  i.e.  g = J^T g + v.   (IFT)
+'onestep' (the paper's 1-step gradient, Eq. 18) replaces g by tau v: it differentiates one damped
+step X = (1 - tau) X* + tau h(X*) with X* held fixed; one batched network call, whatever T is.
+
+'ift' solves the adjoint fixed point exactly. It is triangular like the forward one: h's row r
+(x_r) reads the states x_j, j > r, so J^T's row j collects cotangents of rows r < j. Written out
+with the map's coefficients (fixed_point.py: x_r = s_r (y_T + sum_{q >= r} [c_q eps_q + d_q xi_q]),
+s_r = sqrt(abar_r), eps_q = eps(x_{q+1})):
+    u_q = sum_{r <= q} s_r g_r                  (cotangent of the term of state x_{q+1})
+    w_q = c_q u_q                               (cotangent of eps(x_{q+1}))
+    (J^T g)_j = (d eps(x_j) / d x_j)^T w_{j-1}, j = 1..T-1;  (J^T g)_0 = 0.
+So row j of g depends on rows < j only: plain iteration from g = v makes rows 0..n exact after n
+calls, and the same solvers (on the rows flipped, so that their 'rows > r' order holds) reach g
+exactly within T calls. Then one vector-Jacobian product of h at X* with cotangent g gives
+    dL/dx_T = u_{T-1} / s_T + (d eps(x_T)/d x_T)^T w_{T-1},  dL/dtheta = sum_q (d eps_q/d theta)^T w_q,
+    dL/dxi_q = d_q u_q.
+Every network vector-Jacobian product runs over at most `max_batch` rows at a time, with its graph
+freed before the next chunk, so memory stays that of one chunk whatever T and the batch are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from deqlit.deq.fixed_point import FixedPointMap
+from deqlit.deq.solvers import SolverStats, option_defaults, solve
+
+GRAD_MODES = ("none", "onestep", "ift")
+DEFAULT_ADJOINT: dict[str, Any] = {"solver": "picard", "tol": 0.0, "freeze": True}
+
+
+def check_grad_mode(grad: str, tau: float) -> None:
+    if grad not in GRAD_MODES:
+        raise ValueError(f"unknown grad mode {grad!r}; use one of {GRAD_MODES}")
+    if not 0 < tau <= 1:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+
+
+def adjoint_settings(adjoint: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The adjoint solve's settings: {'solver': name, **solver options}, checked now, not in backward.
+
+    Default: plain iteration with tol 0 and freezing, i.e. the exact adjoint in T calls, each call
+    evaluating only the rows that are not settled yet (T (T - 1) / 2 network rows per image).
+    """
+    settings = dict(DEFAULT_ADJOINT if adjoint is None else {"solver": "picard", **adjoint})
+    accepted = set(option_defaults(settings["solver"]))   # raises on an unknown solver name
+    unknown = set(settings) - accepted - {"solver"}
+    if unknown:
+        raise ValueError(f"adjoint solver {settings['solver']!r} takes no option(s) {sorted(unknown)}; "
+                         f"it accepts {sorted(accepted)}")
+    return settings
+
+
+# ---- vector-Jacobian products of the network, in row chunks -----------------------------------
+def eps_vjp(model: nn.Module, states: torch.Tensor, timesteps: torch.Tensor, cotangent: torch.Tensor,
+            params: Sequence[torch.Tensor] = (), max_batch: Optional[int] = None
+            ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
+    """(d eps(x_r, t_r) / d x_r)^T w_r for every (row, image), and sum_r (d eps_r / d theta)^T w_r.
+
+    states, cotangent (R, B, C, H, W); timesteps (R,) -> (grad states (R, B, C, H, W), grads of
+    `params` (None where unused)). Each chunk of <= max_batch flattened rows builds its graph,
+    is differentiated and freed before the next one.
+    """
+    rows, batch = states.shape[:2]
+    grad_states = torch.zeros_like(states)
+    grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
+    if rows == 0:
+        return grad_states, grad_params
+    flat = states.detach().reshape(rows * batch, *states.shape[2:])
+    flat_w = cotangent.reshape(flat.shape)
+    flat_g = grad_states.view(flat.shape)
+    t = timesteps.repeat_interleave(batch)
+    step = flat.shape[0] if max_batch is None else max_batch
+    for i in range(0, flat.shape[0], step):
+        x = flat[i:i + step].clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = model(x, t[i:i + step])
+            grads = torch.autograd.grad(out, [x, *params], flat_w[i:i + step], allow_unused=True)
+        flat_g[i:i + step] = grads[0]
+        for k, g in enumerate(grads[1:]):
+            if g is not None:
+                grad_params[k] = g if grad_params[k] is None else grad_params[k] + g
+    return grad_states, grad_params
+
+
+@dataclass
+class ChainAdjoint:
+    """The map's coefficients at one solution, and the pieces of its transposed Jacobian.
+
+    fmap: a bound FixedPointMap (its x_T, noise, coefficients); X_star (T, B, C, H, W).
+    """
+    fmap: FixedPointMap
+    X_star: torch.Tensor
+    cache: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def eps_cotangent(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """g (T, B, ...) -> (u, w), both (T, B, ...): row q belongs to state x_{q+1}."""
+        fm = self.fmap
+        u = (fm.row_shape(fm._scale[:-1]) * g).cumsum(0)
+        return u, fm.row_shape(fm._c) * u
+
+    def transposed(self, g: torch.Tensor, first: int = 1, max_batch: Optional[int] = None) -> torch.Tensor:
+        """J^T g (T, B, ...), evaluating the network only for rows j >= first (rows below reuse
+        the cached products of the previous call: their inputs w_{j-1} no longer change)."""
+        fm, T = self.fmap, self.fmap.T
+        _, w = self.eps_cotangent(g)
+        first = max(1, first)
+        fresh, _ = eps_vjp(fm.model, self.X_star[first:], fm._timesteps[first - 1:T - 1],
+                           w[first - 1:T - 1], max_batch=max_batch)
+        # Row 0 (x_0) is read by no state: its row of J^T g stays zero.
+        out = torch.zeros_like(g) if self.cache is None else self.cache.clone()
+        out[first:] = fresh
+        self.cache = out
+        return out
+
+
+class AdjointMap:
+    """G -> flip(v + J^T g) with g = flip(G): the adjoint fixed point in the solvers' row order
+    (row r depends only on rows > r). frozen_from = k reuses the products of the flipped rows
+    >= k, i.e. of the original rows j <= T - 1 - k, which the solvers pass once those are settled."""
+
+    def __init__(self, adjoint: ChainAdjoint, v: torch.Tensor, max_batch: Optional[int]):
+        self.adjoint, self.v, self.max_batch = adjoint, v, max_batch
+        self.calls = 0
+        self.network_rows = 0
+
+    def __call__(self, G: torch.Tensor, frozen_from: Optional[int] = None) -> torch.Tensor:
+        T = G.shape[0]
+        first = 1 if frozen_from is None or self.adjoint.cache is None else max(1, T - min(frozen_from, T))
+        self.calls += 1
+        self.network_rows += max(0, T - first)
+        return (self.v + self.adjoint.transposed(G.flip(0), first, self.max_batch)).flip(0)
+
+
+def solve_adjoint(fmap: FixedPointMap, X_star: torch.Tensor, v: torch.Tensor,
+                  settings: dict[str, Any], max_batch: Optional[int]) -> tuple[torch.Tensor, SolverStats]:
+    """g = J^T g + v at X* (T, B, ...), started at g = v. Returns (g, the adjoint solve's stats)."""
+    adjoint_map = AdjointMap(ChainAdjoint(fmap, X_star), v, max_batch)
+    options = {k: val for k, val in settings.items() if k != "solver"}
+    options.setdefault("max_iter", fmap.T)
+    G, stats = solve(settings["solver"], adjoint_map, v.flip(0).clone(), **options)
+    stats.network_rows = adjoint_map.network_rows
+    return G.flip(0), stats
+
+
+def chain_vjp(fmap: FixedPointMap, X_star: torch.Tensor, g: torch.Tensor,
+              params: Sequence[torch.Tensor], max_batch: Optional[int]
+              ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[Optional[torch.Tensor]]]:
+    """(dh/dx_T)^T g, (dh/dxi)^T g (None without noise) and (dh/dtheta)^T g at X*, by the formulas
+    of the module header; the network's products over the states x_1..x_T in row chunks."""
+    fm, T = fmap, fmap.T
+    u, w = ChainAdjoint(fmap, X_star).eps_cotangent(g)
+    states = torch.cat([X_star[1:], fm.x_T[None]])
+    grad_states, grad_params = eps_vjp(fm.model, states, fm._timesteps, w, params, max_batch)
+    grad_x_T = u[T - 1] / fm._scale[T] + grad_states[T - 1]
+    grad_noise = None if fm.noise is None else fm.row_shape(fm._d) * u
+    return grad_x_T, grad_noise, grad_params
+
+
+# ---- the switch ------------------------------------------------------------------------------
+class _ImplicitChain(torch.autograd.Function):
+    """Value X*; backward: the IFT gradient to x_T, the injected noise and the network's parameters.
+
+    The parameters are explicit inputs so that autograd routes their gradient (and the optimizer
+    sees it in .grad) without holding any graph between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: dict[str, Any], X_star: torch.Tensor, x_T: torch.Tensor,
+                noise: Optional[torch.Tensor], *params: torch.Tensor) -> torch.Tensor:
+        ctx.spec = spec
+        ctx.has_noise = noise is not None
+        ctx.save_for_backward(X_star)
+        ctx.params = params
+        return X_star.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, v: torch.Tensor):
+        spec = ctx.spec
+        (X_star,) = ctx.saved_tensors
+        fmap = spec["fmap"]   # the forward's map: bound to (detached) x_T and noise, coefficients cast
+        g, stats = solve_adjoint(fmap, X_star, v, spec["adjoint"], spec["max_batch"])
+        if spec["on_backward"] is not None:
+            spec["on_backward"](stats)
+        grad_x_T, grad_noise, grad_params = chain_vjp(fmap, X_star, g, ctx.params, spec["max_batch"])
+        if not ctx.needs_input_grad[2]:
+            grad_x_T = None
+        if not ctx.has_noise or not ctx.needs_input_grad[3]:
+            grad_noise = None
+        return (None, None, grad_x_T, grad_noise, *grad_params)
+
+
+def ift_gradient(fmap: FixedPointMap, X_star: torch.Tensor, x_T: torch.Tensor,
+                 noise: Optional[torch.Tensor], adjoint: Optional[dict[str, Any]] = None,
+                 on_backward: Optional[Callable[[SolverStats], None]] = None) -> torch.Tensor:
+    """X* (T, B, ...) with the exact implicit gradient attached (to x_T, noise, trainable weights).
+
+    on_backward(stats) receives the adjoint solve's statistics when backward runs.
+    """
+    params = [p for p in fmap.model.parameters() if p.requires_grad]
+    spec = {"fmap": fmap, "max_batch": fmap.max_batch,
+            "adjoint": adjoint_settings(adjoint), "on_backward": on_backward}
+    return _ImplicitChain.apply(spec, X_star.detach(), x_T, noise, *params)
+
+
+def onestep_gradient(fmap: FixedPointMap, X_star: torch.Tensor, x_T: torch.Tensor,
+                     noise: Optional[torch.Tensor], tau: float) -> torch.Tensor:
+    """The paper's 1-step gradient: (1 - tau) X* + tau h(X*; x_T), X* held fixed (T, B, ...).
+
+    With trainable weights every state's eps carries a gradient; with the network frozen only
+    eps(x_T) does, so the solver's cached eps are reused (latent_only_step).
+    """
+    X_star = X_star.detach()
+    if any(p.requires_grad for p in fmap.model.parameters()):
+        grad_map = FixedPointMap(fmap.model, fmap.chain, fmap.max_batch, fmap.reducer).bind(x_T, noise)
+        return (1 - tau) * X_star + tau * grad_map(X_star)
+    return (1 - tau) * X_star + tau * latent_only_step(fmap, x_T, noise)
+
+
+def latent_only_step(fmap: FixedPointMap, x_T: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+    """h(X*; x_T) with a graph to x_T (and noise) only, for a frozen network (inversion).
+
+    With the weights frozen and X* detached, the eps of the states x_1..x_{T-1} carry no gradient,
+    so the solver's last cached eps are reused and only eps(x_T) is evaluated with autograd: one
+    network row per image instead of T. The value is f(X_last), which is what the solver returned.
+    fmap: the map the solver used (bound, cache filled). x_T (B, C, H, W) -> (T, B, C, H, W).
+    """
+    grad_map = FixedPointMap(fmap.model, fmap.chain, fmap.max_batch, fmap.reducer)
+    grad_map.bind(x_T, noise)
+    return grad_map.states_from_eps(torch.cat([fmap.cached_eps(), grad_map.top_eps()[None]]))
+
+
+def attach_gradient(grad: str, fmap: FixedPointMap, X_star: torch.Tensor, x_T: torch.Tensor,
+                    noise: Optional[torch.Tensor] = None, *, tau: float = 0.1,
+                    adjoint: Optional[dict[str, Any]] = None,
+                    on_backward: Optional[Callable[[SolverStats], None]] = None) -> torch.Tensor:
+    """The solver's X* (T, B, ...) with gradient mode `grad` attached (backward_factory's role).
+
+    'none': X* as it is; 'onestep': the damped step; 'ift': the exact implicit gradient.
+    fmap: the map the solver used (bound to x_T; its cache is read by the frozen-network step).
+    """
+    check_grad_mode(grad, tau)
+    if grad == "none" or not torch.is_grad_enabled():
+        return X_star
+    if grad == "onestep":
+        return onestep_gradient(fmap, X_star, x_T, noise, tau)
+    return ift_gradient(fmap, X_star, x_T, noise, adjoint, on_backward)
