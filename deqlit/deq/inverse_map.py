@@ -1,0 +1,204 @@
+"""Exact inversion: the whole inverse DDIM chain as one fixed point over all T states.
+
+Unrolling the inverse step (diffusion/inverse.py, Eq. 1) from the clean x_0 gives the mirror image
+of the forward map (fixed_point.py, paper Eq. 10):
+    x_i = sqrt(abar_i) (y_0 - sum_{j = 1..i} [c_j eps(x_j, s_{j-1}) + d_j xi_j]),   i = 1..T,   (3)
+with y_0 = x_0 / sqrt(abar_0). Every state depends on x_0 and on the noise predictions at itself
+and all earlier states through one inclusive cumulative sum, so one evaluation of the map is one
+batched network call over all T states. Written row to row instead (x_i from x_{i-1} only), a
+correction travels one row per iteration; in the cumulative-sum form it reaches every later state
+at once (measured: at T = 100 plain iteration made no progress in 40 iterations row to row).
+
+Row order: the unknown X holds x_T, x_{T-1}, ..., x_1 (row r = x_{T-r}), so that row r depends on
+rows >= r, the structure that solvers.triangular_anderson's reverse cumulative sum of Gram matrices
+assumes (row r's least squares sums the rows it depends on). Unlike the forward chain, every row
+depends on itself too, so the solvers run with triangular=False: no row is exact after a known
+number of calls. Each row converges when every step's map is a contraction,
+|c_i| sqrt(abar_i) Lip(eps) < 1 (inverse.py, Eq. 2).
+
+`exact_invert` is the entry point for both modes (per step, or all timesteps at once); its report
+says, per image and per state, how far from the fixed point the result is.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from deqlit.deq.fixed_point import NoiseModel, batched_eps
+from deqlit.deq.inversion_report import (InversionNotConverged, InversionReport, condition_text,
+                                         failure_message)
+from deqlit.deq.solvers import SolverDivergedError, get_solver, solve
+from deqlit.diffusion.chain import Chain
+from deqlit.diffusion.inverse import (check_noise, contraction_factors, ddim_inversion_states,
+                                      invert_per_step)
+
+MODES = ("all-timesteps", "per-step")
+INITS = ("ddim", "gaussian")
+DEFAULT_MAX_ITER = {"all-timesteps": 50, "per-step": 20}   # calls in all; calls per step
+
+
+class InverseChainMap:
+    """G(X; x_0) of Eq. 3 for one chain and one batch of clean images x0 (B, C, H, W).
+
+    X and G(X) are (T, B, C, H, W) with rows x_T, ..., x_1. Counts `calls` (batched network calls)
+    and `network_rows` (eps evaluations per image); `row_trace` keeps, per call, the relative
+    residual ||G(X) - X|| / (1e-5 + ||G(X)||) of every (state, image), (T, B) with rows x_1..x_T.
+    `frozen_from = k` (the solvers' freeze option): rows >= k, i.e. x_{T-k}..x_1, reuse the eps of
+    the last call.
+    """
+
+    def __init__(self, model: NoiseModel, chain: Chain, x0: torch.Tensor,
+                 noise: Optional[torch.Tensor] = None, max_batch: Optional[int] = None):
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 (rows per network call) or None, got {max_batch}")
+        check_noise(chain, x0, noise)
+        self.model, self.chain, self.max_batch, self.T = model, chain, max_batch, chain.T
+        dtype, device = x0.dtype, x0.device
+        view = (self.T,) + (1,) * x0.dim()
+        scale = chain.abar.sqrt().to(device=device, dtype=dtype)        # (T+1,) of x_0..x_T
+        self._scale = scale[1:].reshape(view)
+        self._c = chain.c.to(device=device, dtype=dtype).reshape(view)
+        self._y0 = x0 / scale[0]
+        self._noise_terms = None
+        if noise is not None and chain.eta > 0:
+            self._noise_terms = chain.d.to(device=device, dtype=dtype).reshape(view) * noise
+        self._timesteps = chain.timestep_tensor(device)                 # network time of x_1..x_T
+        self._eps = torch.zeros((self.T,) + tuple(x0.shape), dtype=dtype, device=device)
+        self.calls, self.network_rows = 0, 0
+        self.rows_after_call: list[int] = []
+        self.row_trace: list[torch.Tensor] = []
+
+    def states_from_eps(self, eps: torch.Tensor) -> torch.Tensor:
+        """eps of x_1..x_T (T, B, ...) -> the states x_1..x_T of Eq. 3 (same shape)."""
+        terms = self._c * eps
+        if self._noise_terms is not None:
+            terms = terms + self._noise_terms
+        return self._scale * (self._y0[None] - terms.cumsum(0))        # inclusive: j <= i
+
+    def __call__(self, X: torch.Tensor, frozen_from: Optional[int] = None) -> torch.Tensor:
+        if X.shape[0] != self.T:
+            raise ValueError(f"X must hold the {self.T} states x_T..x_1, got {X.shape[0]} rows")
+        states = X.flip(0)                                              # x_1..x_T
+        # Rows >= k are x_{T-k}..x_1, the first T - k natural states: they keep their cached eps.
+        kept = 0 if frozen_from is None else self.T - max(0, min(frozen_from, self.T))
+        fresh = batched_eps(self.model, states[kept:], self._timesteps[kept:], self.max_batch)
+        self._eps[kept:] = fresh
+        self.calls += 1
+        self.network_rows += self.T - kept
+        self.rows_after_call.append(self.network_rows)
+        out = self.states_from_eps(self._eps)
+        diff = (out - states).double().flatten(2).norm(dim=-1)          # (T, B)
+        self.row_trace.append(diff / (1e-5 + out.double().flatten(2).norm(dim=-1)))
+        return out.flip(0)
+
+
+def gaussian_start(x0: torch.Tensor, chain: Chain) -> torch.Tensor:
+    """States x_1..x_T (T, B, C, H, W) of the DDIM flow of Gaussian data with each image's own
+    mean mu and variance s^2: x_i = sqrt(abar_i) mu + sqrt(abar_i s^2 + 1 - abar_i) (x_0 - mu) / s,
+    exact for Gaussian data (warm_start.py). No network call: a start of sequential depth 0."""
+    abar = chain.abar[1:].to(device=x0.device, dtype=x0.dtype).reshape((-1,) + (1,) * x0.dim())
+    mu = x0.mean(dim=(1, 2, 3), keepdim=True)
+    var = x0.var(dim=(1, 2, 3), keepdim=True).clamp(min=1e-8)
+    return abar.sqrt() * mu + (abar * var + 1 - abar).sqrt() * ((x0 - mu) / var.sqrt())[None]
+
+
+def chunked(model: NoiseModel, max_batch: Optional[int]) -> NoiseModel:
+    """The model called on at most max_batch images at a time (same results)."""
+    if max_batch is None:
+        return model
+    return lambda x, t: batched_eps(model, x[None], t[:1], max_batch)[0]
+
+
+def exact_invert(model: NoiseModel, x0: torch.Tensor, chain: Chain, *, mode: str = "all-timesteps",
+                 solver: str = "triangular-anderson", max_iter: Optional[int] = None,
+                 tol: float = 1e-5, noise: Optional[torch.Tensor] = None,
+                 max_batch: Optional[int] = None, init: Union[str, torch.Tensor] = "ddim",
+                 on_fail: str = "raise", **solver_options
+                 ) -> tuple[torch.Tensor, torch.Tensor, InversionReport]:
+    """The latent x_T from which the DDIM chain regenerates x0, found as a fixed point.
+
+    x0 (B, C, H, W) clean images in the model's scale; noise xi (T, B, C, H, W), required when
+    chain.eta > 0 (held fixed: regenerate with ddim_sample(model, x_T, chain, noise=xi)).
+    mode 'all-timesteps': Eq. 3 over x_1..x_T at once; max_iter counts batched calls of the solver
+      (default 50). init: 'ddim' (plain DDIM inversion, T sequential calls), 'gaussian' (no call)
+      or a tensor (T, B, C, H, W) of states x_1..x_T.
+    mode 'per-step': Eq. 1 for x_1, then x_2, ...; max_iter is per step (default 20), each step
+      started from its DDIM-inversion guess.
+    tol: relative residual per image (all-timesteps: over all states; per-step: every step's).
+    on_fail 'raise' raises InversionNotConverged (carrying the report) when an image misses tol;
+    'return' returns with report.converged False. NaN/Inf raises SolverDivergedError.
+    solver_options go to the solver (m, lam, beta, relative_lam, freeze; see solvers.py).
+    Returns (x_T (B, C, H, W), states (T, B, C, H, W) = x_1..x_T, report).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if on_fail not in ("raise", "return"):
+        raise ValueError(f"on_fail must be 'raise' or 'return', got {on_fail!r}")
+    get_solver(solver)                                   # unknown names fail before any work
+    if "triangular" in solver_options:
+        raise TypeError("triangular is set by exact_invert (False: every inverse row depends on itself)")
+    if mode == "per-step" and solver_options.get("freeze"):
+        raise ValueError("freeze applies to the all-timesteps solve only (a step has one state)")
+    check_noise(chain, x0, noise)
+    max_iter = DEFAULT_MAX_ITER[mode] if max_iter is None else int(max_iter)
+    options = dict(max_iter=max_iter, tol=tol, triangular=False, **solver_options)
+    factors = contraction_factors(chain).tolist()
+    try:
+        with torch.no_grad():
+            if mode == "per-step":
+                states, report = _per_step(model, x0, chain, solver, options, noise, max_batch)
+            else:
+                states, report = _all_timesteps(model, x0, chain, solver, options, noise,
+                                                max_batch, init)
+    except SolverDivergedError as err:
+        raise SolverDivergedError(f"exact inversion ({mode}): {err}. {condition_text(chain)}") from err
+    report.mode, report.solver, report.tol, report.contraction = mode, solver, tol, factors
+    report.timesteps = list(chain.timesteps)
+    report.finalize(tol)
+    if not report.converged and on_fail == "raise":
+        raise InversionNotConverged(failure_message(report, max_iter), report)
+    return states[-1], states, report
+
+
+def _per_step(model, x0, chain, solver, options, noise, max_batch):
+    def solve_state(f, x_start):
+        return solve(solver, f, x_start, **options)
+
+    states, stats, calls = invert_per_step(chunked(model, max_batch), x0, chain, solve_state, noise)
+    rows = [s.image_residual for s in stats]                          # [state][image]
+    B = x0.shape[0]
+    report = InversionReport(
+        row_residual=rows,
+        image_residual=[max(r[b] for r in rows) for b in range(B)],
+        image_iterations=[sum(s.image_iterations[b] for s in stats) for b in range(B)],
+        network_evals=[sum(1 + s.image_iterations[b] for s in stats) for b in range(B)],
+        depth=sum(calls), start_depth=chain.T)
+    return states, report
+
+
+def _all_timesteps(model, x0, chain, solver, options, noise, max_batch, init):
+    T = chain.T
+    if isinstance(init, torch.Tensor):
+        if tuple(init.shape) != (T,) + tuple(x0.shape):
+            raise ValueError(f"init must hold the states x_1..x_T, shape {(T,) + tuple(x0.shape)}, "
+                             f"got {tuple(init.shape)}")
+        start, start_depth = init.to(x0), 0
+    elif init == "ddim":
+        start, start_depth = ddim_inversion_states(chunked(model, max_batch), x0, chain, noise), T
+    elif init == "gaussian":
+        start, start_depth = gaussian_start(x0, chain), 0
+    else:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)} or pass the "
+                         f"states x_1..x_T as a tensor")
+    G = InverseChainMap(model, chain, x0, noise, max_batch)
+    X, stats = solve(solver, G, start.flip(0), **options)
+    stop = stats.image_iterations                                     # per image, 1-based call
+    B = x0.shape[0]
+    report = InversionReport(
+        row_residual=[[float(G.row_trace[stop[b] - 1][i, b]) for b in range(B)] for i in range(T)],
+        image_residual=list(stats.image_residual),
+        image_iterations=list(stop),
+        network_evals=[start_depth + G.rows_after_call[stop[b] - 1] for b in range(B)],
+        depth=start_depth + stats.iterations, start_depth=start_depth)
+    return X.flip(0), report
