@@ -1,150 +1,298 @@
-"""Model inversion: the 1-step gradient, reachability, resume, errors, and invert.py end to end."""
+"""Model inversion: the 1-step gradient, reachability, batch independence, resume, errors, and the
+streamed run (DataModule -> predict -> part files -> merged outputs) end to end."""
 from __future__ import annotations
 
 import json
+import sys
+import subprocess
 from pathlib import Path
 
-import lightning as L
+import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, TensorDataset
+from PIL import Image
 
-from deqlit.diffusion.schedule import alphas_cumprod, chain_alphas, ddim_sigmas, fixed_point_coefficients, linear_betas, timestep_sequence
+from deqlit.deq.inversion import BatchInverter, InversionSettings, frobenius_loss
+from deqlit.diffusion.chain import Chain
+from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from deqlit.diffusion.sequential import ddim_sample
-from deqlit.lit.inversion_module import InversionModule, frobenius_loss
 from tests.conftest import GaussianDataNoise, perturbed_unet
 
+REPO = Path(__file__).resolve().parent.parent
 ABAR = alphas_cumprod(linear_betas())
 SOLVER = dict(max_iter=10, tol=1e-4, m=3, beta=0.9)
 
 
-def drive(module: InversionModule, steps: int) -> None:
-    """Run `steps` optimization steps through a minimal Trainer, as invert.py does."""
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(torch.arange(steps)), batch_size=1))
+def settings(**kw) -> InversionSettings:
+    base = dict(method="deq", init="random", lr=0.05, max_steps=4, solver="anderson",
+                solver_options=SOLVER, seed=3)
+    return InversionSettings(**{**base, **kw}).validate()
 
 
-def generated_targets(model, T: int, n: int = 2, seed: int = 123):
+def generated_targets(model, chain: Chain, n: int = 2, seed: int = 123):
     gen = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(n, 1, 8, 8, generator=gen)
+    x_T = torch.randn(n, 1, 8, 8, generator=gen, dtype=next(model.parameters()).dtype)
     with torch.no_grad():
-        return ddim_sample(model, x_T, ABAR, timestep_sequence(T)), x_T
+        return ddim_sample(model, x_T, chain), x_T
+
+
+def run_to_end(inverter: BatchInverter) -> dict:
+    while not inverter.finished:
+        inverter.step()
+    return inverter.result()
 
 
 def test_one_step_gradient_on_x_T_matches_the_hand_derived_formula():
     """For x_0 = (1 - tau) X*_0 + tau [x_T / sqrt(abar_T) + sum_j c_j eps(X*_j) + c_T eps(x_T)]
     with X* held fixed: dL/dx_T = tau (g / sqrt(abar_T) + c_T J_eps(x_T)^T g), g = dL/dx_0."""
     torch.manual_seed(0)
-    model = GaussianDataNoise(dtype=torch.float32)
+    model = GaussianDataNoise(dtype=torch.float32).requires_grad_(False)
     T, tau = 6, 0.1
-    targets, _ = generated_targets(model, T, seed=1)
-    module = InversionModule(model, ABAR, targets, timesteps=T, tau=tau, solver_options=SOLVER)
+    chain = Chain.build(ABAR, T)
+    targets, _ = generated_targets(model, chain, seed=1)
+    inverter = BatchInverter(model, chain, targets, [0, 1], settings(tau=tau))
     x_T = torch.randn_like(targets).requires_grad_(True)
     with torch.enable_grad():
-        x0_hat, _ = module.predict_x0(x_T, None)
+        x0_hat, _ = inverter.predict_x0(x_T, None)
         frobenius_loss(x0_hat, targets).sum().backward()
     g = 2 * (x0_hat.detach() - targets)                      # dL/dx_0
-    seq = timestep_sequence(T)
-    chain = chain_alphas(ABAR, seq)
-    c, _ = fixed_point_coefficients(chain, ddim_sigmas(chain, 0.0))
     x = x_T.detach().clone().requires_grad_(True)
-    eps_top = model(x, torch.full((2,), seq[-1]))
+    eps_top = model(x, torch.full((2,), chain.timesteps[-1]))
     (vjp,) = torch.autograd.grad(eps_top, x, grad_outputs=g)
-    expected = tau * (g / float(chain[T].sqrt()) + float(c[T - 1]) * vjp)
+    expected = tau * (g / float(chain.abar[T].sqrt()) + float(chain.c[T - 1]) * vjp)
     assert torch.allclose(x_T.grad, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["deq", "baseline"])
 def test_inverting_generated_images_drives_the_loss_far_down(method):
-    model = GaussianDataNoise(dtype=torch.float32)
-    T = 5
-    targets, _ = generated_targets(model, T)
-    module = InversionModule(model, ABAR, targets, method=method, timesteps=T, lr=0.1,
-                             max_steps=40, batch_size=2, solver_options=SOLVER)
-    drive(module, 40)
-    first, best = module.loss_history[:, 0], module.min_loss
+    model = GaussianDataNoise(dtype=torch.float32).requires_grad_(False)
+    chain = Chain.build(ABAR, 5)
+    targets, _ = generated_targets(model, chain)
+    result = run_to_end(BatchInverter(model, chain, targets, [0, 1], settings(method=method, lr=0.1, max_steps=40, seed=0)))
+    first, best = result["loss_history"][:, 0], result["min_loss"]
     assert torch.all(best < 0.1 * first), (first, best)
-    # the recorded reconstruction is what the chain gives from the recorded latent
+    # the saved reconstruction is what the exact chain gives from the saved latents
     with torch.no_grad():
-        regenerated = ddim_sample(model, module.best_latents, ABAR, timestep_sequence(T))
+        regenerated = ddim_sample(model, result["x_T"], chain)
+    assert torch.allclose(regenerated, result["reconstructions"], atol=1e-6)
     assert torch.allclose(frobenius_loss(regenerated, targets), best, rtol=0.05, atol=1e-3)
 
 
 def test_metrics_describe_the_exact_chain_even_when_the_solver_stops_early():
-    """With 2 solver iterations at T = 8 the DEQ's x_0 is approximate; the reported reconstruction
-    and loss must still be what the exact chain makes from the saved latents."""
-    model = GaussianDataNoise(dtype=torch.float32)
-    T = 8
-    targets, _ = generated_targets(model, T)
-    module = InversionModule(model, ABAR, targets, timesteps=T, lr=0.05, max_steps=3, batch_size=2,
-                             solver="picard", solver_options=dict(max_iter=2, tol=0.0))
-    drive(module, 3)
+    """With 2 solver iterations at T = 8 the DEQ's x_0 is approximate; the reported loss must
+    still be the exact chain's from the saved latents."""
+    model = GaussianDataNoise(dtype=torch.float32).requires_grad_(False)
+    chain = Chain.build(ABAR, 8)
+    targets, _ = generated_targets(model, chain)
+    result = run_to_end(BatchInverter(model, chain, targets, [0, 1], settings(
+        solver="picard", solver_options=dict(max_iter=2, tol=0.0), max_steps=3)))
     with torch.no_grad():
-        regenerated = ddim_sample(model, module.best_latents, ABAR, timestep_sequence(T))
-    assert torch.allclose(module.best_recon, regenerated, atol=1e-5)
-    assert torch.allclose(module.exact_loss, frobenius_loss(regenerated, targets), rtol=1e-5)
-    assert not torch.allclose(module.exact_loss, module.min_loss, rtol=1e-2)   # the solve was loose
-    metrics = module.image_metrics()
-    assert metrics["mean_exact_loss"] == pytest.approx(float(module.exact_loss.mean()), rel=1e-6)
+        regenerated = ddim_sample(model, result["x_T"], chain)
+    assert torch.allclose(result["exact_loss"], frobenius_loss(regenerated, targets), rtol=1e-5)
+    assert not torch.allclose(result["exact_loss"], result["min_loss"], rtol=1e-2)   # the solve was loose
 
 
-def test_resumed_inversion_equals_an_uninterrupted_one():
-    model = GaussianDataNoise(dtype=torch.float32)
-    targets, _ = generated_targets(model, 5, n=3)
-    settings = dict(timesteps=5, lr=0.05, max_steps=4, batch_size=2, solver_options=SOLVER, seed=3)
-    whole = InversionModule(model, ABAR, targets, **settings)
-    drive(whole, whole.total_steps())
-    first = InversionModule(model, ABAR, targets, **settings)
-    drive(first, 3)                                   # stops in the middle of batch 0
-    state = first.inversion_state()
-    second = InversionModule(model, ABAR, targets, **settings)
-    second.load_inversion_state(state)
-    assert second.steps_done() == 3
-    drive(second, second.total_steps() - 3)
-    assert torch.equal(whole.loss_history.isnan(), second.loss_history.isnan())
-    assert torch.allclose(torch.nan_to_num(whole.loss_history), torch.nan_to_num(second.loss_history), atol=1e-5)
-    assert torch.allclose(whole.best_latents, second.best_latents, atol=1e-6)
+def test_an_image_gets_the_same_latent_whatever_its_batch():
+    """Per-image seeds, Adam, early stop and solver stops: image 2's result alone equals its result
+    in a batch of 3 (README's promise; issue: 0.13% differences between batch sizes before)."""
+    model = GaussianDataNoise(dtype=torch.float64).requires_grad_(False)
+    chain = Chain.build(ABAR, 6)
+    targets, _ = generated_targets(model, chain, n=3)
+    s = settings(solver="triangular-anderson", solver_options=dict(max_iter=6, tol=1e-3, m=3),
+                 early_stop_loss=0.5, max_steps=5)
+    together = run_to_end(BatchInverter(model, chain, targets, [0, 1, 2], s))
+    alone = run_to_end(BatchInverter(model, chain, targets[2:], [2], s))
+    assert torch.allclose(together["x_T"][2], alone["x_T"][0], atol=1e-9, rtol=0)
+    assert torch.allclose(together["loss_history"][2], alone["loss_history"][0], atol=1e-9)
+
+
+def test_a_resumed_batch_equals_an_uninterrupted_one():
+    model = GaussianDataNoise(dtype=torch.float32).requires_grad_(False)
+    chain = Chain.build(ABAR, 5)
+    targets, _ = generated_targets(model, chain, n=3)
+    s = settings(max_steps=6)
+    whole = run_to_end(BatchInverter(model, chain, targets, [0, 1, 2], s))
+    first = BatchInverter(model, chain, targets, [0, 1, 2], s)
+    for _ in range(3):
+        first.step()
+    state = first.state_dict()
+    second = BatchInverter(model, chain, targets, [0, 1, 2], s)
+    second.load_state_dict(state)
+    resumed = run_to_end(second)
+    assert torch.allclose(whole["loss_history"], resumed["loss_history"], atol=1e-6)
+    assert torch.allclose(whole["x_T"], resumed["x_T"], atol=1e-6)
+    with pytest.raises(ValueError, match="other images"):
+        BatchInverter(model, chain, targets[:2], [0, 1], s).load_state_dict(state)
 
 
 def test_baseline_gradient_checkpointing_gives_the_same_gradient():
-    model = GaussianDataNoise(dtype=torch.float32)
-    targets, _ = generated_targets(model, 4)
+    model = GaussianDataNoise(dtype=torch.float32).requires_grad_(False)
+    chain = Chain.build(ABAR, 4)
+    targets, _ = generated_targets(model, chain)
     grads = []
     for ckpt in (False, True):
-        module = InversionModule(model, ABAR, targets, method="baseline", timesteps=4, grad_checkpointing=ckpt)
+        inverter = BatchInverter(model, chain, targets, [0, 1], settings(method="baseline", grad_checkpointing=ckpt))
         x_T = torch.ones_like(targets).requires_grad_(True)
         with torch.enable_grad():
-            x0, _ = module.predict_x0(x_T, None)
+            x0, _ = inverter.predict_x0(x_T, None)
             frobenius_loss(x0, targets).sum().backward()
         grads.append(x_T.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_stochastic_inversion_holds_or_optimizes_the_injected_noise():
-    model = GaussianDataNoise(dtype=torch.float32)
-    targets, _ = generated_targets(model, 4)
-    held = InversionModule(model, ABAR, targets, timesteps=4, eta=0.5, max_steps=3, solver_options=SOLVER)
-    drive(held, 3)
-    fresh = InversionModule(model, ABAR, targets, timesteps=4, eta=0.5, max_steps=3, solver_options=SOLVER)
-    fresh.draw_latents(slice(0, 2))
-    assert torch.equal(held.noise, fresh.noise)            # drawn per image, never changed
-    moved = InversionModule(model, ABAR, targets, timesteps=4, eta=0.5, max_steps=3,
-                            optimize_noise=True, solver_options=SOLVER)
-    drive(moved, 3)
-    assert not torch.allclose(moved.noise, fresh.noise)
+    model = GaussianDataNoise(dtype=torch.float32).requires_grad_(False)
+    chain = Chain.build(ABAR, 4, eta=0.5)
+    targets, _ = generated_targets(model, Chain.build(ABAR, 4))
+    held = BatchInverter(model, chain, targets, [0, 1], settings(max_steps=3))
+    start = held.noise.clone()
+    held_result = run_to_end(held)
+    assert torch.equal(held_result["noise"], start)            # drawn per image, never changed
+    fresh = BatchInverter(model, chain, targets[1:], [1], settings(max_steps=3))
+    assert torch.equal(fresh.noise[:, 0], start[:, 1])         # image 1's noise is its own
+    moved = run_to_end(BatchInverter(model, chain, targets, [0, 1], settings(max_steps=3, optimize_noise=True)))
+    assert not torch.allclose(moved["noise"], start)
+    with torch.no_grad():   # the saved noise regenerates the saved reconstruction
+        again = ddim_sample(model, moved["x_T"], chain, noise=moved["noise"])
+    assert torch.allclose(again, moved["reconstructions"], atol=1e-6)
 
 
-def test_a_target_size_the_model_does_not_take_is_refused():
+def test_bad_settings_and_image_sizes_are_refused():
     model = perturbed_unet(dtype=torch.float32)            # 8x8, 1 channel
+    chain = Chain.build(ABAR, 4)
     with pytest.raises(ValueError, match=r"16x16 but the model takes 8x8"):
-        InversionModule(model, ABAR, torch.zeros(2, 1, 16, 16))
+        BatchInverter(model, chain, torch.zeros(2, 1, 16, 16), [0, 1], settings())
     with pytest.raises(ValueError, match="3 channels but the model takes 1"):
-        InversionModule(model, ABAR, torch.zeros(2, 3, 8, 8))
+        BatchInverter(model, chain, torch.zeros(2, 3, 8, 8), [0, 1], settings())
+    with pytest.raises(ValueError, match="takes no option"):
+        settings(solver="picard", solver_options=dict(m=3))
+    for bad, word in ((dict(lr=-1.0), "lr"), (dict(max_steps=0), "max_steps"), (dict(tau=1.5), "tau"),
+                      (dict(solver_options=dict(tol=-1.0)), "tol"), (dict(method="newton"), "method")):
+        with pytest.raises(ValueError, match=word):
+            settings(**bad)
+    with pytest.raises(ValueError, match="eta"):
+        Chain.build(ABAR, 4, eta=1.5)
 
 
-def test_invert_celeba_without_data_or_checkpoint_names_both(tmp_path, capsys):
+# ---- the streamed run ---------------------------------------------------------------------------
+def tiny_setup(tmp_path: Path, n_images: int = 5) -> Path:
+    """A folder of 8x8 PNGs, a tiny checkpoint and a config for them; returns the config path."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    gen = np.random.default_rng(0)
+    for i in range(n_images):
+        Image.fromarray(gen.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(folder / f"{i:02d}.png")
+    model = perturbed_unet(seed=1, dtype=torch.float32, scale=0.1)
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    cfg = yaml.safe_load((REPO / "configs" / "faces.yaml").read_text())
+    cfg["data"].update(name=f"folder:{folder}", resolution=8, channels=1)
+    cfg["model"] = dict(ch=8, out_ch=1, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4],
+                        dropout=0.0, in_channels=1, resolution=8, resamp_with_conv=True, norm_groups=2)
+    cfg["checkpoint"] = {"path": str(tmp_path / "tiny.pt"), "ema": True}
+    cfg["inversion"].update(split="all", num_images=n_images, batch_size=2, timesteps=4, max_steps=3,
+                            init="random", save_every=1, max_batch=None, out=str(tmp_path / "run"))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class StopAfter(Callback):
+    """Ctrl-C after `steps` optimization steps (Lightning then calls on_exception)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_predict_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        original = module.log_step
+
+        def log_and_stop(inverter, loss):
+            original(inverter, loss)
+            if module.steps_done >= self.steps:
+                raise KeyboardInterrupt
+        module.log_step = log_and_stop
+
+
+def invert(config: Path, *extra: str) -> dict:
+    from deqlit.commands.invert import main
+    return main(["--config", str(config), "--no-progress", *extra])
+
+
+@pytest.mark.slow
+def test_streamed_run_writes_parts_merges_and_resumes_after_an_interrupt(tmp_path):
+    config = tiny_setup(tmp_path)
+    out = tmp_path / "run"
+    metrics = invert(config)                                          # uninterrupted reference
+    assert metrics["num_images"] == 5 and len(list((out / "latents").glob("part-*.pt"))) == 3
+    for name in ("grid.png", "loss_curve.png", "metrics.json", "latents.pt", "config.yaml", "run.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "tb" / "version_0").glob("events.out.tfevents.*"))
+    reference = torch.load(out / "latents.pt", weights_only=True)
+    assert reference["indices"].tolist() == [0, 1, 2, 3, 4]
+    assert Chain.from_dict(reference["chain"]) == Chain.build(ABAR, 4)
+    with pytest.raises(Exception, match="--resume"):
+        invert(config)                                                # never mixes two runs
+
+    # Interrupted in the middle of the second batch (step 2 of 3), then resumed.
+    from deqlit.cli import parse
+    from deqlit.commands.invert import build_parser
+    from deqlit.lit.run_inversion import run_inversion
+    out2 = tmp_path / "run2"
+    _, cfg = parse(build_parser(), ["--config", str(config), "--out", str(out2)], {"out": "inversion.out"})
+    with pytest.raises(BaseException):
+        run_inversion(cfg, progress=False, callbacks=[StopAfter(5)])
+    assert len(list((out2 / "latents").glob("part-*.pt"))) == 1       # batch 0 finished
+    partial = torch.load(next((out2 / "latents").glob("partial-*.pt")), weights_only=True)
+    assert partial["step"] == 2 and partial["indices"] == [2, 3]
+    with pytest.raises(ValueError, match="lr"):                       # changed settings refused
+        invert(config, "--out", str(out2), "--resume", "--lr", "0.5")
+    invert(config, "--out", str(out2), "--resume")
+    resumed = torch.load(out2 / "latents.pt", weights_only=True)
+    assert torch.allclose(resumed["x_T"], reference["x_T"], atol=1e-5)
+    saved = json.loads((out2 / "metrics.json").read_text())
+    assert [m["index"] for m in saved["images"]] == [0, 1, 2, 3, 4]
+    assert all(m["steps"] == 3 and m["exact_loss"] <= m["initial_loss"] * 1.5 for m in saved["images"])
+
+    # More images later: the finished ones are kept, the new ones added, same per-image results.
+    invert(config, "--out", str(out2), "--resume", "--num-images", "5", "--batch-size", "1")
+    again = torch.load(out2 / "latents.pt", weights_only=True)
+    assert torch.equal(again["x_T"], resumed["x_T"])
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_latents_of_one(tmp_path):
+    """Data-parallel inversion (DDP, gloo on CPU): each image's latent does not depend on the
+    number of processes."""
+    config = tiny_setup(tmp_path)
+    base = [sys.executable, str(REPO / "invert.py"), "--config", str(config), "--no-progress",
+            "--trainer.accelerator", "cpu"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    import os
+    env = {**os.environ, **env}
+    one = subprocess.run(base + ["--out", str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(base + ["--out", str(tmp_path / "two"), "--trainer.devices", "2",
+                                 "--trainer.strategy", "ddp"], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = torch.load(tmp_path / "one" / "latents.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "latents.pt", weights_only=True)
+    assert a["indices"].tolist() == b["indices"].tolist() == [0, 1, 2, 3, 4]
+    assert (a["x_T"] - b["x_T"]).abs().max() <= 1e-5
+
+
+def test_a_second_process_on_the_same_folder_is_refused(tmp_path):
+    from deqlit.lit.folder_lock import folder_lock
+    from deqlit.lit.guards import OutputFolderError
+    with folder_lock(tmp_path, "invert.py"):
+        with pytest.raises(OutputFolderError, match="in use by invert.py"):
+            with folder_lock(tmp_path, "invert.py"):
+                pass
+    with folder_lock(tmp_path, "invert.py"):    # released again
+        pass
+
+
+def test_invert_celeba_without_data_or_checkpoint_names_both(tmp_path):
     from deqlit.commands.invert import main
     from deqlit.lit.run_inversion import MissingInputsError
     with pytest.raises(MissingInputsError) as err:
@@ -153,47 +301,4 @@ def test_invert_celeba_without_data_or_checkpoint_names_both(tmp_path, capsys):
     text = str(err.value)
     assert str(tmp_path / "data" / "celeba") in text and "img_align_celeba" in text
     assert str(tmp_path / "ckpt.pth") in text and "never downloads" in text
-
-
-class StopAfter(Callback):
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if module.steps_done() >= self.steps:
-            raise KeyboardInterrupt  # what Ctrl-C does; Lightning then calls on_exception
-
-
-@pytest.mark.slow
-def test_invert_py_default_run_end_to_end_shrunk_with_interrupt_and_resume(tmp_path):
-    """The no-argument command on the shipped model, shrunk: 2 faces, T = 4, 3 steps; interrupted
-    after 2 steps and resumed; writes every promised file."""
-    from deqlit.cli import parse
-    from deqlit.commands.invert import build_parser, main
-    from deqlit.lit.run_inversion import run_inversion
-    out = tmp_path / "run"
-    argv = ["--num-images", "2", "--batch-size", "2", "--timesteps", "4", "--max-steps", "3",
-            "--out", str(out), "--no-progress"]
-    _, cfg = parse(build_parser(), argv, {"out": "inversion.out", "num_images": "inversion.num_images",
-                                          "batch_size": "inversion.batch_size", "timesteps": "inversion.timesteps",
-                                          "max_steps": "inversion.max_steps"})
-    with pytest.raises(SystemExit):      # Lightning saves through on_exception, then exits
-        run_inversion(cfg, progress=False, callbacks=[StopAfter(2)])
-    saved = torch.load(out / "state.pt", weights_only=True)
-    assert int(saved["cursor"][1]) == 2 and torch.isnan(saved["loss_history"][:, 2]).all()
-    with pytest.raises(FileExistsError, match="--resume"):
-        main(argv)
-    metrics = main(argv + ["--resume"])
-    for name in ("grid.png", "loss_curve.png", "metrics.json", "latents.pt", "config.yaml", "state.pt"):
-        assert (out / name).is_file(), name
-    assert list((out / "tb" / "version_0").glob("events.out.tfevents.*"))
-    written = json.loads((out / "metrics.json").read_text())
-    assert len(written["images"]) == 2 and written == json.loads(json.dumps(metrics))
-    for image in written["images"]:
-        assert image["steps"] == 3 and image["min_loss"] <= image["final_loss"] + 1e-6
-        assert 0 < image["psnr"] < 100 and -1 <= image["ssim"] <= 1
-        # metrics describe the exact chain from the saved latents; at T = 4 the solve is exact too
-        assert image["exact_loss"] == pytest.approx(image["min_loss"], rel=1e-3)
-        assert image["mse"] == pytest.approx(image["exact_loss"] / 1024, rel=1e-3)
-    latents = torch.load(out / "latents.pt", weights_only=True)
-    assert latents["x_T"].shape == (2, 1, 32, 32) and latents["settings"]["timesteps"] == 4
+    assert not (tmp_path / "run").exists()                  # nothing written before the check

@@ -15,18 +15,25 @@ from __future__ import annotations
 import torch
 
 
-def flow_ratios(chain_abar: torch.Tensor, data_var: float) -> torch.Tensor:
-    """sigma_i / sigma_T for the states x_0..x_{T-1}: chain_abar (T+1,) -> (T,)."""
-    sigma = (chain_abar.double() * data_var + 1 - chain_abar.double()).sqrt()
+def flow_ratios(chain_abar: torch.Tensor, data_var: float | torch.Tensor) -> torch.Tensor:
+    """sigma_i / sigma_T for the states x_0..x_{T-1}: chain_abar (T+1,) -> (T,), or (T, B) for a
+    per-image data_var (B,)."""
+    abar = chain_abar.double()
+    if torch.is_tensor(data_var) and data_var.dim() == 1:
+        abar = abar.to(data_var.device)[:, None]
+        data_var = data_var.double()[None, :]
+    sigma = (abar * data_var + 1 - abar).sqrt()
     return sigma[:-1] / sigma[-1]
 
 
 def shifted_warm_start(X_prev: torch.Tensor, x_T_prev: torch.Tensor, x_T: torch.Tensor,
-                       chain_abar: torch.Tensor, data_var: float) -> torch.Tensor:
+                       chain_abar: torch.Tensor, data_var: float | torch.Tensor) -> torch.Tensor:
     """The previous solution moved along the Gaussian flow map to the new x_T.
 
     X_prev (T, B, C, H, W) solved for x_T_prev (B, C, H, W); x_T (B, C, H, W) -> (T, B, C, H, W).
-    data_var: the per-pixel variance s^2 of the data in the model's scale ([-1, 1] images: ~0.25).
+    data_var: the per-pixel variance s^2 of the data in the model's scale ([-1, 1] images: ~0.25),
+    a number or one per image (B,) (then each image's shift depends on that image alone).
     """
     ratio = flow_ratios(chain_abar, data_var).to(X_prev)
-    return X_prev + ratio.reshape(-1, *([1] * (X_prev.dim() - 1))) * (x_T - x_T_prev)[None]
+    ratio = ratio.reshape(ratio.shape + (1,) * (X_prev.dim() - ratio.dim()))
+    return X_prev + ratio * (x_T - x_T_prev)[None]

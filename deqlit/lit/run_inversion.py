@@ -1,69 +1,71 @@
-"""Builds and runs an inversion from a resolved config (invert.py), and writes its outputs."""
+"""Builds and runs an inversion from a resolved config (invert.py), and writes its outputs.
+
+Order matters for the user: every value is checked, then the inputs (dataset, checkpoint), then
+the output folder, all before anything is written or computed; then the folder is locked for the
+run, the Trainer predicts batch by batch, and the parts are merged.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
 import torch
-import torchvision
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader, TensorDataset
 
 from deqlit.config import save_config
-from deqlit.data.registry import load_images
+from deqlit.deq.inversion import InversionSettings
+from deqlit.deq.solvers import options_from
+from deqlit.diffusion.chain import Chain
+from deqlit.lit.folder_lock import folder_lock
+from deqlit.lit.guards import OutputFolderError, check_output_dir, interrupts_as_exceptions
+from deqlit.lit.inversion_data import InversionDataModule
 from deqlit.lit.inversion_module import InversionModule
-from deqlit.models.build import build_noise_model, resolve_checkpoint
+from deqlit.lit.inversion_outputs import InversionWriter, finished_indices, merge_outputs
+from deqlit.lit.trainer import build_trainer, trainer_kwargs
+from deqlit.models.build import build_noise_model, resolve_checkpoint, schedule_from_config
 
-SOLVER_KEYS = ("max_iter", "tol", "m", "lam", "beta", "relative_lam", "freeze")
-
-# Expected here and only noise to a user: the module owns one Adam per image batch, and the frozen
-# noise network stays in eval mode on purpose.
-for _message in (r".*configure_optimizers.*returned `None`", r".*module\(s\) in eval mode",
-                 r".*isinstance\(treespec, LeafSpec\)"):
-    warnings.filterwarnings("ignore", message=_message)
+RUN_FILE = "run.json"   # what decides the results; a resume must match it
 
 
 class MissingInputsError(FileNotFoundError):
     """The dataset and/or the checkpoint that a run needs are not on disk."""
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def settings_from(inv: dict[str, Any]) -> InversionSettings:
+    """The inversion section of a config -> validated InversionSettings."""
+    solver = inv.get("solver", "anderson")
+    return InversionSettings(
+        method=inv["method"], init=inv["init"], lr=inv["lr"], max_steps=inv["max_steps"],
+        early_stop_loss=inv.get("early_stop_loss", 0.0), seed=inv["seed"], tau=inv.get("tau", 0.1),
+        warm_start=inv.get("warm_start", True), solver=solver, solver_options=options_from(solver, inv),
+        optimize_noise=inv.get("optimize_noise", False),
+        grad_checkpointing=inv.get("grad_checkpointing", False),
+        exact=dict(inv.get("exact") or {})).validate()
 
 
-class SaveInversionState(Callback):
-    """Writes RUN/state.pt every `every` steps, at the end, and when the run is interrupted."""
-
-    def __init__(self, path: Path, every: int):
-        self.path, self.every = path, max(1, every)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if module.steps_done() % self.every == 0:
-            save_atomic(module.inversion_state(), self.path)
-
-    def on_train_end(self, trainer, module) -> None:
-        save_atomic(module.inversion_state(), self.path)
-
-    def on_exception(self, trainer, module, exception) -> None:
-        save_atomic(module.inversion_state(), self.path)
+def check_counts(inv: dict[str, Any]) -> None:
+    for key in ("num_images", "batch_size", "save_every"):
+        value = inv.get(key)
+        if key in inv and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"inversion.{key} must be a positive integer, got {value!r}")
+    if inv.get("max_batch") is not None and (not isinstance(inv["max_batch"], int) or inv["max_batch"] < 1):
+        raise ValueError(f"inversion.max_batch must be a positive integer or null, got {inv['max_batch']!r}")
 
 
-def check_inputs(cfg: dict, ckpt: Optional[str]) -> None:
+def check_inputs(cfg: dict, ckpt: Optional[str] = None) -> None:
     """One message naming everything that is missing: the dataset and the checkpoint."""
-    from deqlit.data.folders import DatasetNotFoundError
+    from deqlit.data.folders import BUNDLED, DatasetNotFoundError, load_local_dataset
     problems = []
     data = cfg["data"]
-    if data["name"] not in ("faces", "digits"):
+    if data["name"] not in BUNDLED:
         try:  # reading one image finds a missing folder or file list, with the loader's own words
-            load_images(data["name"], cfg["inversion"].get("split", "test"), data["resolution"],
-                        data["channels"], data.get("root", "data"), limit=1)
+            load_local_dataset(data["name"], cfg["inversion"].get("split", "test"), data["resolution"],
+                               data["channels"], data.get("root", "data"), limit=1)
         except DatasetNotFoundError as err:
             problems.append(str(err))
     ckpt_text = ckpt or cfg.get("checkpoint", {}).get("path")
@@ -77,90 +79,143 @@ def check_inputs(cfg: dict, ckpt: Optional[str]) -> None:
             + "\nPut them there, or point elsewhere with --data.root DIR and --ckpt PATH.")
 
 
-def build_module(cfg: dict) -> InversionModule:
-    inv, data = cfg["inversion"], cfg["data"]
-    check_inputs(cfg, None)
-    model, abar, _ = build_noise_model(cfg)
-    targets = load_images(data["name"], inv.get("split", "test"), data["resolution"],
-                          data["channels"], data.get("root", "data"), limit=inv["num_images"])
-    solver_options = {k: inv[k] for k in SOLVER_KEYS if k in inv and inv[k] is not None}
-    return InversionModule(
-        model, abar, targets, method=inv["method"], timesteps=inv["timesteps"], skip=inv["skip"],
-        eta=inv["eta"], lr=inv["lr"], max_steps=inv["max_steps"], batch_size=inv["batch_size"],
-        early_stop_loss=inv.get("early_stop_loss", 0.0), init=inv["init"], seed=inv["seed"],
-        tau=inv.get("tau", 0.1), warm_start=inv.get("warm_start", True),
-        solver=inv.get("solver", "anderson"), solver_options=solver_options,
-        optimize_noise=inv.get("optimize_noise", False),
-        grad_checkpointing=inv.get("grad_checkpointing", False), max_batch=inv.get("max_batch"))
+def run_identity(cfg: dict, settings: InversionSettings, chain: Chain) -> dict[str, Any]:
+    """Everything that decides an image's latent. Not in it: num_images and batch_size (results
+    are per image), max_batch, trainer and output options."""
+    data = cfg["data"]
+    return {"settings": settings.to_dict(), "chain": chain.to_dict(),
+            "data": {"name": data["name"], "split": cfg["inversion"].get("split", "test"),
+                     "resolution": data["resolution"], "channels": data["channels"]},
+            "checkpoint": str(resolve_checkpoint(cfg.get("checkpoint", {}).get("path", ""))),
+            "checkpoint_ema": cfg.get("checkpoint", {}).get("ema", True),
+            "model": cfg.get("model", {}), "diffusion": cfg.get("diffusion", {})}
+
+
+def differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """'key: saved -> now' for every leaf that differs between two nested dicts."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(set(saved) | set(now)):
+            out += differences(saved.get(key), now.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == now else [f"{prefix.rstrip('.')}: {saved!r} -> {now!r}"]
+
+
+def check_output_folder(out: Path, identity: dict[str, Any], resume: bool) -> None:
+    """Refuse to mix runs: a new run into a used folder, or a resume with other settings."""
+    holds_run = (out / RUN_FILE).is_file() or (out / "latents.pt").is_file() or any((out / "latents").glob("*.pt"))
+    if not resume:
+        if holds_run:
+            raise OutputFolderError(f"{out} holds an earlier inversion: add --resume to continue it, "
+                                    f"or choose another --out")
+        return
+    if not (out / RUN_FILE).is_file():
+        raise FileNotFoundError(f"cannot resume: {out / RUN_FILE} does not exist (no inversion was "
+                                f"started in {out}); run without --resume")
+    try:
+        saved = json.loads((out / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise OutputFolderError(f"cannot resume: {out / RUN_FILE} is unreadable ({err}); start over "
+                                f"with another --out") from err
+    changed = differences(saved, json.loads(json.dumps(identity)))
+    if changed:
+        raise ValueError("cannot resume: these settings differ from the saved run's ("
+                         + "; ".join(changed[:8]) + "). Use the saved settings (see "
+                         f"{out / 'config.yaml'}) or another --out")
+
+
+def launched_worker() -> bool:
+    """True in a process that a multi-process launcher started for rank > 0 (Lightning's DDP
+    launcher re-runs the script with LOCAL_RANK set; torchrun sets RANK, SLURM SLURM_PROCID).
+    Such a process reads what rank 0 checked and wrote, and writes nothing of the run's own."""
+    return any(int(os.environ.get(key, "0") or 0) > 0 for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+class SaveOnInterrupt(Callback):
+    """Ctrl-C / SIGTERM (or any error) in the middle of a batch: save the batch's state."""
+
+    def __init__(self) -> None:
+        self.saved: Optional[Path] = None
+
+    def on_exception(self, trainer, module: InversionModule, exception: BaseException) -> None:
+        self.saved = module.save_partial()
 
 
 def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
-                  callbacks: Optional[list[Callback]] = None) -> tuple[InversionModule, Path]:
-    inv = cfg["inversion"]
+                  callbacks: Optional[list[Callback]] = None, command: str = "invert.py"
+                  ) -> tuple[dict[str, Any], Path]:
+    """Run (or resume) the inversion a config describes; returns (metrics, run folder)."""
+    inv, data = cfg["inversion"], cfg["data"]
     out = Path(inv["out"])
-    state_path = out / "state.pt"
-    if out.exists() and state_path.exists() and not resume:
-        raise FileExistsError(f"{out} holds an earlier inversion (state.pt): add --resume to "
-                              f"continue it, or choose another --out")
-    torch.manual_seed(inv["seed"])
-    module = build_module(cfg)
-    if resume:
-        if not state_path.exists():
-            raise FileNotFoundError(f"cannot resume: {state_path} does not exist; run without --resume")
-        module.load_inversion_state(torch.load(state_path, map_location="cpu", weights_only=True))
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    remaining = module.total_steps() - module.steps_done()
-    if remaining > 0:
-        trainer = L.Trainer(max_epochs=1, accelerator="auto", devices=1, enable_checkpointing=False,
-                            logger=TensorBoardLogger(str(out), name="tb", version=0),
-                            callbacks=[SaveInversionState(state_path, inv.get("save_every", 10)), *(callbacks or [])],
-                            enable_progress_bar=progress, enable_model_summary=False,
-                            num_sanity_val_steps=0, log_every_n_steps=1)
-        steps = DataLoader(TensorDataset(torch.arange(remaining)), batch_size=1)
-        trainer.fit(module, train_dataloaders=steps)
-        write_outputs(module, out, trainer.logger)
-    else:
-        write_outputs(module, out, None)
-    return module, out
+    # 1. values, 2. inputs, 3. the output folder: nothing written before all three pass.
+    settings = settings_from(inv)
+    check_counts(inv)
+    chain = Chain.build(schedule_from_config(cfg.get("diffusion", {})), inv["timesteps"],
+                        inv.get("skip", "uniform"), inv.get("eta", 0.0))
+    trainer_kwargs(cfg.get("trainer"))
+    check_inputs(cfg)
+    identity = run_identity(cfg, settings, chain)
+    worker = launched_worker()
+    if not worker:
+        check_output_folder(out, identity, resume)
+        check_output_dir(out)
+    with (contextlib.nullcontext() if worker else folder_lock(out, command)):
+        (out / "latents").mkdir(exist_ok=True)
+        if not resume and not worker:
+            (out / RUN_FILE).write_text(json.dumps(identity, indent=2))
+            save_config(cfg, out / "config.yaml")
+        model, schedule, _ = build_noise_model(cfg)
+        chain.check_schedule(schedule)
+        done = finished_indices(out / "latents")
+        datamodule = InversionDataModule(data["name"], inv.get("split", "test"), data["resolution"],
+                                         data["channels"], data.get("root", "data"),
+                                         num_images=inv["num_images"], batch_size=inv["batch_size"],
+                                         num_workers=inv.get("num_workers", 0), skip=done)
+        module = InversionModule(model, chain, settings, max_batch=inv.get("max_batch"),
+                                 state_dir=out / "latents", save_every=inv.get("save_every", 10),
+                                 log_every=(cfg.get("trainer") or {}).get("log_every_n_steps", 1))
+        interrupt = SaveOnInterrupt()
+        trainer = build_trainer(
+            cfg.get("trainer"), accelerator="auto", devices=1, inference_mode=False,
+            logger=TensorBoardLogger(str(out), name="tb", version=0),
+            callbacks=[InversionWriter(out / "latents", chain.to_dict(), identity["settings"]),
+                       interrupt, *(callbacks or [])],
+            enable_progress_bar=progress, enable_model_summary=False, enable_checkpointing=False)
+        with interrupts_as_exceptions() as seen, warnings.catch_warnings():
+            # Expected here: the noise network stays in eval mode on purpose.
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+            try:
+                trainer.predict(module, datamodule=datamodule, return_predictions=False)
+            except BaseException:
+                if seen.signum is not None and interrupt.saved is not None:
+                    print(f"saved the unfinished batch's state to {interrupt.saved}")
+                raise
+        trainer.strategy.barrier()
+        if not trainer.is_global_zero:
+            return {}, out
+        metrics = merge_outputs(out, settings.method, chain.T, inv.get("merge_limit", 4096))
+        log_curves(trainer.logger, out)
+    return metrics, out
 
 
-def write_outputs(module: InversionModule, out: Path, logger: Optional[TensorBoardLogger]) -> None:
-    """metrics.json, latents.pt, grid.png (target | initial | final), loss_curve.png."""
-    metrics = module.image_metrics()
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    torch.save({"x_T": module.best_latents.cpu(), "noise": module.best_noise.cpu() if module.eta > 0 else None,
-                "targets": module.targets.cpu(), "reconstructions": module.best_recon.cpu(),
-                "settings": dict(module.settings)}, out / "latents.pt")
-    triples = torch.stack([module.targets, module.initial_recon, module.best_recon], dim=1)
-    grid = torchvision.utils.make_grid((triples.flatten(0, 1).clamp(-1, 1) + 1) / 2, nrow=3 * 4, padding=2)
-    torchvision.utils.save_image(grid, out / "grid.png")
-    plot_loss_curve(module, out / "loss_curve.png")
-    if logger is not None:
-        logger.experiment.add_image("inversion/target|initial|final", grid, module.steps_done())
-        history = module.loss_history
-        for step in range(history.shape[1]):
-            column = history[:, step]
-            finite = column[torch.isfinite(column)]
-            if len(finite):
-                logger.experiment.add_scalar(f"{module.method}/mean_loss_vs_step", float(finite.mean()), step)
-        logger.experiment.flush()
-
-
-def plot_loss_curve(module: InversionModule, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    history = module.loss_history.cpu()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in history:
-        ax.plot(row.numpy(), color="tab:blue", alpha=0.25, lw=0.8)
-    ax.plot(torch.nanmean(history, 0).numpy(), color="black", lw=2, label="mean")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimization step")
-    ax.set_ylabel("loss (squared Frobenius, [-1, 1] scale)")
-    ax.set_title(f"{module.method} inversion, T = {module.T}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def log_curves(logger: Optional[TensorBoardLogger], out: Path) -> None:
+    """The mean loss against the optimization step over all images, for each method's tag."""
+    if logger is None:
+        return
+    from deqlit.lit.inversion_outputs import load_parts
+    parts = load_parts(out / "latents")
+    if not parts:
+        return
+    width = max(p["loss_history"].shape[1] for p in parts)
+    rows = torch.full((sum(len(p["indices"]) for p in parts), width), float("nan"))
+    r = 0
+    for p in parts:
+        h = p["loss_history"]
+        rows[r:r + h.shape[0], :h.shape[1]] = h
+        r += h.shape[0]
+    method = parts[0]["settings"].get("method", "deq")
+    curve = torch.nanmean(rows, 0)
+    for step, value in enumerate(curve.tolist()):
+        if value == value:   # not NaN
+            logger.log_metrics({f"{method}/mean_loss_vs_step": value}, step=step)
+    logger.finalize("success")

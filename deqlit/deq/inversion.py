@@ -1,0 +1,307 @@
+"""Inverting one batch of images: find the x_T whose DDIM chain regenerates each image.
+
+Plain PyTorch: the LightningModule (lit/inversion_module.py) runs one BatchInverter per batch of a
+streamed dataset, and the benchmarks call it directly.
+
+Methods (paper Algorithms 1 and 2):
+- deq: solve X* = h(X*; x_T) without gradient, warm-started from the previous step, then one damped
+  step X = (1 - tau) X* + tau h(X*; x_T) with gradient; loss on row 0 (x_0). Memory does not grow
+  with T.
+- baseline: backpropagate through the sequential T-step chain (optionally with gradient
+  checkpointing per step).
+- exact: no optimization: the latents of the exact inverse chain (deqlit.diffusion.inverse),
+  which the start `init: exact` also uses before the gradient method refines them.
+
+Every image is optimized on its own: per-image seeds, Adam (elementwise), a per-image early stop,
+per-image solver stops (deq/solvers.py) and a per-image warm-start shift. So an image's latent
+does not depend on the batch size, on which images share its batch, or on the number of
+processes, up to float rounding of batched network calls.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from deqlit.deq.layer import DEQSampler
+from deqlit.deq.solvers import get_solver, option_defaults
+from deqlit.deq.warm_start import shifted_warm_start
+from deqlit.diffusion.chain import Chain
+from deqlit.diffusion.sequential import ddim_encode, ddim_sample
+
+METHODS = ("deq", "baseline", "exact")
+INITS = ("random", "ddim-inversion", "exact")
+
+
+def frobenius_loss(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The paper's loss: squared Frobenius norm per image in [-1, 1] scale, (B, ...) -> (B,)."""
+    return (x0_hat - x0).pow(2).flatten(1).sum(1)
+
+
+@dataclass
+class InversionSettings:
+    """Everything that decides an image's latent (a resume must match all of it)."""
+    method: str = "deq"
+    init: str = "random"
+    lr: float = 0.005
+    max_steps: int = 100
+    early_stop_loss: float = 0.0
+    seed: int = 0
+    tau: float = 0.1
+    warm_start: bool = True
+    solver: str = "anderson"
+    solver_options: dict[str, Any] = field(default_factory=dict)
+    optimize_noise: bool = False
+    grad_checkpointing: bool = False
+    exact: dict[str, Any] = field(default_factory=dict)   # options of the exact inverse solve
+
+    def validate(self) -> "InversionSettings":
+        """Raise ValueError naming the first bad value and its allowed range."""
+        def need(ok: bool, text: str) -> None:
+            if not ok:
+                raise ValueError(text)
+        need(self.method in METHODS, f"unknown inversion method {self.method!r}; use one of {', '.join(METHODS)}")
+        need(self.init in INITS, f"unknown init {self.init!r}; use one of {', '.join(INITS)}")
+        need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+             f"lr must be a positive number, got {self.lr!r}")
+        need(isinstance(self.max_steps, int) and self.max_steps >= 1,
+             f"max_steps must be an integer >= 1, got {self.max_steps!r}")
+        need(math.isfinite(self.early_stop_loss) and self.early_stop_loss >= 0,
+             f"early_stop_loss must be >= 0, got {self.early_stop_loss!r}")
+        need(0 < self.tau <= 1, f"tau must be in (0, 1], got {self.tau!r}")
+        get_solver(self.solver)
+        unknown = set(self.solver_options) - set(option_defaults(self.solver))
+        need(not unknown, f"solver {self.solver!r} takes no option(s) {sorted(unknown)}; it accepts "
+                          f"{sorted(option_defaults(self.solver))}")
+        max_iter, tol = self.solver_options.get("max_iter", 1), self.solver_options.get("tol", 0.0)
+        need(isinstance(max_iter, int) and max_iter >= 1, f"max_iter must be an integer >= 1, got {max_iter!r}")
+        need(math.isfinite(tol) and tol >= 0, f"tol must be >= 0, got {tol!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def per_image_generator(seed: int, index: int) -> torch.Generator:
+    """Image `index`'s own generator: its start does not depend on batches or processes."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + int(index))
+
+
+def draw_start(model: nn.Module, chain: Chain, targets: torch.Tensor, indices: list[int],
+               settings: InversionSettings) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The starting latents x_T (B, C, H, W) and, for eta > 0, the injected noise (T, B, C, H, W),
+    on the targets' device and dtype."""
+    shape = tuple(targets.shape[1:])
+    x_T, noise = [], []
+    for k in indices:
+        gen = per_image_generator(settings.seed, k)
+        x_T.append(torch.randn(shape, generator=gen))
+        if chain.eta > 0:
+            noise.append(torch.randn((chain.T,) + shape, generator=gen))
+    x_T_t = torch.stack(x_T).to(targets)
+    noise_t = torch.stack(noise, dim=1).to(targets) if chain.eta > 0 else None
+    with torch.no_grad():
+        if settings.init == "ddim-inversion":
+            x_T_t = ddim_encode(model, targets, chain)
+        elif settings.init == "exact":
+            from deqlit.deq.inverse_map import exact_invert
+            x_T_t, _, _ = exact_invert(model, targets, chain, noise=noise_t, **settings.exact)
+    return x_T_t, noise_t
+
+
+def check_image_size(model: nn.Module, targets: torch.Tensor) -> None:
+    """Refuse images the network does not take, naming the config key that fixes it."""
+    res, ch = getattr(model, "resolution", None), getattr(model, "in_channels", None)
+    if targets.dim() != 4:
+        raise ValueError(f"targets must be (N, C, H, W), got shape {tuple(targets.shape)}")
+    if res is not None and (targets.shape[-1] != res or targets.shape[-2] != res):
+        raise ValueError(f"the images are {targets.shape[-2]}x{targets.shape[-1]} but the model takes "
+                         f"{res}x{res}: set data.resolution to {res} (the loader resizes) or use a "
+                         f"model trained at {targets.shape[-2]}x{targets.shape[-1]}")
+    if ch is not None and targets.shape[1] != ch:
+        raise ValueError(f"the images have {targets.shape[1]} channels but the model takes {ch}: "
+                         f"set data.channels to {ch}")
+
+
+def sequential_x0(model: nn.Module, x_T: torch.Tensor, chain: Chain, noise: Optional[torch.Tensor],
+                  checkpoint: bool = False) -> torch.Tensor:
+    """x_0 of the sequential chain, with autograd through every step when grad is on (the
+    baseline's cost); checkpoint=True recomputes each step's activations in the backward pass."""
+    def checkpointed(net, x, t):
+        return torch.utils.checkpoint.checkpoint(net, x, t, use_reentrant=False)
+    return ddim_sample(model, x_T, chain, noise=noise, step=checkpointed if checkpoint else None)
+
+
+class BatchInverter:
+    """Optimizes the latents of one batch: targets (B, C, H, W) in [-1, 1], their dataset indices.
+
+    Call `step()` until `finished`, then `result()`. `state_dict()` / `load_state_dict()` hold
+    everything needed to continue exactly (latents, Adam, warm start, history).
+    """
+
+    def __init__(self, model: nn.Module, chain: Chain, targets: torch.Tensor, indices: list[int],
+                 settings: InversionSettings, max_batch: Optional[int] = None):
+        check_image_size(model, targets)
+        if not bool(torch.isfinite(targets).all()):
+            raise ValueError("the images hold NaN/Inf values: check the dataset files")
+        self.model, self.chain, self.targets = model, chain, targets
+        self.indices, self.settings = [int(i) for i in indices], settings
+        self.started = time.perf_counter()
+        self.seconds_before = 0.0             # time spent before a resume
+        B = targets.shape[0]
+        x_T, noise = draw_start(model, chain, targets, self.indices, settings)
+        self.start_latents = x_T.detach().clone()
+        # Per-batch leaves: Lightning's configure_optimizers holds optimizers of module parameters,
+        # which these latents are not (a new set per batch), so the batch owns its Adam.
+        self.latents = x_T.detach().clone().requires_grad_(True)
+        self.noise = noise
+        params = [self.latents]
+        if noise is not None and settings.optimize_noise:
+            self.noise = noise.detach().clone().requires_grad_(True)
+            params.append(self.noise)
+        self.optimizer = torch.optim.Adam(params, lr=settings.lr)
+        self.deq = DEQSampler(model, chain, settings.solver, settings.solver_options, grad="onestep",
+                              tau=settings.tau, max_batch=max_batch)
+        device = targets.device
+        self.step_index = 0
+        self.loss_history = torch.full((B, settings.max_steps), math.nan, device=device)
+        self.iterations_history = torch.zeros((B, settings.max_steps), device=device)
+        self.best_loss = torch.full((B,), math.inf, device=device)
+        self.best_latents = x_T.detach().clone()
+        self.best_noise = None if noise is None else noise.detach().clone()
+        self.last_loss = torch.full((B,), math.inf, device=device)
+        self.active = torch.ones(B, dtype=torch.bool, device=device)
+        self.warm: Optional[torch.Tensor] = None       # last solution X (T, B, C, H, W)
+        self.warm_x_T: Optional[torch.Tensor] = None   # the x_T it was solved for
+        self.data_var = targets.flatten(1).var(1)      # (B,) s^2 of each image's warm-start model
+        self.all_stopped = settings.method == "exact"
+
+    # ---- the forward models ---------------------------------------------------------------
+    def predict_x0(self, x_T: torch.Tensor, noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_0 with a graph back to x_T (and noise); returns (x_0, solver iterations per image (B,))."""
+        if self.settings.method == "baseline":
+            x0 = sequential_x0(self.model, x_T, self.chain, noise, self.settings.grad_checkpointing)
+            return x0, torch.full((x_T.shape[0],), float(self.chain.T), device=x_T.device)
+        # Warm start: the previous solution moved along the Gaussian-data flow map to the new x_T
+        # (deq/warm_start.py). Reused unmoved it starts as far off in residual as a cold start.
+        init = None
+        if self.settings.warm_start and self.warm is not None:
+            init = shifted_warm_start(self.warm, self.warm_x_T, x_T.detach(), self.chain.abar,
+                                      self.data_var)
+        X, stats = self.deq(x_T, noise, init=init)
+        self.warm, self.warm_x_T = X.detach(), x_T.detach().clone()
+        return X[0], torch.tensor(stats.image_iterations, dtype=torch.float32, device=x_T.device)
+
+    @torch.no_grad()
+    def exact_x0(self, x_T: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """x_0 of the exact sequential chain (the oracle; what sample.py regenerates)."""
+        return sequential_x0(self.model, x_T, self.chain, noise)
+
+    # ---- one optimization step ------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.all_stopped or self.step_index >= self.settings.max_steps
+
+    def step(self) -> torch.Tensor:
+        """One Adam step on every image still above early_stop_loss; returns the loss (B,) of the
+        latents before the update."""
+        s, k = self.settings, self.step_index
+        x_T, noise = self.latents, self.noise
+        with torch.enable_grad():
+            x0_hat, iterations = self.predict_x0(x_T, noise)
+            per_image = frobenius_loss(x0_hat, self.targets)
+            if k > 0:
+                self.active = per_image.detach() >= s.early_stop_loss
+            self.optimizer.zero_grad(set_to_none=True)
+            (per_image * self.active).sum().backward()
+        loss = per_image.detach()
+        # The loss belongs to the latents before this update: record them, then step.
+        self.loss_history[:, k] = loss
+        self.iterations_history[:, k] = iterations
+        better = loss < self.best_loss
+        self.best_loss = torch.where(better, loss, self.best_loss)
+        view = better.reshape(-1, *([1] * (x_T.dim() - 1)))
+        self.best_latents = torch.where(view, x_T.detach(), self.best_latents)
+        if self.best_noise is not None:
+            self.best_noise = torch.where(view[None], noise.detach(), self.best_noise)
+        before = [p.detach().clone() for p in self.optimizer.param_groups[0]["params"]]
+        self.optimizer.step()
+        with torch.no_grad():  # Adam's momentum would still move the images that stopped
+            self.latents.copy_(torch.where(self.active.reshape(view.shape), self.latents, before[0]))
+            if len(before) > 1:
+                self.noise.copy_(torch.where(self.active.reshape(view.shape)[None], self.noise, before[1]))
+        self.last_loss = loss
+        self.step_index += 1
+        # One flag a step from the device: has every image reached early_stop_loss?
+        self.all_stopped = bool((loss < s.early_stop_loss).all()) if s.early_stop_loss > 0 else False
+        return loss
+
+    # ---- results --------------------------------------------------------------------------
+    @torch.no_grad()
+    def result(self) -> dict[str, Any]:
+        """CPU tensors per image: latents, noise, reconstructions (exact chain) at the start and of
+        the best latents, losses, and the seconds spent on the batch (shared by its images)."""
+        if self.settings.method == "exact":
+            self.best_latents = self.start_latents
+            self.best_noise = self.noise.detach().clone() if self.noise is not None else None
+        recon = self.exact_x0(self.best_latents, self.best_noise)
+        initial = self.exact_x0(self.start_latents, None if self.noise is None else self.noise.detach())
+        exact_loss = frobenius_loss(recon, self.targets)
+        if self.settings.method == "exact":
+            self.best_loss = exact_loss
+        seconds = self.seconds_before + time.perf_counter() - self.started
+        return {
+            "indices": torch.tensor(self.indices, dtype=torch.long),
+            "x_T": self.best_latents.float().cpu(),
+            "noise": None if self.best_noise is None else self.best_noise.float().cpu(),
+            "targets": self.targets.float().cpu(),
+            "initial": initial.float().cpu(),
+            "reconstructions": recon.float().cpu(),
+            "min_loss": self.best_loss.cpu(),
+            "final_loss": self.last_loss.cpu(),
+            "initial_loss": frobenius_loss(initial, self.targets).cpu(),
+            "exact_loss": exact_loss.cpu(),
+            "loss_history": self.loss_history[:, :max(self.step_index, 1)].cpu(),
+            "iterations": self.iterations_history[:, :max(self.step_index, 1)].cpu(),
+            "steps": self.step_index,
+            "seconds": seconds,
+        }
+
+    # ---- resume ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        def cpu(t):
+            return None if t is None else t.detach().cpu().clone()
+        return {"indices": list(self.indices), "step": self.step_index, "latents": cpu(self.latents),
+                "noise": cpu(self.noise), "start_latents": cpu(self.start_latents),
+                "loss_history": cpu(self.loss_history), "iterations": cpu(self.iterations_history),
+                "best_loss": cpu(self.best_loss), "best_latents": cpu(self.best_latents),
+                "best_noise": cpu(self.best_noise), "last_loss": cpu(self.last_loss),
+                "active": cpu(self.active), "warm": cpu(self.warm), "warm_x_T": cpu(self.warm_x_T),
+                "optimizer": self.optimizer.state_dict(), "all_stopped": self.all_stopped,
+                "seconds": self.seconds_before + time.perf_counter() - self.started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if [int(i) for i in state["indices"]] != self.indices:
+            raise ValueError("the saved batch state belongs to other images")
+        device = self.targets.device
+
+        def dev(t):
+            return None if t is None else t.to(device)
+        with torch.no_grad():
+            self.latents.copy_(state["latents"].to(self.latents))
+            if self.noise is not None and state["noise"] is not None:
+                self.noise.copy_(state["noise"].to(self.noise))
+        self.step_index = int(state["step"])
+        self.start_latents = dev(state["start_latents"])
+        self.loss_history, self.iterations_history = dev(state["loss_history"]), dev(state["iterations"])
+        self.best_loss, self.best_latents = dev(state["best_loss"]), dev(state["best_latents"])
+        self.best_noise, self.last_loss = dev(state["best_noise"]), dev(state["last_loss"])
+        self.active, self.warm, self.warm_x_T = dev(state["active"]), dev(state["warm"]), dev(state["warm_x_T"])
+        self.optimizer.load_state_dict(state["optimizer"])   # moves Adam's moments to the params' device
+        self.all_stopped = bool(state["all_stopped"])
+        self.seconds_before, self.started = float(state["seconds"]), time.perf_counter()
