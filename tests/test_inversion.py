@@ -19,6 +19,7 @@ from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from deqlit.diffusion.sequential import ddim_sample
 from tests.conftest import GaussianDataNoise, perturbed_unet
+from tests.tiny import tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
 ABAR = alphas_cumprod(linear_betas())
@@ -177,27 +178,6 @@ def test_bad_settings_and_image_sizes_are_refused():
 
 
 # ---- the streamed run ---------------------------------------------------------------------------
-def tiny_setup(tmp_path: Path, n_images: int = 5) -> Path:
-    """A folder of 8x8 PNGs, a tiny checkpoint and a config for them; returns the config path."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    gen = np.random.default_rng(0)
-    for i in range(n_images):
-        Image.fromarray(gen.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(folder / f"{i:02d}.png")
-    model = perturbed_unet(seed=1, dtype=torch.float32, scale=0.1)
-    torch.save(model.state_dict(), tmp_path / "tiny.pt")
-    cfg = yaml.safe_load((REPO / "configs" / "faces.yaml").read_text())
-    cfg["data"].update(name=f"folder:{folder}", resolution=8, channels=1)
-    cfg["model"] = dict(ch=8, out_ch=1, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4],
-                        dropout=0.0, in_channels=1, resolution=8, resamp_with_conv=True, norm_groups=2)
-    cfg["checkpoint"] = {"path": str(tmp_path / "tiny.pt"), "ema": True}
-    cfg["inversion"].update(split="all", num_images=n_images, batch_size=2, timesteps=4, max_steps=3,
-                            init="random", save_every=1, max_batch=None, out=str(tmp_path / "run"))
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 class StopAfter(Callback):
     """Ctrl-C after `steps` optimization steps (Lightning then calls on_exception)."""
 

@@ -24,10 +24,15 @@ def test_sample_writes_grid_and_metrics_matching_the_sequential_chain(tmp_path, 
 
 
 def test_sample_regenerates_latents_and_reports_a_missing_checkpoint(tmp_path):
+    from deqlit.diffusion.chain import Chain
+    from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
     x_T = torch.randn(2, 1, 32, 32)
-    torch.save({"x_T": x_T, "noise": None, "settings": {"timesteps": 3, "skip": "uniform", "eta": 0.0}},
-               tmp_path / "latents.pt")
+    chain = Chain.build(alphas_cumprod(linear_betas()), 3)
+    torch.save({"x_T": x_T, "noise": None, "chain": chain.to_dict()}, tmp_path / "latents.pt")
     metrics = main(["--latents", str(tmp_path / "latents.pt"), "--solver", "sequential", "--out", str(tmp_path / "o")])
     assert metrics["timesteps"] == 3 and metrics["num_images"] == 2
+    torch.save({"x_T": x_T, "noise": None}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="holds no chain"):
+        main(["--latents", str(tmp_path / "old.pt"), "--out", str(tmp_path / "q")])
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         main(["--ckpt", str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "p")])

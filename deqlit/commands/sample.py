@@ -6,15 +6,19 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torchvision
+from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm import tqdm
 
-from deqlit.cli import parse
-from deqlit.diffusion.schedule import timestep_sequence
+from deqlit.cli import parse, positive_int
+from deqlit.deq.solvers import options_from
+from deqlit.devices import placement
+from deqlit.diffusion.chain import Chain
 from deqlit.evaluation import DatasetMetrics, format_metrics
+from deqlit.lit.guards import NonFiniteError, check_output_dir, first_nonfinite
 from deqlit.models.build import build_noise_model
 from deqlit.sampling import SAMPLERS, draw_noise, generate
 
@@ -22,26 +26,28 @@ FLAGS = {"timesteps": "sampling.timesteps", "skip": "sampling.skip", "eta": "sam
          "solver": "sampling.solver", "max_iter": "sampling.max_iter", "tol": "sampling.tol",
          "num_images": "sampling.num_images", "seed": "sampling.seed", "out": "sampling.out",
          "ckpt": "checkpoint.path", "max_batch": "sampling.max_batch"}
-SOLVER_KEYS = ("max_iter", "tol", "m", "lam", "beta", "freeze")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Sample with DEQ-DDIM. Any config key can be "
-                                "overridden as --section.key value.")
+                                "overridden as --section.key value; device and precision as "
+                                "--trainer.accelerator cpu|gpu|auto, --trainer.precision 64-true.")
     p.add_argument("--ckpt", help="weights (default: checkpoint.path of the config)")
-    p.add_argument("--timesteps", type=int, help="T, the number of DDIM steps")
+    p.add_argument("--timesteps", type=positive_int, help="T, the number of DDIM steps")
     p.add_argument("--skip", choices=["uniform", "quad"])
     p.add_argument("--eta", type=float, help="0 = DDIM / DEQ-DDIM; > 0 = DEQ-sDDIM")
     p.add_argument("--solver", choices=SAMPLERS)
-    p.add_argument("--max-iter", type=int, dest="max_iter")
+    p.add_argument("--max-iter", type=positive_int, dest="max_iter")
     p.add_argument("--tol", type=float)
-    p.add_argument("--num-images", type=int, dest="num_images")
-    p.add_argument("--max-batch", type=int, dest="max_batch", help="rows per network call")
+    p.add_argument("--num-images", type=positive_int, dest="num_images")
+    p.add_argument("--max-batch", type=positive_int, dest="max_batch", help="rows per network call")
     p.add_argument("--seed", type=int)
-    p.add_argument("--latents", help="a latents .pt written by invert.py: regenerate its images")
+    p.add_argument("--latents", help="a latents .pt written by invert.py: regenerate its images "
+                   "with the chain (and noise) saved in it")
     p.add_argument("--compare-sequential", action="store_true", dest="compare",
                    help="also run the sequential chain on the same x_T and noise and compare")
     p.add_argument("--out", help="output folder")
+    p.add_argument("--no-progress", action="store_true", dest="no_progress")
     p.add_argument("--metrics", help="comma-separated distances to --ref-data written into "
                    "metrics.json: fid, kid (need --fid-weights), fd-random, kd-random (offline)")
     p.add_argument("--ref-data", dest="ref_data", help="dataset for --metrics (default: --data)")
@@ -50,85 +56,122 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
-    mse = float((a.double() - b.double()).pow(2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of images in [-1, 1] (data range 2), as a float."""
+    return float(peak_signal_noise_ratio(a.clamp(-1, 1).double(), b.clamp(-1, 1).double(), data_range=2.0))
 
 
-def load_latents(path: str) -> tuple[torch.Tensor, Optional[torch.Tensor], dict]:
-    data = torch.load(path, map_location="cpu", weights_only=True)
+def load_latents(path: str) -> dict[str, Any]:
+    """A latents file of invert.py (or of a joint fine-tuning run): x_T, noise, the chain, and the
+    reconstructions they regenerate."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"latents file {path} does not exist; invert.py writes RUN/latents.pt") from None
     if not isinstance(data, dict) or "x_T" not in data:
         raise ValueError(f"{path} is not a latents file from invert.py (expected a dict with 'x_T')")
-    return data["x_T"].float(), data.get("noise"), data.get("settings", {})
+    if "chain" not in data:
+        raise ValueError(f"{path} holds no chain (written by an older deqlit): re-run invert.py, "
+                         f"or pass --timesteps/--skip/--eta and sample from its x_T yourself")
+    return data
+
+
+def chosen_chain(args: argparse.Namespace, s: dict, schedule: torch.Tensor,
+                 saved: Optional[dict]) -> Chain:
+    """The config's chain, or the one saved with the latents (never rebuilt from a step count)."""
+    if saved is None:
+        return Chain.build(schedule, s["timesteps"], s["skip"], s["eta"])
+    chain = Chain.from_dict(saved["chain"])
+    chain.check_schedule(schedule)
+    if args.timesteps is not None or args.skip is not None or args.eta is not None:
+        raise ValueError("--latents regenerates with the chain saved in the file; drop --timesteps, "
+                         "--skip and --eta (other values would not reproduce the images)")
+    return chain
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args, cfg = parse(build_parser(), argv, FLAGS)
     s = cfg["sampling"]
-    model, abar, ckpt_path = build_noise_model(cfg)
-    # --metrics: built now, so that missing weights or reference data fail before sampling
+    device, dtype, autocast = placement(cfg.get("trainer"))
+    saved = load_latents(args.latents) if args.latents else None
+    model, schedule, ckpt_path = build_noise_model(cfg)
+    bad = first_nonfinite(model.state_dict())
+    if bad is not None:
+        raise NonFiniteError(f"the checkpoint {ckpt_path} holds NaN/Inf weights ({bad}): it comes from "
+                             f"a diverged run; use an earlier checkpoint")
+    chain = chosen_chain(args, s, schedule, saved)
+    options = options_from(s["solver"], s) if s["solver"] != "sequential" else {}
+    # Checked before any compute: missing metric weights or reference data, an unusable --out.
     quality = (DatasetMetrics.from_config(args.metrics, cfg, model, args.ref_data, args.fid_weights)
                if args.metrics else None)
-    torch.manual_seed(s["seed"])
-    if args.latents:
-        x_T, noise, saved = load_latents(args.latents)
-        for key in ("timesteps", "skip", "eta"):   # regenerate with the chain they were found for
-            if key in saved and getattr(args, key) is None:
-                s[key] = saved[key]
-    seq_len = len(timestep_sequence(s["timesteps"], len(abar), s["skip"]))
-    if not args.latents:
-        shape = (s["num_images"], model.in_channels, model.resolution, model.resolution)
-        x_T, noise = draw_noise(shape, seq_len, s["eta"], torch.Generator().manual_seed(s["seed"]))
-    elif s["eta"] > 0 and noise is None:
-        noise = torch.randn((seq_len,) + tuple(x_T.shape))
-    options = {k: s[k] for k in SOLVER_KEYS if k in s} if s["solver"] != "sequential" else {}
+    out = check_output_dir(s["out"])
+    model = model.to(device=device, dtype=dtype)
 
-    bar = tqdm(total=min(s["max_iter"], seq_len) if s["solver"] != "sequential" else seq_len,
-               desc=f"{s['solver']} T={seq_len}", unit="it")
+    if saved is None:
+        shape = (s["num_images"], model.in_channels, model.resolution, model.resolution)
+        x_T, noise = draw_noise(shape, chain.T, chain.eta, torch.Generator().manual_seed(s["seed"]))
+    else:
+        x_T, noise = saved["x_T"], saved.get("noise")
+        if chain.eta > 0 and noise is None:
+            raise ValueError(f"{args.latents} was found with eta = {chain.eta} but holds no noise")
+    x_T = x_T.to(device=device, dtype=dtype)
+    noise = None if noise is None else noise.to(device=device, dtype=dtype)
+
+    bar = tqdm(total=min(s["max_iter"], chain.T) if s["solver"] != "sequential" else chain.T,
+               desc=f"{s['solver']} T={chain.T}", unit="it", disable=args.no_progress)
 
     def on_iteration(n, stats, fx):
         bar.update(1)
-        if stats.rel_residual:
-            bar.set_postfix(residual=f"{stats.rel_residual[-1]:.2e}")
+        if stats.rel_trace:
+            bar.set_postfix(residual=f"{stats.last_rel():.2e}")
 
     start = time.perf_counter()
-    with torch.no_grad():
-        x0, stats = generate(model, x_T, abar, s["timesteps"], s["skip"], s["eta"], s["solver"],
-                             noise=noise, max_batch=s.get("max_batch"), callback=on_iteration,
-                             **options)
+    with torch.no_grad(), autocast:
+        x0, stats = generate(model, x_T, chain, s["solver"], noise=noise, max_batch=s.get("max_batch"),
+                             callback=on_iteration, **options)
     seconds = time.perf_counter() - start
     bar.close()
+    x0 = x0.float().cpu()
+    if not bool(torch.isfinite(x0).all()):
+        raise NonFiniteError("the samples hold NaN/Inf: the model's outputs are not finite for these "
+                             "inputs (check the checkpoint; try --trainer.precision 32-true)")
 
-    out = Path(s["out"])
-    out.mkdir(parents=True, exist_ok=True)
     nrow = max(1, int(math.ceil(math.sqrt(x0.shape[0]))))
     torchvision.utils.save_image((x0.clamp(-1, 1) + 1) / 2, out / "samples.png", nrow=nrow)
     metrics = {
-        "solver": s["solver"], "timesteps": seq_len, "timesteps_requested": s["timesteps"],
-        "skip": s["skip"], "eta": s["eta"], "num_images": int(x0.shape[0]), "seed": s["seed"],
-        "checkpoint": str(ckpt_path), "iterations": stats.iterations, "nfe": stats.iterations,
+        "solver": s["solver"], "timesteps": chain.T, "timesteps_requested": chain.requested,
+        "skip": chain.skip, "eta": chain.eta, "num_images": int(x0.shape[0]), "seed": s["seed"],
+        "checkpoint": str(ckpt_path), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "iterations": stats.iterations, "nfe": stats.iterations,
         "network_evals_per_image": stats.network_rows, "converged": stats.converged,
         "final_residual": stats.rel_residual[-1] if stats.rel_residual else 0.0,
         "residual_trace": stats.rel_residual, "abs_residual_trace": stats.abs_residual,
-        "seconds": seconds,
+        "seconds": seconds, "chain": chain.to_dict(),
     }
+    if saved is not None and saved.get("reconstructions") is not None:
+        metrics["x0_psnr_vs_saved"] = psnr(x0, saved["reconstructions"].float())
     if args.compare:
         start = time.perf_counter()
-        with torch.no_grad():
-            x0_seq, _ = generate(model, x_T, abar, s["timesteps"], s["skip"], s["eta"],
-                                 "sequential", noise=noise)
+        with torch.no_grad(), autocast:
+            x0_seq, _ = generate(model, x_T, chain, "sequential", noise=noise)
+        x0_seq = x0_seq.float().cpu()
         metrics["sequential_seconds"] = time.perf_counter() - start
         metrics["x0_rmse_vs_sequential"] = float((x0 - x0_seq).pow(2).mean().sqrt())
-        metrics["x0_psnr_vs_sequential"] = psnr(x0.clamp(-1, 1), x0_seq.clamp(-1, 1))
+        metrics["x0_psnr_vs_sequential"] = psnr(x0, x0_seq)
         torchvision.utils.save_image((x0_seq.clamp(-1, 1) + 1) / 2, out / "samples_sequential.png",
                                      nrow=nrow)
     if quality is not None:
         metrics.update(quality(x0))
         print(format_metrics(metrics))
-    torch.save({"x_T": x_T, "noise": noise, "x0": x0}, out / "samples.pt")
+    torch.save({"x_T": x_T.cpu(), "noise": None if noise is None else noise.cpu(), "x0": x0,
+                "chain": chain.to_dict()}, out / "samples.pt")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"wrote {out / 'samples.png'} and {out / 'metrics.json'}: {stats.iterations} iterations, "
-          f"residual {metrics['final_residual']:.2e}, {seconds:.1f} s")
+    print(f"wrote {out / 'samples.png'}, {out / 'samples.pt'} (x_T, noise, x_0, chain) and "
+          f"{out / 'metrics.json'}: {stats.iterations} iterations, residual "
+          f"{metrics['final_residual']:.2e}, {seconds:.1f} s on {device}")
+    if "x0_psnr_vs_saved" in metrics:
+        print(f"regenerated images against the reconstructions saved with the latents: PSNR "
+              f"{metrics['x0_psnr_vs_saved']:.1f} dB")
     if args.compare:
         print(f"sequential: {metrics['sequential_seconds']:.1f} s, x0 RMSE vs sequential "
               f"{metrics['x0_rmse_vs_sequential']:.2e} (PSNR {metrics['x0_psnr_vs_sequential']:.1f} dB)")

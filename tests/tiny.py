@@ -1,0 +1,36 @@
+"""A tiny end-to-end setup for command tests: a folder of 8x8 PNGs, a small checkpoint, a config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from tests.conftest import perturbed_unet
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_setup(tmp_path: Path, n_images: int = 5) -> Path:
+    """A folder of 8x8 PNGs, a tiny checkpoint and a config for them; returns the config path."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    gen = np.random.default_rng(0)
+    for i in range(n_images):
+        Image.fromarray(gen.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(folder / f"{i:02d}.png")
+    model = perturbed_unet(seed=1, dtype=torch.float32, scale=0.1)
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    cfg = yaml.safe_load((REPO / "configs" / "faces.yaml").read_text())
+    cfg["data"].update(name=f"folder:{folder}", resolution=8, channels=1)
+    cfg["model"] = dict(ch=8, out_ch=1, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4],
+                        dropout=0.0, in_channels=1, resolution=8, resamp_with_conv=True, norm_groups=2)
+    cfg["checkpoint"] = {"path": str(tmp_path / "tiny.pt"), "ema": True}
+    cfg["inversion"].update(split="all", num_images=n_images, batch_size=2, timesteps=4, max_steps=3,
+                            init="random", save_every=1, max_batch=None, out=str(tmp_path / "run"))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
