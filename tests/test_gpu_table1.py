@@ -64,3 +64,27 @@ def test_fixed_iteration_mode_runs_exactly_k_iterations(table1, tmp_path):
     assert len(rows) == 3 and all(int(r["iterations"]) == 3 and r["max_batch"] == "5" for r in deq)
     # 3 of 12 iterations leave x_0 unsettled: the check above is not vacuous.
     assert all(float(r["x0_rmse_vs_sequential"]) > 1e-6 for r in deq)
+
+
+@pytest.mark.slow
+def test_sample_quality_reads_both_tolerances_off_one_solve():
+    """bench/sample_quality.py records tol 1e-2 from the 1e-3 solve's callback: each image's x_0
+    and iterations must equal those of a separate solve to 1e-2."""
+    from tests.conftest import GaussianDataNoise
+
+    from deqlit.diffusion.chain import Chain
+    from deqlit.sampling import generate
+    spec = importlib.util.spec_from_file_location("sample_quality", SCRIPT.parent / "sample_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = GaussianDataNoise(seed=1)
+    chain = Chain.build(model.abar, 20)
+    x_T = bench.x_T_for(2, (1, 8, 8)).double()
+    both = bench.solve_both_tolerances(model, x_T, chain, "anderson", max_batch=32)
+    for tol in bench.TOLS:
+        alone, stats = generate(model, x_T, chain, "anderson", max_batch=32, max_iter=chain.T, tol=tol,
+                                **bench.SOLVER_OPTIONS["anderson"])
+        x0, iters = both[tol]
+        assert iters.tolist() == stats.image_iterations
+        torch.testing.assert_close(x0, alone, rtol=0, atol=1e-12)
+    assert (both[1e-2][1] < both[1e-3][1]).any()     # the loose tolerance does stop earlier
