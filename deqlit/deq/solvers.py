@@ -75,8 +75,8 @@ def residuals(fx: torch.Tensor, x: torch.Tensor, reducer: LocalReducer
     """
     diff_sq = (fx - x).double().pow(2).flatten(2).sum(-1)   # (T, B)
     fx_sq = fx.double().pow(2).flatten(2).sum(-1)            # (T, B)
-    image_diff = reducer.sum(diff_sq.sum(0)).sqrt()          # (B,)
-    image_fx = reducer.sum(fx_sq.sum(0)).sqrt()
+    # One reduction over the time shards for both sums (a plain sum in one process).
+    image_diff, image_fx = reducer.sum(torch.stack([diff_sq.sum(0), fx_sq.sum(0)])).sqrt().unbind(0)  # (B,)
     row_rel = diff_sq.sum(1).sqrt() / (1e-5 + fx_sq.sum(1).sqrt())
     return image_diff, image_diff / (1e-5 + image_fx), row_rel
 
@@ -92,10 +92,35 @@ def divergence_message(solver: str, iteration: int) -> str:
             f"than the sequential chain; also check that the model's outputs are finite in float32")
 
 
-def check_inputs_finite(x0: torch.Tensor, solver: str) -> None:
-    if not bool(torch.isfinite(x0).all()):
+def check_inputs_finite(x0: torch.Tensor, solver: str, finite: Optional[bool] = None) -> None:
+    """Raise unless x0 is finite (or, given, unless `finite`: the verdict of all time shards)."""
+    if not (bool(torch.isfinite(x0).all()) if finite is None else finite):
         raise SolverDivergedError(f"{solver}: the starting point (x_T or the warm start) holds "
                                   f"NaN/Inf: fix the latents or noise before solving")
+
+
+def shard_layout(x0: torch.Tensor, solver: str, reducer: LocalReducer) -> tuple[int, int, list[int]]:
+    """(global row of x0's row 0, global T, rows of every shard) from one gather of the shards'
+    row counts, which also checks that every shard's start is finite (so all shards raise)."""
+    if reducer.shards == 1:
+        check_inputs_finite(x0, solver)
+        return 0, x0.shape[0], [x0.shape[0]]
+    info = reducer.gather(torch.stack([torch.tensor(float(x0.shape[0]), dtype=torch.float64, device=x0.device),
+                                       torch.isfinite(x0).all().double()])).tolist()
+    check_inputs_finite(x0, solver, finite=all(finite for _, finite in info))
+    sizes = [int(rows) for rows, _ in info]
+    return sum(sizes[:reducer.shard_index]), sum(sizes), sizes
+
+
+def settled_from_top(below: list[float], sizes: list[int]) -> int:
+    """Rows counted from the global top (x_{T-1}) whose residuals are all below tol, from every
+    shard's count of such rows from its own top (below) and its row count (sizes)."""
+    total = 0
+    for rows_below, rows in zip(reversed(below), reversed(sizes)):
+        total += int(rows_below)
+        if int(rows_below) < rows:
+            break
+    return total
 
 
 def mixing_weights(gram: torch.Tensor, lam: float, relative_lam: bool) -> torch.Tensor:
@@ -145,13 +170,19 @@ def _run(name: str, f: Map, x0: torch.Tensor, *, max_iter: int, tol: float,
     triangular=True: row r depends only on rows > r (the forward chain), so after n calls the rows
     >= T - n are exact; settled rows take the plain update and the solve ends at n = T.
     triangular=False: rows may depend on themselves (the inverse chain); no such guarantee.
+
+    Sharded over time (reducer.shards > 1; deqlit/parallel), x0 and f work on this shard's block
+    of rows; f takes global row indices (frozen_from), residuals are summed over the shards, and
+    the stop, freeze and NaN flags are gathered once per call so that every shard decides alike.
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     if not math.isfinite(tol) or tol < 0:
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
-    check_inputs_finite(x0, name)
-    T, B = x0.shape[0], x0.shape[1]
+    # Sharded over time (reducer.shards > 1), x0 holds this shard's rows start..start + T_local - 1
+    # of the global T; stopping, freezing and settled rows use global row indices.
+    start, T, sizes = shard_layout(x0, name, reducer)
+    T_local, B = x0.shape[0], x0.shape[1]
     image_view = (1, B) + (1,) * (x0.dim() - 2)
     stats = SolverStats()
     x = x0
@@ -177,8 +208,13 @@ def _run(name: str, f: Map, x0: torch.Tensor, *, max_iter: int, tol: float,
         stop_iter = torch.where(newly, torch.full_like(stop_iter, n), stop_iter)
         done = done | newly
         below = (row_rel < tol).flip(0).int().cumprod(0).sum() if freeze else torch.zeros((), device=x0.device)
-        all_done, finite, frozen_rows = torch.stack(
-            [done.all().double(), torch.isfinite(fx).all().double(), below.double()]).tolist()
+        # One small gather per call (a plain read in one process): every shard takes the same
+        # decisions, and a NaN on any shard stops all of them at the same iteration.
+        flags = reducer.gather(torch.stack(
+            [done.all().double(), torch.isfinite(fx).all().double(), below.double()])).tolist()
+        all_done = all(flag[0] for flag in flags)
+        finite = all(flag[1] for flag in flags)
+        frozen_rows = settled_from_top([flag[2] for flag in flags], sizes)
         if not finite:
             raise SolverDivergedError(divergence_message(name, n))
         if callback is not None:
@@ -199,7 +235,7 @@ def _run(name: str, f: Map, x0: torch.Tensor, *, max_iter: int, tol: float,
             xs.pop(0), fxs.pop(0), gs.pop(0)
         x_next = mix(xs, fxs, gs)
         if triangular:
-            settled = T - n          # rows >= settled are exact in fx
+            settled = min(max(T - n - start, 0), T_local)   # local rows at global >= T - n: exact in fx
             x_next[settled:] = fx[settled:]
         x = x_next
     stats.converged = bool((stop_rel < tol).all()) or (triangular and stats.iterations >= T)

@@ -1,0 +1,267 @@
+"""Time sharding (deqlit/parallel): K processes, each holding a block of the T chain rows, give what
+one process gives. The oracle is the unsharded DEQSampler in this process; the sharded runs are
+gloo process groups on CPU in spawned subprocesses, each running all its cases in one start."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from deqlit.deq.layer import DEQSampler
+from deqlit.diffusion.chain import Chain
+from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
+from deqlit.parallel.blocks import time_blocks
+from deqlit.parallel.reduce import LOCAL
+from tests.conftest import GaussianDataNoise
+
+ABAR = alphas_cumprod(linear_betas())
+T = 11                                   # divisible by neither 2 nor 4
+SOLVERS = ["picard", "anderson", "triangular-anderson"]
+CASES = [(s, eta, freeze) for s in SOLVERS for eta in (0.0, 0.5) for freeze in (False, True)]
+TOL = 1e-2          # loose enough that some solves stop on it (and freeze rows) before T
+WORLD4_CASES = [c for c in CASES if c[2] == (c[1] > 0)]   # each solver, eta 0 and 0.5, both freeze modes
+
+
+def inputs(eta: float, batch: int = 2):
+    gen = torch.Generator().manual_seed(5)
+    x_T = torch.randn(batch, 1, 8, 8, generator=gen, dtype=torch.float64)
+    noise = torch.randn(T, batch, 1, 8, 8, generator=gen, dtype=torch.float64) if eta > 0 else None
+    return x_T, noise
+
+
+def options(freeze: bool) -> dict:
+    return dict(max_iter=40, tol=TOL, freeze=freeze)
+
+
+def loss_weights(batch: int = 2) -> torch.Tensor:
+    return torch.randn(T, batch, 1, 8, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+
+
+# ---- the processes ---------------------------------------------------------------------------
+class NaNOnShard(torch.nn.Module):
+    """Returns NaN from its `at`-th call on shard `shard` only."""
+
+    def __init__(self, model, shard: int, at: int):
+        super().__init__()
+        self.model, self.shard, self.at, self.calls = model, shard, at, 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        out = self.model(x, t)
+        if dist.get_rank() == self.shard and self.calls >= self.at:
+            out = out * float("nan")
+        return out
+
+
+def run_cases(job: str, reducer) -> dict:
+    from deqlit.deq.solvers import SolverDivergedError
+    from deqlit.parallel.sampler import ShardedDEQSampler
+    from deqlit.sampling import generate
+    net = GaussianDataNoise(dtype=torch.float64)
+    out: dict = {}
+    if job in ("world2", "world4"):
+        for solver, eta, freeze in CASES if job == "world2" else WORLD4_CASES:
+            chain = Chain.build(ABAR, T, eta=eta)
+            x_T, noise = inputs(eta)
+            rows_seen = []
+            opts = dict(options(freeze), callback=lambda n, stats, fx: rows_seen.append(fx.shape[0]))
+            with torch.no_grad():
+                sampler = ShardedDEQSampler(net, chain, reducer, solver, opts)
+                X, stats = sampler(x_T, noise)
+                x_0 = None if freeze else generate(net, x_T, chain, solver, noise=noise, reducer=reducer,
+                                                   **options(freeze))[0]
+            out[(solver, eta, freeze)] = dict(X=X, x_0=sampler.first_state(X), generated=x_0,
+                                              iterations=stats.iterations, network_rows=stats.network_rows,
+                                              rel=stats.rel_residual, rows=max(rows_seen),
+                                              held=sampler.last_map.rows_held())
+        for trainable in (False, True) if job == "world2" else ():
+            model = GaussianDataNoise(dtype=torch.float64).requires_grad_(trainable)
+            chain = Chain.build(ABAR, T, eta=0.5)
+            x_T, noise = inputs(0.5)
+            x_T.requires_grad_(True)
+            sampler = ShardedDEQSampler(model, chain, reducer, "anderson", options(False), grad="onestep")
+            X, _ = sampler(x_T, noise)
+            (loss_weights()[sampler.block.start:sampler.block.stop] * X).sum().backward()
+            params = [p for p in model.parameters() if p.requires_grad]
+            reducer.sum_gradients([x_T, *params])
+            out[("grad", trainable)] = dict(x_T=x_T.grad, params=[p.grad for p in params])
+    if job == "world2":
+        # Every process raises at the same iteration, after the same collectives: the group stays
+        # usable, so these run in the same processes.
+        for solver in SOLVERS:
+            chain = Chain.build(ABAR, T)
+            x_T, _ = inputs(0.0)
+            model = NaNOnShard(net, shard=1, at=4)
+            try:
+                with torch.no_grad():
+                    ShardedDEQSampler(model, chain, reducer, solver, dict(max_iter=40, tol=0.0))(x_T)
+                out[("nan", solver)] = "no error"
+            except SolverDivergedError as err:
+                out[("nan", solver)] = str(err)
+    elif job == "die":
+        chain = Chain.build(ABAR, T)
+        x_T, _ = inputs(0.0)
+        if reducer.shard_index == 1:
+            os._exit(3)                   # a crashed process: no goodbye to the group
+        with torch.no_grad():
+            ShardedDEQSampler(net, chain, reducer, "picard", dict(max_iter=40, tol=0.0))(x_T)
+    return out
+
+
+def worker(rank: int, world: int, port: int, job: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    result: dict = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=15))
+        from deqlit.parallel.distributed import DistributedReducer
+        start = time.monotonic()
+        result = {"cases": run_cases(job, DistributedReducer())}
+        result["seconds"] = time.monotonic() - start
+    except Exception as err:      # reported to the test, which decides
+        result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    if dist.is_initialized() and "error" not in result:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, job: str, out_dir: Path, wait_s: float = 240.0) -> list[dict]:
+    """Start `world` processes on `job`; wait at most wait_s for all; results per rank (None: none)."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, job, str(out_dir))) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + wait_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} still running after {wait_s} s"
+    results = []
+    for r in range(world):
+        path = out_dir / f"rank{r}.pt"
+        results.append(torch.load(path, weights_only=False) if path.exists() else None)
+    return results
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """world -> per-rank results of the job 'world2' or 'world4', started once per world size."""
+    cache: dict[int, list[dict]] = {}
+
+    def get(world: int) -> list[dict]:
+        if world not in cache:
+            results = launch(world, f"world{world}", tmp_path_factory.mktemp(f"world{world}"))
+            for r, res in enumerate(results):
+                assert res is not None and "error" not in res, f"rank {r}: {res and res.get('trace')}"
+            cache[world] = [res["cases"] for res in results]
+        return cache[world]
+    return get
+
+
+def reference(solver: str, eta: float, freeze: bool):
+    chain = Chain.build(ABAR, T, eta=eta)
+    x_T, noise = inputs(eta)
+    with torch.no_grad():
+        return DEQSampler(GaussianDataNoise(dtype=torch.float64), chain, solver, options(freeze))(x_T, noise)
+
+
+# ---- the tests -------------------------------------------------------------------------------
+def test_blocks_cover_the_rows_contiguously_with_the_top_block_next_to_x_T():
+    blocks = time_blocks(11, 4)
+    assert [(b.start, b.stop) for b in blocks] == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    assert blocks[0].is_first and blocks[-1].is_last and not blocks[1].is_last
+    with pytest.raises(ValueError, match="at most 3 time shards"):
+        time_blocks(3, 4)
+
+
+def test_one_shard_is_the_unsharded_sampler_exactly():
+    from deqlit.parallel.sampler import ShardedDEQSampler
+    for solver, eta, freeze in CASES[::3]:
+        X1, s1 = reference(solver, eta, freeze)
+        x_T, noise = inputs(eta)
+        with torch.no_grad():
+            X2, s2 = ShardedDEQSampler(GaussianDataNoise(dtype=torch.float64), Chain.build(ABAR, T, eta=eta),
+                                       LOCAL, solver, options(freeze))(x_T, noise)
+        assert torch.equal(X1, X2) and s1.iterations == s2.iterations and s1.network_rows == s2.network_rows
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_sharded_sampling_equals_one_process(sharded, world):
+    ranks = sharded(world)
+    blocks = time_blocks(T, world)
+    for case in CASES if world == 2 else WORLD4_CASES:
+        X1, s1 = reference(*case)
+        X = torch.cat([ranks[r][case]["X"] for r in range(world)])
+        assert X.shape == X1.shape
+        assert (X - X1).abs().max() <= 1e-6, case
+        for r in range(world):   # x_0 reaches every process, by the layer and by generate()
+            assert (ranks[r][case]["x_0"] - X1[0]).abs().max() <= 1e-6
+            if ranks[r][case]["generated"] is not None:
+                assert (ranks[r][case]["generated"] - X1[0]).abs().max() <= 1e-6
+            assert ranks[r][case]["iterations"] == s1.iterations, case
+            assert ranks[r][case]["network_rows"] == s1.network_rows, case   # freezing: global rows
+            assert ranks[r][case]["rel"] == pytest.approx(s1.rel_residual, rel=1e-6, abs=1e-12)
+            assert ranks[r][case]["rows"] == blocks[r].rows
+    assert any(ranks[0][c]["iterations"] < T for c in CASES if c in ranks[0])   # some stop on tol
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_per_process_state_is_a_block_of_rows(sharded, world):
+    """Solver iterates and the map's cached rows (eps, noise) scale as T/K, not T."""
+    ranks = sharded(world)
+    case = ("anderson", 0.5, True)
+    held = [ranks[r][case]["held"] + ranks[r][case]["rows"] for r in range(world)]
+    one = T + (T - 1) + T        # one process: X, eps cache of x_1..x_{T-1}, noise (x_T's eps aside)
+    limit = -(-T // world)       # ceil(T / K)
+    assert all(ranks[r][case]["rows"] <= limit for r in range(world))
+    assert max(held) <= 3 * limit + 1
+    assert max(held) <= one * (1 / world + 0.2)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_sharded_one_step_gradient_equals_one_process(sharded, trainable):
+    model = GaussianDataNoise(dtype=torch.float64).requires_grad_(trainable)
+    x_T, noise = inputs(0.5)
+    x_T.requires_grad_(True)
+    X, _ = DEQSampler(model, Chain.build(ABAR, T, eta=0.5), "anderson", options(False), grad="onestep")(x_T, noise)
+    (loss_weights() * X).sum().backward()
+    for rank in sharded(2):
+        got = rank[("grad", trainable)]
+        assert torch.allclose(got["x_T"], x_T.grad, rtol=1e-8, atol=1e-10)
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert len(got["params"]) == len(params)
+        for g, p in zip(got["params"], params):
+            assert torch.allclose(g, p.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_nan_on_one_process_raises_the_same_error_on_all(sharded):
+    for solver in SOLVERS:
+        messages = [rank[("nan", solver)] for rank in sharded(2)]
+        assert "NaN/Inf at iteration" in messages[0], messages
+        assert messages[0] == messages[1]
+
+
+@pytest.mark.slow
+def test_a_dead_process_makes_the_others_stop_with_an_error(tmp_path):
+    results = launch(2, "die", tmp_path, wait_s=120.0)
+    assert results[1] is None                        # it died without a word
+    assert results[0] is not None and "error" in results[0]
