@@ -1,5 +1,9 @@
 """Builds the Trainer for train.py from a resolved config, and guards the run.
 
+The Trainer comes from the config's `trainer:` section (deqlit.lit.trainer.build_trainer; any
+Trainer argument, overridable as --trainer.KEY VALUE), plus what `train:` owns: max_steps,
+log_every_n_steps and grad_clip (the Trainer's gradient_clip_val, by norm).
+
 Guards: the output folder is checked (writable, not an earlier run unless --resume) and a resume
 checkpoint opened before any compute; a non-finite loss stops the run (train_module), and no
 checkpoint or ema.pt is ever written from non-finite weights; Ctrl-C and SIGTERM save last.ckpt
@@ -10,13 +14,16 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from deqlit.config import save_config
 from deqlit.lit.datamodule import ImageDataModule
@@ -26,8 +33,10 @@ from deqlit.lit.guards import (DiskFullError, NonFiniteError, RunInterrupted, Us
                                find_enospc, first_nonfinite, interrupts_as_exceptions,
                                refuse_existing_run)
 from deqlit.lit.train_module import DiffusionTrainModule
+from deqlit.lit.train_resume import check_resume, record_resume
+from deqlit.lit.trainer import build_trainer, trainer_kwargs
 
-TRAIN_MODULE_KEYS = ("lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "hflip",
+TRAIN_MODULE_KEYS = ("lr", "weight_decay", "warmup_steps", "ema_decay", "hflip",
                      "sample_every", "sample_count", "sample_timesteps", "sample_solver", "seed")
 RUN_MARKERS = ("checkpoints", "ema.pt")  # what an earlier run leaves that a new one would overwrite
 
@@ -70,7 +79,7 @@ class SaveLast(Callback):
     def _save(self, trainer) -> None:
         if trainer.fast_dev_run or trainer.global_step in (0, self.export.saved_step):
             return  # nothing trained, or this step is saved already
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)   # the full state, for --resume
         self.saved_step = trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -82,18 +91,52 @@ class SaveLast(Callback):
                 self._save(trainer)
 
 
+# Trainer arguments that train.py takes from `train:` (their home in every config and in the
+# saved run): the trainer section may not set them too, or one of the two would be ignored.
+TRAIN_OWNED = {"max_steps": "--max-steps (train.max_steps)", "gradient_clip_val": "--train.grad_clip",
+               "gradient_clip_algorithm": "--train.grad_clip (train.py clips by norm)"}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_train_values(cfg: dict) -> None:
-    """Refuse values that would fail late or silently (a zero step count trains nothing)."""
+    """Refuse values that would fail late or silently (a zero step count trains nothing), and a
+    trainer section Lightning would refuse, before anything is written."""
     train, data = cfg["train"], cfg["data"]
     for key, value in (("train.max_steps", train.get("max_steps", 10000)),
                        ("train.checkpoint_every", train.get("checkpoint_every", 250)),
                        ("train.steps_per_epoch", train.get("steps_per_epoch", 250)),
+                       ("train.log_every_n_steps", train.get("log_every_n_steps", 1)),
+                       ("train.sample_timesteps", train.get("sample_timesteps", 50)),
+                       ("train.sample_count", train.get("sample_count", 16)),
+                       ("train.val_images", train.get("val_images", 1024) or 1),
                        ("data.batch_size", data.get("batch_size"))):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserInputError(f"--{key} must be a positive integer, got {value!r}")
+    for key in ("warmup_steps", "sample_every", "seed"):
+        value = train.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserInputError(f"--train.{key} must be an integer >= 0, got {value!r}")
     lr = train.get("lr", 1e-3)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    if not _number(lr) or lr <= 0:
         raise UserInputError(f"--train.lr (--lr) must be a positive number, got {lr!r}")
+    checks = (("weight_decay", 0.0, lambda v: _number(v) and v >= 0, "a number >= 0"),
+              ("grad_clip", 1.0, lambda v: v is None or (_number(v) and v >= 0),
+               "a number >= 0 (0 or null: no clipping)"),
+              ("ema_decay", 0.999, lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"))
+    for key, default, ok, want in checks:
+        if not ok(train.get(key, default)):
+            raise UserInputError(f"--train.{key} must be {want}, got {train.get(key)!r}")
+    if "precision" in train:
+        raise UserInputError(f"train.precision is now a Trainer setting: use --trainer.precision "
+                             f"{train['precision']} (or `precision:` in the config's trainer section)")
+    section = trainer_kwargs(cfg.get("trainer"))   # unknown keys raise, with close matches
+    owned = sorted(set(section) & set(TRAIN_OWNED))
+    if owned:
+        raise UserInputError("train.py sets " + "; ".join(f"trainer.{k} from {TRAIN_OWNED[k]}" for k in owned)
+                             + ": remove it from the trainer section")
 
 
 def resume_checkpoint(resume: str, ckpt_dir: Path) -> str:
@@ -108,22 +151,54 @@ def resume_checkpoint(resume: str, ckpt_dir: Path) -> str:
     return str(path)
 
 
-def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = False) -> DiffusionTrainModule:
+class LossBar(TQDMProgressBar):
+    """The progress bar with the last step's loss, read from the host float of the NaN check:
+    a prog_bar=True tensor would be read back after the optimizer step, a second sync per step."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "last_loss", float("nan"))
+        if math.isfinite(loss):
+            metrics["loss"] = round(loss, 4)
+        return metrics
+
+
+@dataclass
+class TrainingJob:
+    """Everything a training run needs, built and checked before anything is written."""
+    cfg: dict[str, Any]
+    out: Path
+    module: DiffusionTrainModule
+    data: ImageDataModule
+    trainer: L.Trainer
+    export: ExportEMA
+    saver: SaveLast
+    ckpt_path: Optional[str]
+    resume_record: Optional[dict[str, Any]]
+
+
+def prepare_training(cfg: dict, resume: str | None = None,
+                     fast_dev_run: bool = False) -> TrainingJob:
+    """Check every value, the output folder, the resume checkpoint and settings, and the data;
+    build the module and the Trainer. Writes nothing but the (empty) output folder."""
     train = cfg["train"]
     out = Path(train.get("out", "runs/train"))
     ckpt_dir = out / "checkpoints"
     check_train_values(cfg)
     ckpt_path = resume_checkpoint(resume, ckpt_dir) if resume else None
+    record = check_resume(cfg, out, ckpt_path) if ckpt_path else None
     if not resume:
         refuse_existing_run(out, RUN_MARKERS)
     check_output_dir(out)
-    save_config(cfg, out / "config.yaml")
     L.seed_everything(train.get("seed", 0), workers=True)
 
     data = ImageDataModule(name=cfg["data"]["name"], resolution=cfg["data"]["resolution"],
                            channels=cfg["data"]["channels"], batch_size=cfg["data"]["batch_size"],
                            root=cfg["data"].get("root", "data"),
-                           steps_per_epoch=train.get("steps_per_epoch", 250))
+                           steps_per_epoch=train.get("steps_per_epoch", 250),
+                           num_workers=cfg["data"].get("num_workers", 0),
+                           val_images=train.get("val_images", 1024))
+    data.setup("fit")   # lists the files and decodes one image: a wrong dataset fails here
     module = DiffusionTrainModule(model=cfg["model"], diffusion=cfg["diffusion"],
                                   **{k: train[k] for k in TRAIN_MODULE_KEYS if k in train})
     if train.get("init"):
@@ -138,17 +213,41 @@ def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = Fals
                                  enable_version_counter=False)
     export = ExportEMA(out / "ema.pt")
     saver = SaveLast(ckpt_dir / "last.ckpt", export)
-    trainer = L.Trainer(max_steps=train.get("max_steps", 10000), accelerator="auto", devices=1,
-                        precision=train.get("precision", "32-true"),
-                        logger=TensorBoardLogger(str(out), name="tb", version=0),
-                        callbacks=[checkpoint, export, saver, *metrics_callbacks(cfg)],
-                        log_every_n_steps=train.get("log_every_n_steps", 10),
-                        fast_dev_run=fast_dev_run,
-                        num_sanity_val_steps=0, enable_progress_bar=True)
+    section = dict(cfg.get("trainer") or {})
+    # train.log_every_n_steps is train.py's (the trainer section's is the other commands');
+    # the section's applies when train: has none.
+    from_section = section.pop("log_every_n_steps", None)
+    log_every = train.get("log_every_n_steps", from_section if from_section is not None else 10)
+    bar = [LossBar()] if section.get("enable_progress_bar", True) else []
+    clip = train.get("grad_clip", 1.0) or None
+    try:
+        trainer = build_trainer(
+            section, max_steps=train.get("max_steps", 10000), log_every_n_steps=log_every,
+            gradient_clip_val=clip, gradient_clip_algorithm="norm" if clip else None,
+            logger=TensorBoardLogger(str(out), name="tb", version=0),
+            callbacks=[checkpoint, export, saver, *bar, *metrics_callbacks(cfg)],
+            fast_dev_run=fast_dev_run, num_sanity_val_steps=0)
+    except MisconfigurationException as err:
+        raise UserInputError(f"the trainer settings cannot run here: {err}") from None
+    return TrainingJob(cfg, out, module, data, trainer, export, saver, ckpt_path, record)
+
+
+def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = False) -> DiffusionTrainModule:
+    """Train as the config says: prepare_training, write config.yaml (a resume leaves the run's
+    config.yaml as it is and appends to resumes.yaml), then Trainer.fit with the guards."""
+    job = prepare_training(cfg, resume, fast_dev_run)
+    out, trainer, export, saver, ckpt_path = job.out, job.trainer, job.export, job.saver, job.ckpt_path
+    ckpt_dir = out / "checkpoints"
+    if rank_zero_only.rank == 0:   # a DDP worker process re-runs this script: one writer
+        if not (out / "config.yaml").is_file() or job.resume_record is None:
+            save_config(cfg, out / "config.yaml")
+        if job.resume_record is not None:
+            record_resume(out, job.resume_record)
     try:
         with interrupts_as_exceptions():
             try:
-                trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+                trainer.fit(job.module, datamodule=job.data, ckpt_path=ckpt_path,
+                            weights_only=True)   # never unpickle code from a checkpoint
             except SIGTERMException:  # Lightning's own SIGTERM path (outside the main thread)
                 raise RunInterrupted(signal.SIGTERM) from None
     except RunInterrupted as err:
@@ -162,12 +261,12 @@ def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = Fals
         raise RunInterrupted(err.signum, detail) from None
     except NonFiniteError as err:
         raise NonFiniteError(f"{err}. {_kept(export, ckpt_dir, ckpt_path)} "
-                             f"{_remedies(train)}") from None
+                             f"{_remedies(cfg)}") from None
     except Exception as err:
         if find_enospc(err) is not None and not isinstance(err, DiskFullError):
             raise DiskFullError(out) from err
         raise
-    return module
+    return job.module
 
 
 def _kept(export: ExportEMA, ckpt_dir: Path, resumed_from: str | None) -> str:
@@ -179,10 +278,11 @@ def _kept(export: ExportEMA, ckpt_dir: Path, resumed_from: str | None) -> str:
     return "No checkpoint had been written yet."
 
 
-def _remedies(train: dict[str, Any]) -> str:
+def _remedies(cfg: dict[str, Any]) -> str:
+    train = cfg["train"]
     text = (f"Lower the learning rate (--lr, now {train.get('lr', 1e-3):g}) or clip gradients harder "
             f"(--train.grad_clip, now {train.get('grad_clip', 1.0)})")
-    precision = str(train.get("precision", "32-true"))
-    if not precision.startswith("32"):
-        text += f", or train in 32-bit precision (--train.precision 32-true, now {precision})"
+    precision = str((cfg.get("trainer") or {}).get("precision", "32-true"))
+    if not precision.startswith(("32", "64")):
+        text += f", or train in 32-bit precision (--trainer.precision 32-true, now {precision})"
     return text + "."

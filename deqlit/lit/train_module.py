@@ -1,6 +1,7 @@
 """LightningModule that trains a DDPM noise network with the epsilon-prediction loss."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -19,10 +20,16 @@ class DiffusionTrainModule(L.LightningModule):
 
     Logs train/loss every step, val/denoise_mse (held-out images, fixed noise and timesteps, EMA
     weights) every epoch, and a grid of samples from the EMA model every `sample_every` steps.
+    Gradient clipping is the Trainer's (gradient_clip_val, from the config's train.grad_clip).
+
+    Device and dtype: every tensor made here follows the batch (x0) or the model, so the module
+    runs on any accelerator and precision (tests/test_train_config.py runs it on 'meta' tensors,
+    where any CPU constant would raise, and in float64). Random draws use the device's generator;
+    fixed draws (validation noise, sample noise) use a CPU torch.Generator, then move.
     """
 
     def __init__(self, model: dict[str, Any], diffusion: dict[str, Any], lr: float = 1e-3,
-                 weight_decay: float = 0.0, warmup_steps: int = 200, grad_clip: float = 1.0,
+                 weight_decay: float = 0.0, warmup_steps: int = 200,
                  ema_decay: float = 0.999, hflip: bool = True, sample_every: int = 1000,
                  sample_count: int = 16, sample_timesteps: int = 50,
                  sample_solver: str = "triangular-anderson",
@@ -35,6 +42,7 @@ class DiffusionTrainModule(L.LightningModule):
                            diffusion.get("num_diffusion_timesteps", 1000),
                            diffusion.get("beta_start", 1e-4), diffusion.get("beta_end", 0.02))
         self.register_buffer("abar", alphas_cumprod(betas), persistent=False)
+        self.last_loss = float("nan")   # the last step's loss on the host, for the progress bar
 
     # ---- the loss -------------------------------------------------------------------------
     def diffusion_loss(self, net: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor,
@@ -44,26 +52,56 @@ class DiffusionTrainModule(L.LightningModule):
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         return F.mse_loss(net(x_t, t), noise)
 
-    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        (x0,) = batch
+    def training_loss(self, x0: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch x0 (B, C, H, W): random flips, timesteps and noise on x0's device."""
         if self.hparams.hflip:
             flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         t = torch.randint(0, len(self.abar), (x0.shape[0],), device=x0.device)
-        loss = self.diffusion_loss(self.model, x0, t, torch.randn_like(x0))
+        return self.diffusion_loss(self.model, x0, t, torch.randn_like(x0))
+
+    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        (x0,) = batch
+        loss = self.training_loss(x0)
         # Before backward and the optimizer step, so that NaN never reaches the weights or the EMA
-        # (one scalar host sync per step). Raising makes Lightning stop with nothing saved.
-        if not bool(torch.isfinite(loss)):
+        # (the one scalar host sync per step). Raising makes Lightning stop with nothing saved.
+        value = loss.detach().item()
+        if not math.isfinite(value):
             raise NonFiniteError(f"training diverged at step {self.global_step + 1}: "
-                                 f"the loss is {loss.item()}")
-        self.log("train/loss", loss, prog_bar=True)
+                                 f"the loss is {value}")
+        # The progress bar shows this float (run_training.LossBar): a prog_bar=True tensor would be
+        # read back after the optimizer step, a second sync per step. Loggers get the tensor.
+        self.last_loss = value
+        self.log("train/loss", loss)
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here rather than in on_train_batch_end: callbacks (the checkpoint) run before that hook,
         # and a checkpoint must hold the EMA of every step it holds the weights of.
-        self.ema.update_parameters(self.model)
+        self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One EMA step of self.ema towards self.model, computed on the device without host reads.
+
+        AveragedModel.update_parameters reads n_averaged on the host twice per call
+        (`bool(n == 0)`, `if n > 0`): two GPU syncs per step, plus one in make_ema's average. This is its arithmetic with the
+        warm-up decay of deqlit.lit.ema: the first update (n = 0) copies (lerp weight 1, which
+        torch computes as exactly `end`), later ones lerp by 1 - decay(n); buffers are copied.
+        """
+        ema = self.ema
+        averaged = [p.detach() for p in ema.module.parameters()]
+        current = [p.detach() for p in self.model.parameters()]
+        n = ema.n_averaged.to(torch.float64)
+        decay = torch.clamp((1.0 + n) / (10.0 + n), max=self.hparams.ema_decay)
+        weight = torch.where(n == 0, torch.ones_like(decay), 1.0 - decay).to(averaged[0].dtype)
+        # One weight view per tensor: the overload taking a 0-dim tensor weight reads it with
+        # .item() (caught by the 'meta' test), a host sync.
+        torch._foreach_lerp_(averaged, current, [weight.expand_as(p) for p in averaged])
+        for mine, theirs in zip(ema.module.buffers(), self.model.buffers()):
+            mine.copy_(theirs)
+        ema.n_averaged += 1
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step
@@ -92,11 +130,14 @@ class DiffusionTrainModule(L.LightningModule):
         net.eval()
         gen = torch.Generator().manual_seed(self.hparams.seed)
         shape = (self.hparams.sample_count, net.in_channels, net.resolution, net.resolution)
-        x_T = torch.randn(shape, generator=gen).to(self.device)
+        # The network's device and dtype (float64 under --trainer.precision 64-true).
+        weight = next(net.parameters())
+        x_T = torch.randn(shape, generator=gen).to(device=weight.device, dtype=weight.dtype)
         chain = Chain.build(self.abar, self.hparams.sample_timesteps)
         images, _ = generate(net, x_T, chain, solver=self.hparams.sample_solver)
         net.train(was_training)
-        grid = torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=4)
+        # One copy to the host per grid (every sample_every steps), as the logger needs it there.
+        grid = torchvision.utils.make_grid((images.float().cpu().clamp(-1, 1) + 1) / 2, nrow=4)
         experiment = getattr(self.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
             experiment.add_image("samples", grid, self.global_step)
@@ -107,12 +148,6 @@ class DiffusionTrainModule(L.LightningModule):
         warmup = max(1, self.hparams.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
-                                    gradient_clip_algorithm=None) -> None:
-        if self.hparams.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip,
-                                gradient_clip_algorithm="norm")
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA weights as a plain DDIMUNet state_dict."""
