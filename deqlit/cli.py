@@ -73,7 +73,8 @@ def describe_error(err: BaseException) -> tuple[str, int] | None:
             return str(full), 1
         where = full.filename or "a file under the output folder"
         return f"no space left on device while writing {where}; free space or choose another --out", 1
-    if isinstance(err, (NonFiniteError, SolverDivergedError)):
+    from deqlit.deq.inversion_report import InversionNotConverged
+    if isinstance(err, (NonFiniteError, SolverDivergedError, InversionNotConverged)):
         return str(err), 1
     if isinstance(err, (ConfigError, UserInputError)):
         return str(err), 2

@@ -67,6 +67,9 @@ class InversionSettings:
                 raise ValueError(text)
         need(self.method in METHODS, f"unknown inversion method {self.method!r}; use one of {', '.join(METHODS)}")
         need(self.init in INITS, f"unknown init {self.init!r}; use one of {', '.join(INITS)}")
+        need(self.method != "exact" or self.init == "exact",
+             f"method 'exact' finds the latents without optimization: use init 'exact' with it "
+             f"(got init {self.init!r}), or method deq to refine another start")
         need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
              f"lr must be a positive number, got {self.lr!r}")
         need(isinstance(self.max_steps, int) and self.max_steps >= 1,
@@ -93,9 +96,10 @@ def per_image_generator(seed: int, index: int) -> torch.Generator:
 
 
 def draw_start(model: nn.Module, chain: Chain, targets: torch.Tensor, indices: list[int],
-               settings: InversionSettings) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The starting latents x_T (B, C, H, W) and, for eta > 0, the injected noise (T, B, C, H, W),
-    on the targets' device and dtype."""
+               settings: InversionSettings, max_batch: Optional[int] = None
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[Any]]:
+    """The starting latents x_T (B, C, H, W), for eta > 0 the injected noise (T, B, C, H, W), on
+    the targets' device and dtype, and for init 'exact' the exact solve's report."""
     shape = tuple(targets.shape[1:])
     x_T, noise = [], []
     for k in indices:
@@ -105,13 +109,18 @@ def draw_start(model: nn.Module, chain: Chain, targets: torch.Tensor, indices: l
             noise.append(torch.randn((chain.T,) + shape, generator=gen))
     x_T_t = torch.stack(x_T).to(targets)
     noise_t = torch.stack(noise, dim=1).to(targets) if chain.eta > 0 else None
+    report = None
     with torch.no_grad():
         if settings.init == "ddim-inversion":
             x_T_t = ddim_encode(model, targets, chain)
         elif settings.init == "exact":
             from deqlit.deq.inverse_map import exact_invert
-            x_T_t, _, _ = exact_invert(model, targets, chain, noise=noise_t, **settings.exact)
-    return x_T_t, noise_t
+            # Alone (method exact) a solve that misses its tolerance is an error; as the start of
+            # the gradient method it is refined, so its report is kept instead.
+            options = {"on_fail": "raise" if settings.method == "exact" else "return", **settings.exact}
+            x_T_t, _, report = exact_invert(model, targets, chain, noise=noise_t, max_batch=max_batch,
+                                            **options)
+    return x_T_t, noise_t, report
 
 
 def check_image_size(model: nn.Module, targets: torch.Tensor) -> None:
@@ -154,7 +163,8 @@ class BatchInverter:
         self.started = time.perf_counter()
         self.seconds_before = 0.0             # time spent before a resume
         B = targets.shape[0]
-        x_T, noise = draw_start(model, chain, targets, self.indices, settings)
+        x_T, noise, self.exact_report = draw_start(model, chain, targets, self.indices, settings,
+                                                   max_batch)
         self.start_latents = x_T.detach().clone()
         # Per-batch leaves: Lightning's configure_optimizers holds optimizers of module parameters,
         # which these latents are not (a new set per batch), so the batch owns its Adam.
@@ -270,6 +280,7 @@ class BatchInverter:
             "iterations": self.iterations_history[:, :max(self.step_index, 1)].cpu(),
             "steps": self.step_index,
             "seconds": seconds,
+            "exact_report": None if self.exact_report is None else self.exact_report.to_dict(),
         }
 
     # ---- resume ---------------------------------------------------------------------------

@@ -78,6 +78,12 @@ def per_image_metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
             # The images of a batch are optimized together: each was worked on the whole time.
             "seconds": float(result["seconds"]),
         })
+        report = result.get("exact_report")
+        if report:   # the exact inverse solve that gave the start (init 'exact')
+            out[-1].update(exact_solve_residual=report["image_residual"][b],
+                           exact_solve_converged=bool(report["image_converged"][b]),
+                           exact_solve_network_evals=int(report["network_evals"][b]),
+                           exact_solve_depth=int(report["depth"]))
     return out
 
 
@@ -120,7 +126,8 @@ def merge_outputs(out: Path, method: str, T: int, merge_limit: int) -> dict[str,
     images = sorted((m for p in parts for m in p["metrics"]), key=lambda m: m["index"])
     means: dict[str, Optional[float]] = {}
     for key in ("min_loss", "final_loss", "exact_loss", "initial_loss", "initial_psnr", "mse", "psnr",
-                "ssim", "latent_autocorrelation", "latent_kurtosis", "seconds"):
+                "ssim", "latent_autocorrelation", "latent_kurtosis", "seconds", "exact_solve_residual",
+                "exact_solve_network_evals"):
         values = [m[key] for m in images if m.get(key) is not None]
         means[f"mean_{key}"] = sum(values) / len(values) if values else None
     metrics = {"settings": parts[0]["settings"] if parts else {},

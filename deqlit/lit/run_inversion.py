@@ -39,8 +39,10 @@ class MissingInputsError(FileNotFoundError):
 def settings_from(inv: dict[str, Any]) -> InversionSettings:
     """The inversion section of a config -> validated InversionSettings."""
     solver = inv.get("solver", "anderson")
+    # The exact method is its own start: --method exact needs no --init.
+    init = "exact" if inv["method"] == "exact" else inv["init"]
     return InversionSettings(
-        method=inv["method"], init=inv["init"], lr=inv["lr"], max_steps=inv["max_steps"],
+        method=inv["method"], init=init, lr=inv["lr"], max_steps=inv["max_steps"],
         early_stop_loss=inv.get("early_stop_loss", 0.0), seed=inv["seed"], tau=inv.get("tau", 0.1),
         warm_start=inv.get("warm_start", True), solver=solver, solver_options=options_from(solver, inv),
         optimize_noise=inv.get("optimize_noise", False),
