@@ -50,8 +50,10 @@ def sequential_grads(net, x_T, noise, target, chain, params):
     return torch.autograd.grad(chain_loss(states, target), wrt)
 
 
-@pytest.mark.parametrize("T,eta,max_batch", [(3, 0.0, None), (10, 0.0, 5), (10, 0.5, None), (7, 0.5, 4)])
-def test_ift_equals_autograd_through_the_sequential_chain(net64, T, eta, max_batch):
+@pytest.mark.parametrize("T,eta,max_batch,adjoint", [(3, 0.0, None, None), (10, 0.0, 5, None),
+                                                     (10, 0.5, None, None), (7, 0.5, 4, None),
+                                                     (10, 0.0, None, {"solver": "sweep"})])
+def test_ift_equals_autograd_through_the_sequential_chain(net64, T, eta, max_batch, adjoint):
     chain = Chain.build(ABAR, T, eta=eta)
     x_T, noise, target = inputs(chain.T, eta, seed=T)
     params = list(net64.parameters())
@@ -59,7 +61,8 @@ def test_ift_equals_autograd_through_the_sequential_chain(net64, T, eta, max_bat
 
     x = x_T.clone().requires_grad_(True)
     xi = None if noise is None else noise.clone().requires_grad_(True)
-    layer = DEQSampler(net64, chain, "anderson", dict(max_iter=50, tol=0.0), grad="ift", max_batch=max_batch)
+    layer = DEQSampler(net64, chain, "anderson", dict(max_iter=50, tol=0.0), grad="ift", max_batch=max_batch,
+                       adjoint=adjoint)
     X, _ = layer(x, xi)
     got = torch.autograd.grad(chain_loss(X, target), [x] + ([xi] if xi is not None else []) + params)
     assert relative_error(got[:1], ref[:1]) <= 1e-6                    # the latents
@@ -67,7 +70,7 @@ def test_ift_equals_autograd_through_the_sequential_chain(net64, T, eta, max_bat
         assert relative_error(got[1:2], ref[1:2]) <= 1e-6              # the injected noise
     assert relative_error(got[len(got) - len(params):], ref[len(ref) - len(params):]) <= 1e-6
     # Exact with plain iteration: the adjoint is triangular, so T calls and no more.
-    assert layer.backward_stats.iterations == chain.T
+    assert layer.backward_stats.iterations == (chain.T if adjoint is None else chain.T - 1)
 
 
 def test_ift_gradient_lands_in_parameter_grad_through_backward(net64):
@@ -87,7 +90,8 @@ def test_ift_gradient_lands_in_parameter_grad_through_backward(net64):
 
 
 @pytest.mark.parametrize("solver,options", [("picard", dict(freeze=False)), ("anderson", dict(m=3)),
-                                            ("triangular-anderson", dict(m=3, freeze=True))])
+                                            ("triangular-anderson", dict(m=3, freeze=True)),
+                                            ("sweep", {})])
 def test_every_adjoint_solver_reaches_the_exact_adjoint_within_T_calls(net64, solver, options):
     """g = J^T g + v against forward substitution row by row (row j from the exact rows < j)."""
     T = 8
@@ -101,7 +105,8 @@ def test_every_adjoint_solver_reaches_the_exact_adjoint_within_T_calls(net64, so
             known = exact.clone()
             known[j:] = 0
             exact[j] = v[j] + ChainAdjoint(fmap, X_star).transposed(known)[j]
-        g, stats = solve_adjoint(fmap, X_star, v, {"solver": solver, "tol": 0.0, **options}, None)
+        settings = {"solver": solver} if solver == "sweep" else {"solver": solver, "tol": 0.0, **options}
+        g, stats = solve_adjoint(fmap, X_star, v, settings, None)
     assert stats.iterations <= T
     assert (g - exact).abs().max() <= 1e-10 * exact.abs().max()
     # The rows really interact (else the test would pass with g = v).
@@ -189,3 +194,5 @@ def test_grad_modes_are_an_explicit_switch(net64):
         DEQSampler(net64, chain, grad="ift", adjoint={"solver": "newton"})
     with pytest.raises(ValueError, match="no option"):
         DEQSampler(net64, chain, grad="ift", adjoint={"solver": "picard", "m": 3})
+    with pytest.raises(ValueError, match="no options"):
+        DEQSampler(net64, chain, grad="ift", adjoint={"solver": "sweep", "tol": 0.0})

@@ -35,6 +35,7 @@ from deqlit.deq.fixed_point import FixedPointMap
 from deqlit.deq.solvers import SolverStats, option_defaults, solve
 
 GRAD_MODES = ("none", "onestep", "ift")
+SWEEP = "sweep"   # adjoint 'solver': forward substitution, one row of J^T at a time
 DEFAULT_ADJOINT: dict[str, Any] = {"solver": "picard", "tol": 0.0, "freeze": True}
 
 
@@ -49,9 +50,16 @@ def adjoint_settings(adjoint: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The adjoint solve's settings: {'solver': name, **solver options}, checked now, not in backward.
 
     Default: plain iteration with tol 0 and freezing, i.e. the exact adjoint in T calls, each call
-    evaluating only the rows that are not settled yet (T (T - 1) / 2 network rows per image).
+    evaluating only the rows that are not settled yet (about T^2 / 2 network rows per image).
+    'sweep' solves the triangular system row after row instead: exact with T - 1 rows per image
+    but T - 1 sequential network calls (the cheaper choice where calls do not run in parallel,
+    e.g. on a CPU); it takes no options.
     """
     settings = dict(DEFAULT_ADJOINT if adjoint is None else {"solver": "picard", **adjoint})
+    if settings["solver"] == SWEEP:
+        if len(settings) > 1:
+            raise ValueError(f"the adjoint 'sweep' takes no options, got {sorted(set(settings) - {'solver'})}")
+        return settings
     accepted = set(option_defaults(settings["solver"]))   # raises on an unknown solver name
     unknown = set(settings) - accepted - {"solver"}
     if unknown:
@@ -144,12 +152,28 @@ class AdjointMap:
 def solve_adjoint(fmap: FixedPointMap, X_star: torch.Tensor, v: torch.Tensor,
                   settings: dict[str, Any], max_batch: Optional[int]) -> tuple[torch.Tensor, SolverStats]:
     """g = J^T g + v at X* (T, B, ...), started at g = v. Returns (g, the adjoint solve's stats)."""
+    if settings["solver"] == SWEEP:
+        return sweep_adjoint(fmap, X_star, v, max_batch)
     adjoint_map = AdjointMap(ChainAdjoint(fmap, X_star), v, max_batch)
     options = {k: val for k, val in settings.items() if k != "solver"}
     options.setdefault("max_iter", fmap.T)
     G, stats = solve(settings["solver"], adjoint_map, v.flip(0).clone(), **options)
     stats.network_rows = adjoint_map.network_rows
     return G.flip(0), stats
+
+
+def sweep_adjoint(fmap: FixedPointMap, X_star: torch.Tensor, v: torch.Tensor,
+                  max_batch: Optional[int]) -> tuple[torch.Tensor, SolverStats]:
+    """The adjoint by forward substitution: g_0 = v_0, then g_j = v_j + (J^T g)_j from rows < j."""
+    fm, T = fmap, fmap.T
+    g = v.clone()
+    u = torch.zeros_like(v[0])                       # running sum_{r < j} s_r g_r
+    for j in range(1, T):
+        u = u + fm._scale[j - 1] * g[j - 1]
+        grad, _ = eps_vjp(fm.model, X_star[j:j + 1], fm._timesteps[j - 1:j], (fm._c[j - 1] * u)[None],
+                          max_batch=max_batch)
+        g[j] = v[j] + grad[0]
+    return g, SolverStats(iterations=T - 1, converged=True, network_rows=T - 1)
 
 
 def chain_vjp(fmap: FixedPointMap, X_star: torch.Tensor, g: torch.Tensor,
