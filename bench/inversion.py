@@ -26,45 +26,16 @@ import time
 import warnings
 from pathlib import Path
 
-import lightning as L
-import torch
-from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, TensorDataset
-
 from deqlit.config import find_config, load_config
-from deqlit.lit.inversion_module import frobenius_loss
-from deqlit.lit.run_inversion import build_module
+from deqlit.data.registry import load_images
+from deqlit.deq.inversion import BatchInverter, frobenius_loss
+from deqlit.diffusion.chain import Chain
+from deqlit.lit.inversion_outputs import per_image_metrics
+from deqlit.lit.run_inversion import settings_from
+from deqlit.models.build import build_noise_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_BUDGET_S = {10: 120.0, 100: 1800.0}   # wall seconds per method; other T run --steps steps
-
-
-class StepClock(Callback):
-    """Wall seconds at the end of each step, and the latents each step's loss belongs to.
-
-    The snapshot is taken before the step (the loss of step k is that of the latents before
-    update k) and is not timed: the clock stops while it is copied.
-    """
-
-    def __init__(self, budget_s: float | None = None):
-        self.stamps, self.latents, self.start, self.paused = [], [], None, 0.0
-        self.budget_s = budget_s
-
-    def on_train_start(self, trainer, module):
-        self.start = time.perf_counter()
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        pause = time.perf_counter()
-        if batch_idx > 0:   # step 0 draws its latents inside the step
-            self.latents.append(module.latents.clone())
-        self.paused += time.perf_counter() - pause
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.stamps.append(time.perf_counter() - self.start - self.paused)
-        if batch_idx == 0:
-            self.latents.append(module.best_latents.clone())   # step 0 is always its best so far
-        if self.budget_s is not None and self.stamps[-1] >= self.budget_s:
-            trainer.should_stop = True
 
 
 def config(method: str, T: int, images: int, steps: int, ckpt: str | None, lr: float, init: str) -> dict:
@@ -76,40 +47,55 @@ def config(method: str, T: int, images: int, steps: int, ckpt: str | None, lr: f
     return cfg
 
 
+def make_inverter(cfg: dict, images: int | None = None) -> BatchInverter:
+    """The faces config's inversion of the first `images` held-out faces, as one batch."""
+    inv = cfg["inversion"]
+    model, schedule, _ = build_noise_model(cfg)
+    chain = Chain.build(schedule, inv["timesteps"], inv["skip"], inv["eta"])
+    faces = load_images("faces", inv.get("split", "test"), 32, 1, limit=images or inv["num_images"])
+    return BatchInverter(model.requires_grad_(False), chain, faces, list(range(len(faces))),
+                         settings_from(inv), inv.get("max_batch"))
+
+
 def run_curve(cfg: dict, budget_s: float | None = None,
               max_points: int = 100) -> tuple[list[float], list[float], float, int]:
     """(mean exact loss, wall seconds at the end of the step) for up to max_points evenly spaced
     steps and the last one; the final mean PSNR; the number of steps taken.
 
-    Losses are recomputed after the run with the exact sequential chain from each step's latents:
-    DEQ's own x_0 is only as exact as its solver tolerance.
+    Losses are recomputed after the run with the exact sequential chain from each step's latents
+    (taken before the step, untimed): DEQ's own x_0 is only as exact as its solver tolerance.
     """
-    module = build_module(cfg)
-    clock = StepClock(budget_s)
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[clock])
-    steps = module.total_steps()
-    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(torch.arange(steps)), batch_size=1))
-    taken = len(clock.stamps)
+    inverter = make_inverter(cfg)
+    snapshots, stamps, paused = [], [], 0.0
+    start = time.perf_counter()
+    while not inverter.finished:
+        pause = time.perf_counter()
+        snapshots.append(inverter.latents.detach().clone())
+        paused += time.perf_counter() - pause
+        inverter.step()
+        stamps.append(time.perf_counter() - start - paused)
+        if budget_s is not None and stamps[-1] >= budget_s:
+            break
+    taken = len(stamps)
     points = sorted(set(range(0, taken, math.ceil(taken / max_points))) | {taken - 1})
-    losses = [float(frobenius_loss(module.reconstruct(clock.latents[k], module.batch_noise(slice(None))),
-                                   module.targets).mean()) for k in points]
-    module.finish_batch(slice(None))    # a budget may stop the run mid-batch: exact metrics anyway
-    return losses, [clock.stamps[k] for k in points], module.image_metrics()["mean_psnr"], taken
+    noise = inverter.noise
+    losses = [float(frobenius_loss(inverter.exact_x0(snapshots[k], noise), inverter.targets).mean())
+              for k in points]
+    result = per_image_metrics(inverter.result())
+    return losses, [stamps[k] for k in points], sum(m["psnr"] for m in result) / len(result), taken
 
 
 def measure_memory(method: str, T: int, ckpt: str | None) -> dict:
     """Child process: peak RSS growth (MB) of one optimization step on one face."""
     cfg = config(method, T, 1, 1, ckpt, 0.01, "random")
     cfg["inversion"]["max_iter"] = 3          # memory does not depend on the iteration count
-    module = build_module(cfg)
-    module.log = lambda *a, **k: None       # no Trainer here
+    inverter = make_inverter(cfg, images=1)
     # ru_maxrss survives fork+exec (it would report the parent's peak); the kernel's per-process
     # high-water mark VmHWM can be reset by writing 5 to /proc/self/clear_refs.
     Path("/proc/self/clear_refs").write_text("5")
     base = proc_status_mb("VmRSS")
     start = time.perf_counter()
-    module.training_step(None, 0)           # starts the batch (initial latents) and takes one step
+    inverter.step()
     peak = proc_status_mb("VmHWM")
     return {"method": method, "T": T, "step_peak_growth_mb": peak - base,
             "process_peak_mb": peak, "step_seconds": time.perf_counter() - start}
