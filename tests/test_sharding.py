@@ -93,6 +93,21 @@ def run_cases(job: str, reducer) -> dict:
             params = [p for p in model.parameters() if p.requires_grad]
             reducer.sum_gradients([x_T, *params])
             out[("grad", trainable)] = dict(x_T=x_T.grad, params=[p.grad for p in params])
+    if job == "world4":
+        # The same 4 processes as a data 2 x time 2 mesh: replica d samples image d of the batch.
+        from deqlit.parallel.mesh import build_time_mesh
+        mesh = build_time_mesh(2)
+        time_reducer = mesh.time_reducer()
+        for solver in SOLVERS:
+            chain = Chain.build(ABAR, T, eta=0.5)
+            x_T, noise = inputs(0.5)
+            mine = mesh.data_slice(x_T.shape[0])
+            with torch.no_grad():
+                sampler = ShardedDEQSampler(net, chain, time_reducer, solver, options(True))
+                X, stats = sampler(x_T[mine], noise[:, mine])
+            out[("mesh", solver)] = dict(X=X, x_0=sampler.first_state(X), images=mine,
+                                         image_iterations=stats.image_iterations,
+                                         mesh=(mesh.data_index, mesh.time_index))
     if job == "world2":
         # Every process raises at the same iteration, after the same collectives: the group stays
         # usable, so these run in the same processes.
@@ -222,6 +237,22 @@ def test_sharded_sampling_equals_one_process(sharded, world):
             assert ranks[r][case]["rel"] == pytest.approx(s1.rel_residual, rel=1e-6, abs=1e-12)
             assert ranks[r][case]["rows"] == blocks[r].rows
     assert any(ranks[0][c]["iterations"] < T for c in CASES if c in ranks[0])   # some stop on tol
+
+
+@pytest.mark.slow
+def test_data_2_by_time_2_mesh_equals_one_process(sharded):
+    """Ranks (d, t) = (r // 2, r % 2): replica d solves image d over the time shards t = 0, 1."""
+    ranks = sharded(4)
+    blocks = time_blocks(T, 2)
+    for solver in SOLVERS:
+        X1, s1 = reference(solver, 0.5, True)
+        for r, rank in enumerate(ranks):
+            got = rank[("mesh", solver)]
+            d, t = got["mesh"]
+            assert (d, t) == (r // 2, r % 2) and got["images"] == slice(d, d + 1)
+            assert (got["X"] - X1[blocks[t].start:blocks[t].stop, d:d + 1]).abs().max() <= 1e-6
+            assert (got["x_0"] - X1[0, d:d + 1]).abs().max() <= 1e-6
+            assert got["image_iterations"] == [s1.image_iterations[d]]      # stops per image
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])

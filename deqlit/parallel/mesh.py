@@ -1,0 +1,75 @@
+"""A data x time process mesh: world = data replicas x time shards.
+
+Rank r sits at (data index r // time, time index r % time): the time shards of one replica are
+neighbouring ranks, so on a multi-GPU node they share its fast links, and replicas spread over
+nodes. The time group of a replica carries the per-iteration solver traffic (block totals,
+residuals, flags); the data group carries only gradient averages and metrics.
+
+Gradient rule for what every time shard holds a copy of (latents x_T, network weights): sum over
+the time group (each shard's gradient is partial), average over the data group (the replicas see
+different data). An all_reduce over the whole world divided by the number of data replicas does both
+at once (`replicated_gradient_scale`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+from deqlit.parallel.distributed import DistributedReducer
+
+
+@dataclass
+class TimeMesh:
+    data: int                         # data replicas
+    time: int                         # time shards per replica
+    rank: int                         # global rank
+    time_group: Optional[dist.ProcessGroup]
+    data_group: Optional[dist.ProcessGroup]
+
+    @property
+    def data_index(self) -> int:
+        return self.rank // self.time
+
+    @property
+    def time_index(self) -> int:
+        return self.rank % self.time
+
+    def time_reducer(self) -> DistributedReducer:
+        """The Reducer that the solvers and the block map use: the shards of this replica."""
+        return DistributedReducer(self.time_group)
+
+    def replicated_gradient_scale(self) -> float:
+        """Factor on a world-wide gradient all_reduce SUM: 1 / data replicas."""
+        return 1.0 / self.data
+
+    def data_slice(self, n: int) -> slice:
+        """This replica's contiguous share of n items (the first n mod data replicas get one more)."""
+        base, extra = divmod(n, self.data)
+        start = self.data_index * base + min(self.data_index, extra)
+        return slice(start, start + base + (1 if self.data_index < extra else 0))
+
+
+def build_time_mesh(time_shards: int) -> TimeMesh:
+    """Split the initialized world into data x time groups (a collective: every rank calls it)."""
+    if not dist.is_initialized():
+        raise RuntimeError("build_time_mesh needs torch.distributed initialized (torchrun, or "
+                           "init_time_group / the ddp_time strategy)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if time_shards < 1 or world % time_shards:
+        raise ValueError(f"time_shards = {time_shards} must divide the world size {world} (world = "
+                         f"data replicas x time shards): use --trainer.devices (x nodes) = a multiple "
+                         f"of --parallel.time_shards")
+    data = world // time_shards
+    time_group = data_group = None
+    # new_group is collective over the whole world: every rank creates every group, in one order.
+    for d in range(data):
+        group = dist.new_group([d * time_shards + t for t in range(time_shards)])
+        if rank // time_shards == d:
+            time_group = group
+    for t in range(time_shards):
+        group = dist.new_group([d * time_shards + t for d in range(data)])
+        if rank % time_shards == t:
+            data_group = group
+    return TimeMesh(data, time_shards, rank, time_group, data_group)
