@@ -185,6 +185,8 @@ class DatasetMetrics:
                    device=next(model.parameters()).device)
 
     def __call__(self, samples: torch.Tensor) -> dict[str, Any]:
+        # The evaluator is built before the model moves to its device: follow the samples there.
+        self.metrics.to(samples.device)
         self.metrics.reset(real=False)
         for chunk in check_images(samples, "samples").split(self.batch_size):
             self.metrics.update(chunk, real=False)
