@@ -2,6 +2,7 @@
 batches, without the images whose results are already on disk (a resumed run)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -33,6 +34,9 @@ class InversionDataModule(L.LightningDataModule):
             self.images = split_dataset(self.name, self.split, self.resolution, self.channels, self.root)
             total = len(self.images)
             wanted = total if self.num_images is None else min(self.num_images, total)
+            if self.num_images is not None and total < self.num_images:
+                warnings.warn(f"asked for {self.num_images} images but split {self.split!r} of "
+                              f"{self.name!r} holds {total}; inverting {total}", UserWarning, stacklevel=2)
             self.positions = [i for i in range(wanted) if i not in self.skip]
 
     def predict_dataloader(self) -> DataLoader:

@@ -47,6 +47,9 @@ def build_noise_model(cfg: dict, ckpt: Optional[str] = None, ema: Optional[bool]
         raise CheckpointNotFoundError(
             "no checkpoint given: pass --ckpt PATH or set checkpoint.path in the config")
     path = resolve_checkpoint(path_text)
+    if not path.exists() and ckpt_cfg.get("source"):
+        # The config says where its checkpoint comes from (a paper download, or a train.py run).
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}. {ckpt_cfg['source']}")
     use_ema = ckpt_cfg.get("ema", True) if ema is None else ema
     if cfg.get("model", {}).get("format") == "diffusers":
         from deqlit.models.diffusers_adapter import load_diffusers_unet
