@@ -3,6 +3,7 @@
     python train.py --data faces                       # the shipped default model's recipe
     python train.py --data faces --resume              # continue from runs/train-faces/checkpoints/last.ckpt
     python train.py --data celeba --train.lr 2e-5      # any config key can be overridden
+    python train.py --task joint --data faces          # fine-tune network + latents of the 16 held-out faces
 """
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import sys
 
 from deqlit.cli import parse, positive_int, run_main
 from deqlit.lit.run_training import run_training
+
+# --task joint: the shared flags set keys of the joint section (--lr is the network's lr there).
+JOINT_FLAGS = {"max_steps": "joint.max_steps", "lr": "joint.network_lr", "batch_size": "joint.batch_size",
+               "seed": "joint.seed", "out": "joint.out"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,11 +29,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", nargs="?", const="last", default=None,
                         help="resume from a Lightning checkpoint (default: the run folder's last.ckpt)")
     parser.add_argument("--fast-dev-run", action="store_true", dest="fast_dev_run")
+    parser.add_argument("--task", choices=("train", "joint"), default="train",
+                        help="train: the DDPM recipe; joint: fine-tune the network jointly with the "
+                             "latents of a set of images through the DEQ (the joint section)")
+    parser.add_argument("--ckpt", help="--task joint: the network to fine-tune (default checkpoint.path)")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also DEQLIT_DEBUG=1)")
-    args, cfg = parse(parser, argv, {"max_steps": "train.max_steps", "lr": "train.lr",
-                                     "batch_size": "data.batch_size", "seed": "train.seed",
-                                     "out": "train.out", "init": "train.init"})
+    task = parser.parse_known_args(argv)[0].task
+    flags = JOINT_FLAGS if task == "joint" else {
+        "max_steps": "train.max_steps", "lr": "train.lr", "batch_size": "data.batch_size",
+        "seed": "train.seed", "out": "train.out", "init": "train.init"}
+    args, cfg = parse(parser, argv, flags)
+    if task == "joint":
+        from deqlit.lit.run_joint import run_joint
+        run_joint(cfg, resume=args.resume, fast_dev_run=args.fast_dev_run, ckpt=args.ckpt)
+        return
     run_training(cfg, resume=args.resume, fast_dev_run=args.fast_dev_run)
 
 

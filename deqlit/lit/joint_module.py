@@ -1,0 +1,361 @@
+"""Joint fine-tuning of the noise network and per-image latents through the DEQ (the paper's
+future work): every image i of a set gets a latent x_T^(i) whose DDIM chain regenerates it, while
+the network adapts so that these latents stay typical N(0, I) noise and the model stays a
+diffusion model for everything else.
+
+Loss per batch (images x0, latents x_T):
+    ||DEQ(x_T)_0 - x0||_F^2                      reconstruction through the DEQ (paper's loss), per image
+  + prior_weight * E ||eps - eps_theta(x_t, t)||^2  prior preservation on the original training data
+  + typicality_weight * chi2(x_T)                 the latent's whiteness statistics, per image
+Typicality by design: a latent is parameterized on the sphere of radius sqrt(D), where white
+Gaussian noise lives (x_T = sqrt(D) z / ||z||, the table row z renormalized after each step), and
+chi2 sums the squared z-scores of the statistics that white noise pins down and the sphere does
+not: lag-1 autocorrelation along rows and columns (std 1/sqrt(n_pairs)), kurtosis (std
+sqrt(24 / D)) and the mean (std 1 / sqrt(D)). For N(0, I) latents chi2 is about 4 (4 degrees of
+freedom); the exact latents of held-out faces (autocorrelation ~0.47) score ~450.
+
+Latents for a dataset of any size: a table (N, D) updated only at the rows of the batch. Its
+gradient is sparse (embedding with sparse=True) and RowAdam keeps a step count per row, so the
+bias correction is right for a row first seen at step 10,000 (torch's SparseAdam counts one step
+per table). Rows are initialized when first seen (Gaussian from seed * 1_000_003 + index, or DDIM
+inversion of the image), so results do not depend on batching. Two optimizers (RowAdam for the
+latents, AdamW for the network) run under manual optimization; the network's is stepped through
+its raw optimizer, so the Trainer's global_step counts training steps, not optimizer calls.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from deqlit.deq.fixed_point import FixedPointMap
+from deqlit.deq.grad import adjoint_settings, attach_gradient, check_grad_mode
+from deqlit.deq.solvers import SolverStats, get_solver, solve
+from deqlit.diffusion.chain import Chain
+from deqlit.diffusion.sequential import ddim_encode
+from deqlit.lit.ema import make_ema
+from deqlit.lit.guards import NonFiniteError
+
+INITS = ("gaussian", "ddim-inversion")
+
+
+# ---- latent statistics (plain functions; x (B, C, H, W)) -------------------------------------
+def lag1_autocorrelation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lag-1 autocorrelation along columns and along rows per image: ((B,), (B,))."""
+    xc = x - x.mean(dim=(1, 2, 3), keepdim=True)
+    power = xc.pow(2).mean(dim=(1, 2, 3))
+    along_w = (xc[..., :, 1:] * xc[..., :, :-1]).mean(dim=(1, 2, 3)) / power
+    along_h = (xc[..., 1:, :] * xc[..., :-1, :]).mean(dim=(1, 2, 3)) / power
+    return along_w, along_h
+
+
+def kurtosis(x: torch.Tensor) -> torch.Tensor:
+    """Pearson kurtosis of each image's values (3 for Gaussian noise), (B,)."""
+    xc = x - x.mean(dim=(1, 2, 3), keepdim=True)
+    return xc.pow(4).mean(dim=(1, 2, 3)) / xc.pow(2).mean(dim=(1, 2, 3)).pow(2)
+
+
+def typicality_chi2(x: torch.Tensor) -> torch.Tensor:
+    """Sum of squared z-scores of (row and column lag-1 autocorrelation, kurtosis, mean) under
+    white N(0, I) noise, (B,); about 4 for such noise, large for structured latents."""
+    _, c, h, w = x.shape
+    d = c * h * w
+    along_w, along_h = lag1_autocorrelation(x)
+    return (c * h * (w - 1) * along_w ** 2 + c * (h - 1) * w * along_h ** 2
+            + d / 24.0 * (kurtosis(x) - 3.0) ** 2 + d * x.mean(dim=(1, 2, 3)) ** 2)
+
+
+def to_sphere(z: torch.Tensor) -> torch.Tensor:
+    """z (B, D) -> sqrt(D) z / ||z||: the shell where white noise of dimension D concentrates."""
+    return z * (math.sqrt(z.shape[1]) / z.norm(dim=1, keepdim=True).clamp(min=1e-12))
+
+
+def gaussian_latent(index: int, seed: int, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
+    """The starting latent of image `index`: its own generator, whatever the batch."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + int(index))
+    return torch.randn(shape, generator=gen, dtype=dtype)
+
+
+# ---- latents table and its optimizer ---------------------------------------------------------
+class LatentTable(nn.Module):
+    """Latents of N images, (N, D) rows; `ready` marks the rows initialized so far (saved)."""
+
+    def __init__(self, num_images: int, image_shape: tuple[int, ...], sphere: bool = True):
+        super().__init__()
+        if num_images < 1:
+            raise ValueError(f"joint fine-tuning needs at least one image, got {num_images}")
+        self.image_shape, self.sphere = tuple(image_shape), sphere
+        self.weight = nn.Parameter(torch.zeros(num_images, math.prod(image_shape)))
+        self.register_buffer("ready", torch.zeros(num_images, dtype=torch.bool))
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        """index (B,) long -> x_T (B, C, H, W), with a sparse gradient to the table's rows."""
+        z = F.embedding(index, self.weight, sparse=True)
+        return (to_sphere(z) if self.sphere else z).reshape(len(index), *self.image_shape)
+
+    @torch.no_grad()
+    def fill(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        self.weight[index] = values.reshape(len(index), -1).to(self.weight)
+        self.ready[index] = True
+        self.renormalize(index)
+
+    @torch.no_grad()
+    def renormalize(self, index: torch.Tensor) -> None:
+        """Keep the rows on the sphere, so the step size of RowAdam means the same all along."""
+        if self.sphere:
+            self.weight[index] = to_sphere(self.weight[index])
+
+
+class RowAdam(torch.optim.Optimizer):
+    """Adam on the rows present in a sparse gradient, with one step count per row."""
+
+    def __init__(self, params, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        if not lr > 0:
+            raise ValueError(f"the latents' learning rate must be > 0, got {lr}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.coalesce() if p.grad.is_sparse else p.grad.to_sparse(1).coalesce()
+                rows, values = grad.indices()[0], grad.values()
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["step"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
+                state["step"][rows] += 1
+                n = state["step"][rows].to(p.dtype)[:, None]
+                m = state["exp_avg"][rows].mul_(b1).add_(values, alpha=1 - b1)
+                v = state["exp_avg_sq"][rows].mul_(b2).addcmul_(values, values, value=1 - b2)
+                state["exp_avg"][rows], state["exp_avg_sq"][rows] = m, v
+                update = (m / (1 - b1 ** n)) / ((v / (1 - b2 ** n)).sqrt() + group["eps"])
+                p[rows] -= group["lr"] * update
+        return loss
+
+
+# ---- the LightningModule ---------------------------------------------------------------------
+class JointFineTuneModule(L.LightningModule):
+    """Fine-tunes `model` (network_lr > 0; 0 = latents only) and the latents of `num_images` images.
+
+    Batches: {'target': (index (B,), image (B, C, H, W)), 'prior': image (B', C, H, W)} (run_joint's
+    JointDataModule). The EMA copy (self.ema) is what run_joint exports.
+    """
+
+    def __init__(self, model: nn.Module, schedule_abar: torch.Tensor, num_images: int,
+                 image_shape: tuple[int, ...], timesteps: int = 10, skip: str = "uniform",
+                 grad: str = "ift", tau: float = 0.1, solver: str = "triangular-anderson",
+                 solver_options: Optional[dict[str, Any]] = None, adjoint: Optional[dict[str, Any]] = None,
+                 max_batch: Optional[int] = None, latent_lr: float = 0.01, network_lr: float = 1e-5,
+                 weight_decay: float = 0.0, warmup_steps: int = 0, grad_clip: float = 1.0,
+                 ema_decay: float = 0.995, prior_weight: float = 1.0, typicality_weight: float = 0.1,
+                 sphere: bool = True, init: str = "gaussian", seed: int = 0, compare_every: int = 0,
+                 image_every: int = 50, kid_every: int = 0, kid_samples: int = 32):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "schedule_abar"])
+        if init not in INITS:
+            raise ValueError(f"unknown latent init {init!r}; use one of {INITS}")
+        if network_lr < 0 or prior_weight < 0 or typicality_weight < 0:
+            raise ValueError("network_lr, prior_weight and typicality_weight must be >= 0")
+        self.automatic_optimization = False
+        self.model = model
+        self.train_network = network_lr > 0
+        self.model.requires_grad_(self.train_network)
+        self.ema = make_ema(self.model, ema_decay)
+        self.register_buffer("abar", schedule_abar.detach().to(torch.float64).clone(), persistent=False)
+        self.chain = Chain.build(self.abar, timesteps, skip)
+        self.latents = LatentTable(num_images, image_shape, sphere)
+        get_solver(solver)
+        check_grad_mode(grad, tau)
+        self.adjoint = adjoint_settings(adjoint)
+        self.backward_stats: Optional[SolverStats] = None
+
+    # ---- the DEQ ------------------------------------------------------------------------
+    def solve_chain(self, x_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, FixedPointMap, SolverStats]:
+        """x_T (B, C, H, W) -> (X with the chosen gradient attached, X* detached, the bound map,
+        forward stats); X (T, B, C, H, W), X[0] = x_0."""
+        hp = self.hparams
+        fmap = FixedPointMap(self.model, self.chain, hp.max_batch)
+        with torch.no_grad():
+            fmap.bind(x_T.detach())
+            start = x_T.detach()[None].expand(self.chain.T, *x_T.shape).clone()
+            X_star, stats = solve(hp.solver, fmap, start, **(hp.solver_options or {}))
+        X = attach_gradient(hp.grad, fmap, X_star, x_T, tau=hp.tau, adjoint=self.adjoint,
+                            on_backward=self._record_backward)
+        return X, X_star, fmap, stats
+
+    def _record_backward(self, stats: SolverStats) -> None:
+        self.backward_stats = stats
+
+    def train(self, mode: bool = True) -> "JointFineTuneModule":
+        """The network stays in eval mode: dropout would make the fixed-point map random."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    # ---- latents ------------------------------------------------------------------------
+    @torch.no_grad()
+    def initialize_rows(self, index: torch.Tensor, images: torch.Tensor) -> None:
+        """Fill the rows of `index` seen for the first time (Gaussian or DDIM inversion)."""
+        new = ~self.latents.ready[index]
+        if not bool(new.any()):
+            return
+        idx, x0 = index[new], images[new]
+        if self.hparams.init == "gaussian":
+            values = torch.stack([gaussian_latent(int(i), self.hparams.seed, x0.shape[1:], x0.dtype)
+                                  for i in idx.tolist()]).to(x0.device)
+        else:
+            values = ddim_encode(self.model, x0, self.chain)
+        self.latents.fill(idx, values)
+
+    # ---- losses -------------------------------------------------------------------------
+    def denoising_loss(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """DDPM's eps loss at random timesteps, drawn from `generator` (same draw on resume)."""
+        t = torch.randint(0, len(self.abar), (x0.shape[0],), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        a = self.abar[t].to(x0.dtype)[:, None, None, None]
+        return F.mse_loss(self.model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t), noise)
+
+    def step_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + 7919 * self.global_step + 1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        index, x0 = batch["target"]
+        prior = batch["prior"][0] if isinstance(batch["prior"], (tuple, list)) else batch["prior"]
+        index = index.long()
+        self.initialize_rows(index, x0)
+        x_T = self.latents(index)
+        X, X_star, fmap, stats = self.solve_chain(x_T)
+        recon = (X[0] - x0).pow(2).flatten(1).sum(1)                       # (B,)
+        chi2 = typicality_chi2(x_T)
+        loss = recon.mean() + self.hparams.typicality_weight * chi2.mean()
+        gen = self.step_generator()
+        if self.train_network and self.hparams.prior_weight > 0:
+            prior_loss = self.denoising_loss(prior, gen)
+            loss = loss + self.hparams.prior_weight * prior_loss
+        else:
+            with torch.no_grad():
+                prior_loss = self.denoising_loss(prior, gen)
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteError(f"joint fine-tuning diverged at step {self.global_step + 1}: "
+                                 f"the loss is {loss.item()}")
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        every = self.hparams.compare_every
+        cosine = (self.gradient_cosine(fmap, X_star, x_T.detach(), x0)   # before the weights move
+                  if every and self.global_step % every == 0 else None)
+        if self.train_network:
+            net_opt = optimizers[1]
+            if self.hparams.grad_clip:
+                self.clip_gradients(net_opt, gradient_clip_val=self.hparams.grad_clip,
+                                    gradient_clip_algorithm="norm")
+            net_opt.optimizer.step()          # raw: global_step counts the latents' steps only
+            self.lr_schedulers().step()
+            self.ema.update_parameters(self.model)
+        optimizers[0].step()
+        self.latents.renormalize(index)
+        self.log_step(x0, X[0].detach(), x_T.detach(), recon.detach(), chi2.detach(), prior_loss.detach(),
+                      stats, index, cosine)
+        return loss.detach()
+
+    # ---- logging ------------------------------------------------------------------------
+    @torch.no_grad()
+    def log_step(self, x0, x0_hat, x_T, recon, chi2, prior_loss, stats, index, cosine) -> None:
+        along_w, along_h = lag1_autocorrelation(x_T)
+        rho = (along_w + along_h) / 2
+        kurt = kurtosis(x_T)
+        values = {"train/recon_loss": recon.mean(), "train/prior_denoise_mse": prior_loss,
+                  "train/target_denoise_mse": self.denoising_loss(x0, self.step_generator()),
+                  "train/typicality_chi2": chi2.mean(), "latents/autocorr_mean": rho.mean(),
+                  "latents/autocorr_max": rho.abs().max(), "latents/kurtosis_mean": kurt.mean(),
+                  "latents/kurtosis_maxdev": (kurt - 3).abs().max(),
+                  "train/psnr": peak_signal_noise_ratio(x0_hat.clamp(-1, 1), x0, data_range=2.0),
+                  "solver/iterations": float(stats.iterations)}
+        if self.hparams.grad == "ift" and self.backward_stats is not None:
+            values["solver/adjoint_iterations"] = float(self.backward_stats.iterations)
+        if cosine is not None:
+            values["grad/cosine_onestep_ift"] = cosine
+        self.log_dict(values, prog_bar=False, batch_size=len(index))
+        self.log("recon", recon.mean(), prog_bar=True, batch_size=len(index), logger=False)
+        step = self.global_step
+        if self.hparams.image_every and step % self.hparams.image_every == 0:
+            self.log_images("reconstructions", torch.cat([x0[:8], x0_hat[:8]]), nrow=min(8, len(x0)))
+        if self.hparams.kid_every and step % self.hparams.kid_every == 0:
+            self.log("eval/kid", self.fresh_sample_kid(), batch_size=1)
+
+    def gradient_cosine(self, fmap: FixedPointMap, X_star: torch.Tensor, x_T: torch.Tensor,
+                        x0: torch.Tensor) -> torch.Tensor:
+        """Cosine between the onestep and ift gradients of the reconstruction loss to the latents
+        at this step's solution X* (the network frozen for this comparison only)."""
+        flags = [p.requires_grad for p in self.model.parameters()]
+        self.model.requires_grad_(False)
+        try:
+            grads = []
+            with torch.enable_grad():
+                for mode in ("onestep", "ift"):
+                    leaf = x_T.clone().requires_grad_(True)
+                    X = attach_gradient(mode, fmap, X_star, leaf, tau=self.hparams.tau,
+                                        adjoint=self.adjoint)
+                    grads.append(torch.autograd.grad((X[0] - x0).pow(2).sum(), [leaf])[0].flatten())
+        finally:
+            for p, flag in zip(self.model.parameters(), flags):
+                p.requires_grad_(flag)
+        return F.cosine_similarity(grads[0], grads[1], dim=0)
+
+    def log_images(self, tag: str, images: torch.Tensor, nrow: int) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            grid = torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow)
+            experiment.add_image(tag, grid.float().cpu(), self.global_step)
+
+    @torch.no_grad()
+    def fresh_sample_kid(self) -> float:
+        """kd-random of `kid_samples` fresh EMA samples (sequential DDIM over the chain) against
+        the prior (training) images; fixed x_T, so the curve compares like with like."""
+        from deqlit.diffusion.sequential import ddim_sample
+        from deqlit.evaluation import kid
+        reference = self.trainer.datamodule.prior_images()
+        shape = (self.hparams.kid_samples, *self.latents.image_shape)
+        x_T = torch.randn(shape, generator=torch.Generator().manual_seed(self.hparams.seed + 99)).to(reference)
+        samples = ddim_sample(self.ema.module, x_T.to(self.device), self.chain)
+        self.log_images("samples", samples[:16], nrow=4)
+        return kid(reference.cpu().float(), samples.cpu().float())
+
+    # ---- optimizers ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        latent_opt = RowAdam([self.latents.weight], lr=self.hparams.latent_lr)
+        if not self.train_network:
+            return latent_opt
+        net_opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.network_lr,
+                                    weight_decay=self.hparams.weight_decay)
+        warmup = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(net_opt, lambda step: min(1.0, (step + 1) / warmup))
+        return [latent_opt, net_opt], [sched]
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA weights as a plain state_dict of the network."""
+        return {k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()}
+
+    def latents_payload(self) -> dict[str, Any]:
+        """What latents.pt holds: x_T of the initialized rows (on the sphere), their indices, chain."""
+        idx = self.latents.ready.nonzero().flatten()
+        with torch.no_grad():
+            x_T = self.latents(idx).detach().cpu()
+        return {"x_T": x_T, "indices": idx.cpu(), "chain": self.chain.to_dict()}

@@ -1,0 +1,205 @@
+"""Joint fine-tuning of network and latents (deqlit/lit/joint_module.py, run_joint.py)."""
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from deqlit.diffusion.chain import Chain
+from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
+from deqlit.diffusion.sequential import ddim_sample
+from deqlit.lit.joint_module import (JointFineTuneModule, RowAdam, gaussian_latent, kurtosis,
+                                     lag1_autocorrelation, to_sphere, typicality_chi2)
+from deqlit.lit.run_joint import JointDataModule, run_joint
+from tests.conftest import GaussianDataNoise, perturbed_unet
+
+ABAR = alphas_cumprod(linear_betas())
+
+
+def smooth(x: torch.Tensor) -> torch.Tensor:
+    """Correlated noise: each pixel averaged with its right and lower neighbours (autocorr ~0.5)."""
+    return (x + x.roll(1, -1) + x.roll(1, -2)) / 3 ** 0.5
+
+
+# ---- the typicality statistics -----------------------------------------------------------------
+def test_white_noise_scores_about_four_and_structured_latents_far_more():
+    gen = torch.Generator().manual_seed(0)
+    white = torch.randn(400, 1, 32, 32, generator=gen, dtype=torch.float64)
+    chi2 = typicality_chi2(white)
+    assert 3.3 < float(chi2.mean()) < 4.7                 # chi-square with 4 degrees of freedom
+    along_w, along_h = lag1_autocorrelation(white)
+    assert float(along_w.abs().mean()) < 0.05 and abs(float(kurtosis(white).mean()) - 3) < 0.1
+    # Independent oracle: numpy-free direct formula for one image.
+    x = white[0, 0] - white[0, 0].mean()
+    assert torch.isclose(along_w[0], (x[:, 1:] * x[:, :-1]).mean() / x.pow(2).mean())
+    corr = smooth(white)
+    assert float(lag1_autocorrelation(corr)[0].mean()) > 0.25
+    assert float(typicality_chi2(corr).min()) > 50
+
+
+def test_descending_the_chi2_whitens_a_correlated_latent_on_the_sphere():
+    gen = torch.Generator().manual_seed(1)
+    z = smooth(torch.randn(2, 1, 16, 16, generator=gen, dtype=torch.float64)).flatten(1).requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.05)
+    start = float(typicality_chi2(to_sphere(z.detach()).reshape(2, 1, 16, 16)).mean())
+    for _ in range(150):
+        x = to_sphere(z).reshape(2, 1, 16, 16)
+        opt.zero_grad()
+        typicality_chi2(x).mean().backward()
+        opt.step()
+    x = to_sphere(z).reshape(2, 1, 16, 16).detach()
+    assert float(typicality_chi2(x).mean()) < 0.05 * start
+    assert float(lag1_autocorrelation(x)[0].abs().max()) < 0.1
+    assert torch.allclose(x.flatten(1).norm(dim=1), torch.full((2,), 16.0, dtype=torch.float64))
+
+
+# ---- RowAdam ----------------------------------------------------------------------------------
+def test_row_adam_moves_only_the_batch_rows_and_matches_adam_per_row():
+    """Row 2 first seen after rows 0-1 took 5 steps: its updates equal torch's Adam started fresh
+    on that row alone (per-row bias correction), and rows never in a batch do not move."""
+    gen = torch.Generator().manual_seed(2)
+    table = torch.nn.Parameter(torch.randn(4, 6, generator=gen, dtype=torch.float64))
+    start = table.detach().clone()
+    opt = RowAdam([table], lr=0.1)
+    target = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+
+    def step(rows):
+        opt.zero_grad()
+        picked = torch.nn.functional.embedding(torch.tensor(rows), table, sparse=True)
+        (picked - target[rows]).pow(3).abs().sum().backward()
+        opt.step()
+    for _ in range(5):
+        step([0, 1])
+    row = torch.nn.Parameter(start[2].clone())
+    ref = torch.optim.Adam([row], lr=0.1)
+    for _ in range(3):
+        step([2])
+        ref.zero_grad()
+        (row - target[2]).pow(3).abs().sum().backward()
+        ref.step()
+    assert torch.allclose(table[2], row, atol=1e-12)
+    assert torch.equal(table[3], start[3])
+    assert not torch.equal(table[0], start[0])
+
+
+# ---- the module on generated images ---------------------------------------------------------
+def generated_images(T: int, count: int):
+    """Images of a tiny net from known latents on the sphere: their exact latents exist."""
+    net = GaussianDataNoise(seed=1, dtype=torch.float32)
+    chain = Chain.build(ABAR, T)
+    x_true = to_sphere(torch.randn(count, 64, generator=torch.Generator().manual_seed(5))).reshape(count, 1, 8, 8)
+    with torch.no_grad():
+        images = ddim_sample(net, x_true, chain)
+    return net, images
+
+
+class Recorder(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.callback_metrics["train/recon_loss"]))
+
+
+@pytest.mark.slow
+def test_joint_run_drives_the_reconstruction_loss_far_down_in_a_few_steps():
+    T = 5
+    net, images = generated_images(T, 6)
+    module = JointFineTuneModule(net, ABAR, 6, (1, 8, 8), timesteps=T, grad="ift", solver="picard",
+                                 solver_options=dict(max_iter=T, tol=0.0), latent_lr=0.2, network_lr=1e-3,
+                                 typicality_weight=0.0, image_every=0, compare_every=5)
+    rec = Recorder()
+    trainer = L.Trainer(max_steps=15, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[rec], enable_model_summary=False)
+    trainer.fit(module, datamodule=JointDataModule(images, images, 6, 4))
+    assert len(rec.losses) == 15 and module.global_step == 15       # one global step per training step
+    assert rec.losses[-1] < 0.1 * rec.losses[0]
+    assert bool(module.latents.ready.all())
+    # The latents stayed on the sphere and the network moved (both groups were trained).
+    norms = module.latents.weight.detach().norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, 8.0), atol=1e-4)
+    cosine = float(trainer.callback_metrics["grad/cosine_onestep_ift"])
+    assert -1.0 <= cosine <= 1.0
+
+
+def test_latents_start_from_per_image_seeds_whatever_the_batch():
+    net, images = generated_images(3, 4)
+    module = JointFineTuneModule(net, ABAR, 4, (1, 8, 8), timesteps=3, seed=7)
+    module.initialize_rows(torch.tensor([3, 1]), images[[3, 1]])
+    assert module.latents.ready.tolist() == [False, True, False, True]
+    expected = to_sphere(gaussian_latent(3, 7, (1, 8, 8)).reshape(1, -1))
+    assert torch.allclose(module.latents.weight[3], expected[0])
+    with pytest.raises(ValueError, match="latent init"):
+        JointFineTuneModule(net, ABAR, 4, (1, 8, 8), init="zeros")
+
+
+# ---- the run: train.py --task joint -------------------------------------------------------------
+TINY_MODEL = dict(ch=8, out_ch=1, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0,
+                  in_channels=1, resolution=8, resamp_with_conv=True, norm_groups=2)
+
+
+def tiny_config(tmp_path, out: str, max_steps: int) -> dict:
+    ckpt = tmp_path / "tiny.pt"
+    if not ckpt.exists():
+        torch.save(perturbed_unet(seed=3, scale=0.1, dtype=torch.float32).state_dict(), ckpt)
+    return {"data": {"name": "faces", "resolution": 8, "channels": 1, "root": "data"},
+            "model": dict(TINY_MODEL), "diffusion": {"beta_schedule": "linear", "num_diffusion_timesteps": 1000},
+            "checkpoint": {"path": str(ckpt), "ema": True},
+            "joint": {"split": "test", "num_images": 4, "batch_size": 2, "prior_batch_size": 4,
+                      "timesteps": 3, "grad": "ift", "adjoint": {"solver": "sweep"}, "solver": "picard",
+                      "max_iter": 3, "tol": 0.0, "init": "ddim-inversion", "latent_lr": 0.05,
+                      "network_lr": 1e-3, "ema_decay": 0.9, "checkpoint_every": 1, "image_every": 1,
+                      "compare_every": 2, "kid_every": 2, "kid_samples": 8, "max_steps": max_steps,
+                      "progress_bar": False, "accelerator": "cpu", "out": str(tmp_path / out)}}
+
+
+@pytest.mark.slow
+def test_resume_equals_an_uninterrupted_run_and_the_weights_load_and_sample(tmp_path):
+    from deqlit.models.loading import load_weights
+    from deqlit.models.unet import DDIMUNet
+
+    run_joint(tiny_config(tmp_path, "whole", 4))
+    run_joint(tiny_config(tmp_path, "split", 2))                  # 'interrupted' after 2 steps
+    run_joint(tiny_config(tmp_path, "split", 4), resume="last")   # continued to 4
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for name in ("ema.pt", "latents.pt"):
+        a = torch.load(whole / name, weights_only=True)
+        b = torch.load(split / name, weights_only=True)
+        tensors = a.items() if name == "ema.pt" else [("x_T", a["x_T"])]
+        for key, value in tensors:
+            assert torch.allclose(value.float(), b[key].float(), atol=1e-5), (name, key)
+    metrics = json.loads((whole / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and len(metrics["ema"]["psnr"]) == 4
+    assert list((whole / "tb" / "version_0").glob("events.*"))
+
+    latents = torch.load(whole / "latents.pt", weights_only=True)
+    assert latents["indices"].tolist() == [0, 1, 2, 3] and latents["x_T"].shape == (4, 1, 8, 8)
+    chain = Chain.from_dict(latents["chain"])
+    model = load_weights(DDIMUNet(**TINY_MODEL), whole / "ema.pt").eval()
+    with torch.no_grad():
+        x0 = ddim_sample(model, latents["x_T"], chain)
+    assert torch.isfinite(x0).all()
+    # The metrics' reconstruction is exactly this chain from these latents with these weights.
+    from deqlit.data.registry import load_images
+    targets = load_images("faces", "test", 8, 1)[:4]
+    recon = (x0 - targets).pow(2).flatten(1).sum(1).mean()
+    assert abs(float(recon) - metrics["ema"]["recon_loss_mean"]) <= 1e-4 * float(recon) + 1e-6
+
+    from deqlit.commands.sample import main as sample_main
+    argv = ["--ckpt", str(whole / "ema.pt"), "--latents", str(whole / "latents.pt"),
+            "--out", str(tmp_path / "samples"), "--no-progress", "--solver", "sequential",
+            "--model.ch", "8", "--model.ch_mult", "[1,2]", "--model.num_res_blocks", "1",
+            "--model.attn_resolutions", "[4]", "--model.resolution", "8", "--model.norm_groups", "2",
+            "--data.resolution", "8"]
+    sample_main(argv)
+    assert (tmp_path / "samples" / "samples.png").exists()
+
+
+def test_a_config_without_a_joint_section_is_refused(tmp_path):
+    from deqlit.lit.guards import UserInputError
+    cfg = tiny_config(tmp_path, "x", 1)
+    del cfg["joint"]
+    with pytest.raises(UserInputError, match="joint"):
+        run_joint(cfg)
