@@ -61,6 +61,23 @@ class NaNOnShard(torch.nn.Module):
         return out
 
 
+def check_strategy() -> dict:
+    """The ddp_time strategy's pieces on the running 4-process world (data 2 x time 2): the
+    sampler's replicas, its gradient hook on a DDP model, and its metric reduction."""
+    from torch.nn.parallel import DistributedDataParallel
+    from deqlit.lit.time_strategy import DDPTimeStrategy, time_sum_data_mean_hook
+    from deqlit.parallel.mesh import build_time_mesh
+    strategy = DDPTimeStrategy(time_shards=2)
+    strategy.mesh = build_time_mesh(2)                  # what setup_distributed does
+    model = DistributedDataParallel(torch.nn.Linear(3, 1, bias=False).double())
+    model.register_comm_hook(strategy.mesh.data, time_sum_data_mean_hook)
+    rank = dist.get_rank()
+    (model(torch.ones(1, 3, dtype=torch.float64)).sum() * (rank + 1)).backward()
+    metric = strategy.reduce(torch.tensor(float(rank)), reduce_op="mean")
+    return dict(sampler=strategy.distributed_sampler_kwargs, grad=model.module.weight.grad.clone(),
+                metric=float(metric), reducer_shard=strategy.time_reducer.shard_index)
+
+
 def run_cases(job: str, reducer) -> dict:
     from deqlit.deq.solvers import SolverDivergedError
     from deqlit.parallel.sampler import ShardedDEQSampler
@@ -108,6 +125,7 @@ def run_cases(job: str, reducer) -> dict:
             out[("mesh", solver)] = dict(X=X, x_0=sampler.first_state(X), images=mine,
                                          image_iterations=stats.image_iterations,
                                          mesh=(mesh.data_index, mesh.time_index))
+        out["strategy"] = check_strategy()
     if job == "world2":
         # Every process raises at the same iteration, after the same collectives: the group stays
         # usable, so these run in the same processes.
@@ -296,3 +314,19 @@ def test_a_dead_process_makes_the_others_stop_with_an_error(tmp_path):
     results = launch(2, "die", tmp_path, wait_s=120.0)
     assert results[1] is None                        # it died without a word
     assert results[0] is not None and "error" in results[0]
+
+
+@pytest.mark.slow
+def test_ddp_time_strategy_splits_data_over_replicas_and_sums_gradients_over_time(sharded):
+    """Rank r's loss is (r + 1) sum(w): gradients summed over the time group and averaged over
+    replicas give ((1 + 2) + (3 + 4)) / 2 = 5 everywhere; a metric is averaged over the replicas
+    (ranks of equal time index); each replica's processes read the same data shard."""
+    from lightning.pytorch.strategies import StrategyRegistry
+    import deqlit.lit.time_strategy  # noqa: F401 (registers the name)
+    assert "ddp_time" in StrategyRegistry
+    for r, rank in enumerate(sharded(4)):
+        got = rank["strategy"]
+        assert got["sampler"] == {"num_replicas": 2, "rank": r // 2}
+        assert torch.allclose(got["grad"], torch.full((1, 3), 5.0, dtype=torch.float64))
+        assert got["metric"] == pytest.approx((r % 2 + r % 2 + 2) / 2)
+        assert got["reducer_shard"] == r % 2
