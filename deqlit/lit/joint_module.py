@@ -38,7 +38,7 @@ from deqlit.deq.fixed_point import FixedPointMap
 from deqlit.deq.grad import adjoint_settings, attach_gradient, check_grad_mode
 from deqlit.deq.solvers import SolverStats, get_solver, solve
 from deqlit.diffusion.chain import Chain
-from deqlit.diffusion.sequential import ddim_encode
+from deqlit.diffusion.sequential import ddim_encode, ddim_sample
 from deqlit.lit.ema import make_ema
 from deqlit.lit.guards import NonFiniteError
 
@@ -179,7 +179,8 @@ class JointFineTuneModule(L.LightningModule):
         self.register_buffer("abar", schedule_abar.detach().to(torch.float64).clone(), persistent=False)
         self.chain = Chain.build(self.abar, timesteps, skip)
         self.latents = LatentTable(num_images, image_shape, sphere)
-        get_solver(solver)
+        if solver != "sequential":
+            get_solver(solver)
         check_grad_mode(grad, tau)
         self.adjoint = adjoint_settings(adjoint)
         self.backward_stats: Optional[SolverStats] = None
@@ -192,8 +193,15 @@ class JointFineTuneModule(L.LightningModule):
         fmap = FixedPointMap(self.model, self.chain, hp.max_batch)
         with torch.no_grad():
             fmap.bind(x_T.detach())
-            start = x_T.detach()[None].expand(self.chain.T, *x_T.shape).clone()
-            X_star, stats = solve(hp.solver, fmap, start, **(hp.solver_options or {}))
+            if hp.solver == "sequential":
+                # X* by the sequential chain (T network calls of B rows: the cheapest where calls do
+                # not run in parallel), then one map evaluation to fill the map's eps cache.
+                X_star = ddim_sample(self.model, x_T.detach(), self.chain, return_all=True)
+                X_star = fmap(X_star)
+                stats = SolverStats(iterations=self.chain.T, converged=True)
+            else:
+                start = x_T.detach()[None].expand(self.chain.T, *x_T.shape).clone()
+                X_star, stats = solve(hp.solver, fmap, start, **(hp.solver_options or {}))
         X = attach_gradient(hp.grad, fmap, X_star, x_T, tau=hp.tau, adjoint=self.adjoint,
                             on_backward=self._record_backward)
         return X, X_star, fmap, stats
@@ -329,7 +337,6 @@ class JointFineTuneModule(L.LightningModule):
     def fresh_sample_kid(self) -> float:
         """kd-random of `kid_samples` fresh EMA samples (sequential DDIM over the chain) against
         the prior (training) images; fixed x_T, so the curve compares like with like."""
-        from deqlit.diffusion.sequential import ddim_sample
         from deqlit.evaluation import kid
         reference = self.trainer.datamodule.prior_images()
         shape = (self.hparams.kid_samples, *self.latents.image_shape)

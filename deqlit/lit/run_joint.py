@@ -150,7 +150,8 @@ def build_joint(cfg: dict, ckpt: Optional[str] = None) -> tuple[JointFineTuneMod
                           data.get("root", "data"), limit=joint.get("num_images"))
     prior = load_images(data["name"], joint.get("prior_split", "train"), data["resolution"],
                         data["channels"], data.get("root", "data"))
-    options = options_from(joint.get("solver", "triangular-anderson"), joint)
+    solver = joint.get("solver", "triangular-anderson")
+    options = {} if solver == "sequential" else options_from(solver, joint)
     module = JointFineTuneModule(model, abar, len(targets), tuple(targets.shape[1:]), solver_options=options,
                                  **{k: joint[k] for k in MODULE_KEYS if k in joint})
     datamodule = JointDataModule(targets, prior, joint.get("batch_size", 16),
