@@ -10,6 +10,7 @@ import json
 import math
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -179,7 +180,10 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, filename="step-{step}",
                                  auto_insert_metric_name=False, enable_version_counter=False,
                                  every_n_train_steps=joint.get("checkpoint_every", 50))
-    trainer = L.Trainer(max_steps=joint.get("max_steps", 200), accelerator=joint.get("accelerator", "auto"),
+    max_time = joint.get("max_time_s")   # a wall-time budget (benchmarks); None = steps only
+    trainer = L.Trainer(max_steps=joint.get("max_steps", 200),
+                        max_time=None if max_time is None else timedelta(seconds=float(max_time)),
+                        accelerator=joint.get("accelerator", "auto"),
                         devices=joint.get("devices", 1), logger=TensorBoardLogger(str(out), name="tb", version=0),
                         callbacks=[checkpoint, export, SaveLatents(out / "latents.pt"), saver],
                         log_every_n_steps=joint.get("log_every_n_steps", 1), fast_dev_run=fast_dev_run,
