@@ -330,3 +330,30 @@ def test_ddp_time_strategy_splits_data_over_replicas_and_sums_gradients_over_tim
         assert torch.allclose(got["grad"], torch.full((1, 3), 5.0, dtype=torch.float64))
         assert got["metric"] == pytest.approx((r % 2 + r % 2 + 2) / 2)
         assert got["reducer_shard"] == r % 2
+
+
+@pytest.mark.slow
+def test_sample_py_under_torchrun_with_ddp_time_equals_one_process(tmp_path):
+    """`torchrun --standalone --nproc_per_node 2 sample.py --trainer.strategy ddp_time
+    --parallel.time_shards 2` writes the samples that one process writes (float64, eta 0.5)."""
+    import subprocess
+    import sys
+    from deqlit.commands.sample import main
+    from tests.conftest import REPO
+    config = tmp_path / "faces.yaml"
+    config.write_text((REPO / "configs" / "faces.yaml").read_text()
+                      + "\nparallel:\n  time_shards: 1\n  timeout_s: 60\n")
+    common = ["--config", str(config), "--timesteps", "5", "--num-images", "3", "--eta", "0.5",
+              "--solver", "triangular-anderson", "--tol", "1e-8", "--trainer.precision", "64-true",
+              "--no-progress"]
+    main(common + ["--out", str(tmp_path / "one")])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(REPO / "sample.py"), *common, "--out", str(tmp_path / "two"),
+                          "--trainer.strategy", "ddp_time", "--parallel.time_shards", "2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = torch.load(tmp_path / "one" / "samples.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "samples.pt", weights_only=True)
+    assert torch.equal(one["x_T"], two["x_T"]) and torch.equal(one["noise"], two["noise"])
+    assert (one["x0"] - two["x0"]).abs().max() <= 1e-6

@@ -20,6 +20,7 @@ from deqlit.diffusion.chain import Chain
 from deqlit.evaluation import DatasetMetrics, format_metrics
 from deqlit.lit.guards import NonFiniteError, check_output_dir, first_nonfinite
 from deqlit.models.build import build_noise_model
+from deqlit.parallel.launch import gather_over_data, mesh_from_config
 from deqlit.sampling import SAMPLERS, draw_noise, generate
 
 FLAGS = {"timesteps": "sampling.timesteps", "skip": "sampling.skip", "eta": "sampling.eta",
@@ -93,6 +94,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args, cfg = parse(build_parser(), argv, FLAGS)
     s = cfg["sampling"]
     device, dtype, autocast = placement(cfg.get("trainer"))
+    # --trainer.strategy ddp_time under torchrun/srun: a data x time mesh (None: one process).
+    mesh = mesh_from_config(cfg, device)
     saved = load_latents(args.latents) if args.latents else None
     model, schedule, ckpt_path = build_noise_model(cfg)
     bad = first_nonfinite(model.state_dict())
@@ -116,9 +119,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
             raise ValueError(f"{args.latents} was found with eta = {chain.eta} but holds no noise")
     x_T = x_T.to(device=device, dtype=dtype)
     noise = None if noise is None else noise.to(device=device, dtype=dtype)
+    all_x_T, all_noise = x_T, noise
+    if mesh is not None:   # this replica's images, drawn from the one seed: results independent of the world
+        mine = mesh.data_slice(x_T.shape[0])
+        x_T, noise = x_T[mine], None if noise is None else noise[:, mine]
 
     bar = tqdm(total=min(s["max_iter"], chain.T) if s["solver"] != "sequential" else chain.T,
-               desc=f"{s['solver']} T={chain.T}", unit="it", disable=args.no_progress)
+               desc=f"{s['solver']} T={chain.T}", unit="it",
+               disable=args.no_progress or (mesh is not None and mesh.rank != 0))
 
     def on_iteration(n, stats, fx):
         bar.update(1)
@@ -128,9 +136,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     start = time.perf_counter()
     with torch.no_grad(), autocast:
         x0, stats = generate(model, x_T, chain, s["solver"], noise=noise, max_batch=s.get("max_batch"),
+                             reducer=None if mesh is None else mesh.time_reducer(),
                              callback=on_iteration, **options)
     seconds = time.perf_counter() - start
     bar.close()
+    if mesh is not None:   # rank 0 writes everything (stats: its replica's solve)
+        x0, x_T, noise = gather_over_data(mesh, x0), all_x_T, all_noise
+        if mesh.rank != 0:
+            return {}
     x0 = x0.float().cpu()
     if not bool(torch.isfinite(x0).all()):
         raise NonFiniteError("the samples hold NaN/Inf: the model's outputs are not finite for these "

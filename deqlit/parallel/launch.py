@@ -1,0 +1,56 @@
+"""Joining the process mesh from a script started by torchrun or srun (no Lightning here).
+
+`--trainer.strategy ddp_time --parallel.time_shards K` in a config or on the command line: each
+process started by `torchrun --nproc_per_node N` (RANK, WORLD_SIZE, MASTER_ADDR/PORT, LOCAL_RANK)
+or by SLURM's `srun` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR/PORT set by the
+job script) joins one process group and the data x time mesh; K defaults to the world size.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from deqlit.parallel.distributed import init_time_group
+from deqlit.parallel.mesh import TimeMesh, build_time_mesh
+
+SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_NTASKS": "WORLD_SIZE", "SLURM_LOCALID": "LOCAL_RANK"}
+
+
+def environment_from_slurm() -> None:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK from srun's variables where torchrun did not set them."""
+    for slurm, torch_name in SLURM_TO_TORCH.items():
+        if slurm in os.environ and torch_name not in os.environ:
+            os.environ[torch_name] = os.environ[slurm]
+
+
+def mesh_from_config(cfg: dict[str, Any], device: torch.device) -> Optional[TimeMesh]:
+    """The mesh when the trainer section asks for strategy ddp_time, else None (one process)."""
+    trainer = cfg.get("trainer") or {}
+    parallel = cfg.get("parallel") or {}
+    shards = parallel.get("time_shards")
+    if trainer.get("strategy") != "ddp_time":
+        if shards not in (None, 1):
+            raise ValueError("--parallel.time_shards needs --trainer.strategy ddp_time (and a start "
+                             "by torchrun or srun, one process per device)")
+        return None
+    environment_from_slurm()
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        raise ValueError("--trainer.strategy ddp_time runs one process per device: start the script "
+                         "with torchrun --nproc_per_node N (or srun), e.g. torchrun --standalone "
+                         "--nproc_per_node 2 sample.py --trainer.strategy ddp_time --parallel.time_shards 2")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    init_time_group(backend, timeout_s=float(parallel.get("timeout_s", 300)))
+    return build_time_mesh(int(shards) if shards else dist.get_world_size())
+
+
+def gather_over_data(mesh: TimeMesh, value: torch.Tensor) -> torch.Tensor:
+    """Every replica's `value` (its share of the images along dim 0) joined in data order, on every
+    process: (n_d, ...) -> (sum n_d, ...). Replicas may hold different counts."""
+    parts: list[Optional[torch.Tensor]] = [None] * mesh.data
+    dist.all_gather_object(parts, value.detach().cpu(), group=mesh.data_group)
+    return torch.cat(parts).to(value.device)
