@@ -172,7 +172,15 @@ def test_resume_equals_an_uninterrupted_run_and_the_weights_load_and_sample(tmp_
             assert torch.allclose(value.float(), b[key].float(), atol=1e-5), (name, key)
     metrics = json.loads((whole / "metrics.json").read_text())
     assert metrics["steps"] == 4 and len(metrics["ema"]["psnr"]) == 4
-    assert list((whole / "tb" / "version_0").glob("events.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(whole / "tb" / "version_0"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/recon_loss", "train/prior_denoise_mse", "train/target_denoise_mse",
+            "latents/autocorr_mean", "latents/kurtosis_mean", "solver/iterations",
+            "solver/adjoint_iterations", "grad/cosine_onestep_ift", "eval/kid"} <= scalars
+    assert len(events.Scalars("train/recon_loss")) == 4
+    assert "reconstructions" in events.Tags()["images"]
 
     latents = torch.load(whole / "latents.pt", weights_only=True)
     assert latents["indices"].tolist() == [0, 1, 2, 3] and latents["x_T"].shape == (4, 1, 8, 8)
@@ -223,3 +231,19 @@ def test_sequential_forward_gives_the_same_solution_and_gradients_as_the_exact_s
     assert torch.allclose(a, b, atol=1e-10)
     for u, v in zip(ga, gb):
         assert torch.allclose(u, v, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_train_py_task_joint_maps_its_flags_onto_the_joint_section(tmp_path):
+    import yaml
+    import train
+    cfg = tiny_config(tmp_path, "unused", 1)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "cli"
+    train.main(["--task", "joint", "--config", str(config), "--max-steps", "1", "--out", str(out),
+                "--lr", "0.0005", "--joint.kid_every", "0"])
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["joint"]["max_steps"] == 1 and saved["joint"]["network_lr"] == 0.0005
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 1
+    assert (out / "ema.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
