@@ -26,6 +26,7 @@ ABAR = alphas_cumprod(linear_betas())
 T = 11                                   # divisible by neither 2 nor 4
 SOLVERS = ["picard", "anderson", "triangular-anderson"]
 CASES = [(s, eta, freeze) for s in SOLVERS for eta in (0.0, 0.5) for freeze in (False, True)]
+STALL_S, STALL_TIMEOUT_S = 12.0, 4.0
 TOL = 1e-2          # loose enough that some solves stop on it (and freeze rows) before T
 WORLD4_CASES = [c for c in CASES if c[2] == (c[1] > 0)]   # each solver, eta 0 and 0.5, both freeze modes
 
@@ -139,6 +140,14 @@ def run_cases(job: str, reducer) -> dict:
                 out[("nan", solver)] = "no error"
             except SolverDivergedError as err:
                 out[("nan", solver)] = str(err)
+    elif job == "stall":
+        chain = Chain.build(ABAR, T)
+        x_T, _ = inputs(0.0)
+        if reducer.shard_index == 1:
+            time.sleep(STALL_S)           # alive but silent: only the group's timeout ends the wait
+            return out
+        with torch.no_grad():
+            ShardedDEQSampler(net, chain, reducer, "picard", dict(max_iter=40, tol=0.0))(x_T)
     elif job == "die":
         chain = Chain.build(ABAR, T)
         x_T, _ = inputs(0.0)
@@ -154,7 +163,8 @@ def worker(rank: int, world: int, port: int, job: str, out_dir: str) -> None:
     result: dict = {}
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=15))
+                                world_size=world,
+                                timeout=timedelta(seconds=STALL_TIMEOUT_S if job == "stall" else 30))
         from deqlit.parallel.distributed import DistributedReducer
         start = time.monotonic()
         result = {"cases": run_cases(job, DistributedReducer())}
@@ -357,3 +367,12 @@ def test_sample_py_under_torchrun_with_ddp_time_equals_one_process(tmp_path):
     two = torch.load(tmp_path / "two" / "samples.pt", weights_only=True)
     assert torch.equal(one["x_T"], two["x_T"]) and torch.equal(one["noise"], two["noise"])
     assert (one["x0"] - two["x0"]).abs().max() <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_silent_process_makes_the_others_stop_after_the_timeout(tmp_path):
+    """A peer that is alive but never joins the collective: the others raise once the process
+    group's timeout passes (here 4 s, while the peer stays silent for 12 s), they do not hang."""
+    results = launch(2, "stall", tmp_path, wait_s=120.0)
+    assert "error" in results[0] and "timed out" in results[0]["error"].lower(), results[0]
+    assert "error" not in results[1]
