@@ -33,7 +33,8 @@ class ShardedDEQSampler(nn.Module):
 
     Forward: x_T (B, C, H, W) (the same on every process), noise (T, B, C, H, W) or this block's
     rows when eta > 0, init (T or block rows, B, C, H, W) a warm start -> (X (block rows, B, C, H, W),
-    SolverStats with the residual traces of the whole chain and network_rows summed over blocks).
+    SolverStats with the residual traces of the whole chain and network_rows summed over blocks;
+    row_residual covers this block's rows only).
     """
 
     def __init__(self, model: nn.Module, chain: Chain, reducer: LocalReducer, solver: str = "anderson",
@@ -74,7 +75,9 @@ class ShardedDEQSampler(nn.Module):
                 start = x_T.detach()[None].expand(self.block.rows, *x_T.shape).clone()
             X, stats = solve(self.solver, fmap, start, reducer=self.reducer, **self.solver_options)
             rows = fmap.network_rows + (1 if self.block.is_last else 0)   # + eps(x_T)
-            stats.network_rows = int(self.reducer.sum(torch.tensor(float(rows), dtype=torch.float64)))
+            # On x_T's device: NCCL reduces GPU tensors only.
+            stats.network_rows = int(self.reducer.sum(torch.tensor(float(rows), dtype=torch.float64,
+                                                                   device=x_T.device)))
         self.last_map = fmap
         if self.grad == "onestep" and torch.is_grad_enabled():
             X = block_onestep(fmap, X, x_T, noise, self.tau)
