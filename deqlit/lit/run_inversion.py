@@ -154,7 +154,9 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
     check_counts(inv)
     chain = Chain.build(schedule_from_config(cfg.get("diffusion", {})), inv["timesteps"],
                         inv.get("skip", "uniform"), inv.get("eta", 0.0))
-    trainer_kwargs(cfg.get("trainer"))
+    if trainer_kwargs(cfg.get("trainer")).get("strategy") == "ddp_time":
+        raise ValueError("invert.py does not shard the timestep axis yet (sample.py does): use "
+                         "--trainer.strategy ddp to split the images over --trainer.devices processes")
     check_inputs(cfg)
     identity = run_identity(cfg, settings, chain)
     worker = launched_worker()

@@ -29,7 +29,13 @@ def trainer_kwargs(section: dict[str, Any] | None) -> dict[str, Any]:
     return section
 
 
-def build_trainer(section: dict[str, Any] | None, **job: Any) -> L.Trainer:
+def build_trainer(section: dict[str, Any] | None, parallel: dict[str, Any] | None = None,
+                  **job: Any) -> L.Trainer:
     """L.Trainer(**config section, **what the job sets); the config's values win for shared keys
-    such as devices, so a user can always override them."""
-    return L.Trainer(**{**job, **trainer_kwargs(section)})
+    such as devices, so a user can always override them. strategy 'ddp_time' becomes the
+    time-sharding strategy with the config's parallel.time_shards."""
+    kwargs = {**job, **trainer_kwargs(section)}
+    if kwargs.get("strategy") == "ddp_time":
+        from deqlit.lit.time_strategy import DDPTimeStrategy
+        kwargs["strategy"] = DDPTimeStrategy(time_shards=(parallel or {}).get("time_shards"))
+    return L.Trainer(**kwargs)
