@@ -79,29 +79,32 @@ def distances(samples: torch.Tensor, reference: torch.Tensor) -> tuple[float, fl
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """x_0 RMSE against sequential, the change of fd-random to the faces relative to sequential's
+    (the number of images differs per T, and so does the bias of fd: compare within a T only),
+    and iterations; one line per (solver, tol)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_fd, ax_it) = plt.subplots(1, 2, figsize=(11, 4))
-    Ts = sorted({r["T"] for r in rows})
-    seq = {r["T"]: r["fd_random_vs_faces"] for r in rows if r["solver"] == "sequential"}
-    ax_fd.plot(Ts, [seq[T] for T in Ts], "k-o", label="sequential DDIM")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    seq = {int(r["T"]): float(r["fd_random_vs_faces"]) for r in rows if r["solver"] == "sequential"}
     for solver in SOLVER_OPTIONS:
         for tol, style in zip(TOLS, ("--", ":")):
-            mine = [r for r in rows if r["solver"] == solver and r["tol"] == tol]
-            if mine:
-                xs = [r["T"] for r in mine]
-                ax_fd.plot(xs, [r["fd_random_vs_faces"] for r in mine], style, marker="s",
-                           label=f"{solver} tol {tol:g}")
-                ax_it.plot(xs, [r["iterations_mean"] for r in mine], style, marker="s",
-                           label=f"{solver} tol {tol:g}")
-    ax_fd.set(xscale="log", xlabel="T", ylabel="fd-random to the training faces",
-              title="sample quality (random features; not FID)")
-    ax_it.set(xscale="log", xlabel="T", ylabel="solver iterations (mean over images)",
-              title="iterations to the tolerance")
-    ax_fd.legend(fontsize=7)
-    ax_it.legend(fontsize=7)
+            mine = [r for r in rows if r["solver"] == solver and float(r["tol"]) == tol]
+            if not mine:
+                continue
+            xs = [int(r["T"]) for r in mine]
+            label = f"{solver} tol {tol:g}"
+            axes[0].plot(xs, [float(r["x0_rmse_vs_sequential"]) for r in mine], style, marker="s", label=label)
+            axes[1].plot(xs, [100 * (float(r["fd_random_vs_faces"]) / seq[int(r["T"])] - 1) for r in mine],
+                         style, marker="s", label=label)
+            axes[2].plot(xs, [float(r["iterations_mean"]) for r in mine], style, marker="s", label=label)
+    axes[0].set(xscale="log", yscale="log", xlabel="T", ylabel="x_0 RMSE vs sequential DDIM")
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set(xscale="log", xlabel="T", ylabel="fd-random to faces: % over sequential",
+                title="random features, not FID")
+    axes[2].set(xscale="log", xlabel="T", ylabel="solver iterations (mean over images)")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -120,7 +123,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--replot", help="only redraw the PNG from this CSV")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            rows = list(csv.DictReader(f))
+        plot(rows, Path(args.replot).with_suffix(".png"))
+        return rows
     torch.set_num_threads(args.threads)   # the machine is shared; one thread per process is fastest
     images = {int(k): int(v) for k, v in (item.split(":") for item in args.images)}
 

@@ -66,7 +66,6 @@ def test_fixed_iteration_mode_runs_exactly_k_iterations(table1, tmp_path):
     assert all(float(r["x0_rmse_vs_sequential"]) > 1e-6 for r in deq)
 
 
-@pytest.mark.slow
 def test_sample_quality_reads_both_tolerances_off_one_solve():
     """bench/sample_quality.py records tol 1e-2 from the 1e-3 solve's callback: each image's x_0
     and iterations must equal those of a separate solve to 1e-2."""
