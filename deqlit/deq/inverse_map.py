@@ -18,6 +18,13 @@ number of calls. Each row converges when every step's map is a contraction,
 
 `exact_invert` is the entry point for both modes (per step, or all timesteps at once); its report
 says, per image and per state, how far from the fixed point the result is.
+
+Measured on the shipped faces model (bench/exact_inversion.py, median PSNR of the regenerated
+faces): at T = 10 the second step (t = 0 -> 100) is barely a contraction, so per-step Anderson
+(about 8 iterations a step to tol 1e-5, ~100 dB) converges where per-step plain iteration stalls.
+Over all timesteps from the DDIM start, triangular Anderson leads at T = 10 (45 / 56 / 66 dB after
+8 / 10 / 12 calls; plain iteration 35 / 40 / 45), while at T = 100 plain iteration leads (55 / 62 /
+70 dB after 8 / 10 / 12 calls; triangular Anderson 45 after 8).
 """
 from __future__ import annotations
 
