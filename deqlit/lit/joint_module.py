@@ -5,7 +5,9 @@ diffusion model for everything else.
 
 Loss per batch (images x0, latents x_T):
     ||DEQ(x_T)_0 - x0||_F^2                      reconstruction through the DEQ (paper's loss), per image
-  + prior_weight * E ||eps - eps_theta(x_t, t)||^2  prior preservation on the original training data
+  + prior_weight * E ||eps - eps_theta(x_t, t)||_F^2  prior preservation on the original training data,
+                                                  per image like the reconstruction (a per-pixel mean
+                                                  would be ~D times weaker, and the model drifts)
   + typicality_weight * chi2(x_T)                 the latent's whiteness statistics, per image
 Typicality by design: a latent is parameterized on the sphere of radius sqrt(D), where white
 Gaussian noise lives (x_T = sqrt(D) z / ||z||, the table row z renormalized after each step), and
@@ -254,7 +256,8 @@ class JointFineTuneModule(L.LightningModule):
         gen = self.step_generator()
         if self.train_network and self.hparams.prior_weight > 0:
             prior_loss = self.denoising_loss(prior, gen)
-            loss = loss + self.hparams.prior_weight * prior_loss
+            pixels = prior[0].numel()          # per-image sums, the reconstruction's scale
+            loss = loss + self.hparams.prior_weight * pixels * prior_loss
         else:
             with torch.no_grad():
                 prior_loss = self.denoising_loss(prior, gen)
