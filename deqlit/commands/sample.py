@@ -105,6 +105,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     chain = chosen_chain(args, s, schedule, saved)
     options = options_from(s["solver"], s) if s["solver"] != "sequential" else {}
     # Checked before any compute: missing metric weights or reference data, an unusable --out.
+    count = s["num_images"] if saved is None else len(saved["x_T"])
+    if args.metrics and count < 2:
+        raise ValueError(f"--metrics compares distributions and needs at least 2 images; got {count} "
+                         f"(raise --num-images)")
     quality = (DatasetMetrics.from_config(args.metrics, cfg, model, args.ref_data, args.fid_weights)
                if args.metrics else None)
     out = check_output_dir(s["out"])

@@ -115,11 +115,20 @@ def draw_start(model: nn.Module, chain: Chain, targets: torch.Tensor, indices: l
             x_T_t = ddim_encode(model, targets, chain)
         elif settings.init == "exact":
             from deqlit.deq.inverse_map import exact_invert
-            # Alone (method exact) a solve that misses its tolerance is an error; as the start of
-            # the gradient method it is refined, so its report is kept instead.
-            options = {"on_fail": "raise" if settings.method == "exact" else "return", **settings.exact}
+            from deqlit.deq.inversion_report import failure_message
+            # on_fail 'warn' (default): an image that misses tol keeps its latent, with a warning
+            # naming it and the rows that did not converge, and exact_solve_converged = false in
+            # metrics.json (the gradient method refines it when method is deq); 'raise' stops.
+            options = dict(settings.exact)
+            on_fail = options.pop("on_fail", "warn")
             x_T_t, _, report = exact_invert(model, targets, chain, noise=noise_t, max_batch=max_batch,
+                                            on_fail="return" if on_fail == "warn" else on_fail,
                                             **options)
+            if not report.converged:
+                import warnings
+                failed = [indices[b] for b in report.failed_images()]
+                warnings.warn(f"dataset images {failed} (batch positions below): {failure_message(report, options.get('max_iter', 0))}",
+                              UserWarning, stacklevel=2)
     return x_T_t, noise_t, report
 
 

@@ -15,8 +15,9 @@ from deqlit.data.streaming import Indexed, split_dataset
 class InversionDataModule(L.LightningDataModule):
     """Serves images lazily: memory holds one batch whatever the dataset's size.
 
-    Under DDP Lightning splits the batches over processes (an unrepeated distributed sampler), and
-    since every image's result depends on that image alone, any split gives the same latents.
+    Under DDP each process takes every world_size-th image (this module splits them, not
+    Lightning's sampler, which cannot give a process no image); since every image's result depends
+    on that image alone, any split gives the same latents.
     """
 
     def __init__(self, name: str, split: str, resolution: int, channels: int, root: str | Path = "data",
@@ -40,5 +41,7 @@ class InversionDataModule(L.LightningDataModule):
             self.positions = [i for i in range(wanted) if i not in self.skip]
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(Indexed(self.images, self.positions), batch_size=self.batch_size,
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return DataLoader(Indexed(self.images, self.positions[rank::world]), batch_size=self.batch_size,
                           shuffle=False, num_workers=self.num_workers)

@@ -184,12 +184,19 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
             logger=TensorBoardLogger(str(out), name="tb", version=0),
             callbacks=[InversionWriter(out / "latents", chain.to_dict(), identity["settings"]),
                        interrupt, *(callbacks or [])],
-            enable_progress_bar=progress, enable_model_summary=False, enable_checkpointing=False)
+            enable_progress_bar=progress, enable_model_summary=False, enable_checkpointing=False,
+            use_distributed_sampler=False)   # InversionDataModule splits the images itself
+        datamodule.setup("predict")
+        if 0 < len(datamodule.positions) < trainer.world_size:
+            # Lightning's prediction loop needs a batch on every process.
+            raise ValueError(f"{trainer.world_size} processes for {len(datamodule.positions)} image(s) "
+                             f"left to invert: use --trainer.devices {len(datamodule.positions)} or fewer")
         with interrupts_as_exceptions() as seen, warnings.catch_warnings():
             # Expected here: the noise network stays in eval mode on purpose.
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
             try:
-                trainer.predict(module, datamodule=datamodule, return_predictions=False)
+                if datamodule.positions:      # a resumed run may have nothing left
+                    trainer.predict(module, datamodule=datamodule, return_predictions=False)
             except BaseException:
                 if seen.signum is not None and interrupt.saved is not None:
                     print(f"saved the unfinished batch's state to {interrupt.saved}")
