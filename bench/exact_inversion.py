@@ -12,13 +12,15 @@ solve calls, sequential depth (batched network calls one after another, start in
 evaluations per image, wall seconds (rough: a shared CPU), mean / median / min PSNR.
 Methods from elsewhere (the paper's DEQ gradient method, the baseline) plug in through
 `register_method(fn)`: fn(model, faces, chain) -> list of result rows (see `row`).
-Writes bench/results/exact_inversion.csv (appended per T, so a partial run keeps its rows) and
-exact_inversion.png; prints the table.
+Writes bench/results/exact_inversion.csv (rewritten after each T, so a partial run keeps its rows) and
+exact_inversion.png (median PSNR against depth and evaluations; wall
+seconds are in the CSV, rough on a shared CPU); prints the table.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -135,6 +137,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
     Ts = sorted({r["T"] for r in rows})
     fig, axes = plt.subplots(2, len(Ts), figsize=(5 * len(Ts), 8), squeeze=False)
     for col, T in enumerate(Ts):
@@ -144,11 +147,14 @@ def plot(rows: list[dict], path: Path) -> None:
                 key = r["method"].split(" (")[0] + f" {r['solver']}" + (f" [{r['start']}]" if r["start"] == "gaussian" else "")
                 groups.setdefault(key, []).append(r)
         for key, pts in groups.items():
-            for ax, x in ((axes[0, col], "depth"), (axes[1, col], "seconds")):
+            for ax, x in ((axes[0, col], "depth"), (axes[1, col], "evals_per_image")):
                 pts = sorted(pts, key=lambda p: p[x])
                 ax.plot([p[x] for p in pts], [p["median_psnr"] for p in pts], "o-", label=key, ms=3)
-        for ax, x in ((axes[0, col], "sequential depth (batched network calls)"), (axes[1, col], "wall seconds (shared CPU)")):
+        for ax, x in ((axes[0, col], "sequential depth (batched network calls, start included)"),
+                      (axes[1, col], "network evaluations per image")):
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(x)
             ax.set_ylabel("median PSNR of the regenerated faces (dB)")
             ax.set_title(f"T = {T}, {next(r['images'] for r in rows if r['T'] == T)} faces")
@@ -163,6 +169,16 @@ def read_rows(path: Path) -> list[dict]:
         return [{k: v if k in ("method", "solver", "start") else
                  int(float(v)) if k in ("T", "images", "solve_calls", "depth") else float(v)
                  for k, v in r.items()} for r in csv.DictReader(fh)]
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """Write through a temporary file, so that an interrupted run never leaves a truncated CSV."""
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
@@ -205,18 +221,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         print_table(rows)
         plot(rows, out.with_suffix(".png"))
         return rows
-    with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-        for T, n, job_plan in jobs:
-            faces = load_images("faces", "test", 32, 1, limit=n)
-            new = run_T(model, abar, faces, T, job_plan, args.max_batch)
-            writer.writerows(new)
-            fh.flush()
-            rows += new
-            print_table(new)
-            plot(rows, out.with_suffix(".png"))
+    for T, n, job_plan in jobs:
+        faces = load_images("faces", "test", 32, 1, limit=n)
+        new = run_T(model, abar, faces, T, job_plan, args.max_batch)
+        rows += new
+        write_rows(rows, out)          # after every T: a run stopped later keeps these rows
+        print_table(new)
+        plot(rows, out.with_suffix(".png"))
     return rows
 
 
