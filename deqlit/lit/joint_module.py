@@ -44,7 +44,7 @@ from deqlit.diffusion.sequential import ddim_encode, ddim_sample
 from deqlit.lit.ema import make_ema
 from deqlit.lit.guards import NonFiniteError
 
-INITS = ("gaussian", "ddim-inversion")
+INITS = ("gaussian", "ddim-inversion", "exact")
 
 
 # ---- latent statistics (plain functions; x (B, C, H, W)) -------------------------------------
@@ -220,7 +220,7 @@ class JointFineTuneModule(L.LightningModule):
     # ---- latents ------------------------------------------------------------------------
     @torch.no_grad()
     def initialize_rows(self, index: torch.Tensor, images: torch.Tensor) -> None:
-        """Fill the rows of `index` seen for the first time (Gaussian or DDIM inversion)."""
+        """Fill the rows of `index` seen for the first time (Gaussian, DDIM or exact inversion)."""
         new = ~self.latents.ready[index]
         if not bool(new.any()):
             return
@@ -228,8 +228,12 @@ class JointFineTuneModule(L.LightningModule):
         if self.hparams.init == "gaussian":
             values = torch.stack([gaussian_latent(int(i), self.hparams.seed, x0.shape[1:], x0.dtype)
                                   for i in idx.tolist()]).to(x0.device)
-        else:
+        elif self.hparams.init == "ddim-inversion":
             values = ddim_encode(self.model, x0, self.chain)
+        else:   # the exact inverse chain (deq/inverse_map.py); an image that misses tol keeps its best
+            from deqlit.deq.inverse_map import exact_invert
+            values = exact_invert(self.model, x0, self.chain, max_batch=self.hparams.max_batch,
+                                  on_fail="return")[0]
         self.latents.fill(idx, values)
 
     # ---- losses -------------------------------------------------------------------------
