@@ -160,11 +160,11 @@ class JointFineTuneModule(L.LightningModule):
 
     def __init__(self, model: nn.Module, schedule_abar: torch.Tensor, num_images: int,
                  image_shape: tuple[int, ...], timesteps: int = 10, skip: str = "uniform",
-                 grad: str = "ift", tau: float = 0.1, solver: str = "triangular-anderson",
+                 grad: str = "onestep", tau: float = 0.1, solver: str = "triangular-anderson",
                  solver_options: Optional[dict[str, Any]] = None, adjoint: Optional[dict[str, Any]] = None,
-                 max_batch: Optional[int] = None, latent_lr: float = 0.01, network_lr: float = 1e-5,
+                 max_batch: Optional[int] = None, latent_lr: float = 0.05, network_lr: float = 1e-5,
                  weight_decay: float = 0.0, warmup_steps: int = 0, grad_clip: float = 1.0,
-                 ema_decay: float = 0.995, prior_weight: float = 1.0, typicality_weight: float = 0.1,
+                 ema_decay: float = 0.995, prior_weight: float = 1.0, typicality_weight: float = 1.0,
                  sphere: bool = True, init: str = "gaussian", seed: int = 0, compare_every: int = 0,
                  image_every: int = 50, kid_every: int = 0, kid_samples: int = 32):
         super().__init__()
