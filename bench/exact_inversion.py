@@ -181,6 +181,42 @@ def write_rows(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def gradient_methods(steps: list[int], only_T: list[int]) -> Callable:
+    """The paper's methods from their natural starts, scored after each of `steps` optimization
+    steps: DEQ (Algorithm 2, faces config: DDIM-inversion start, triangular Anderson, tau 0.1)
+    and the baseline (Algorithm 1, backprop through the chain, same start)."""
+    from deqlit.deq.inversion import BatchInverter, InversionSettings
+
+    def run(model, faces, chain) -> list[dict]:
+        if chain.T not in only_T:
+            return []
+        rows = []
+        for method in ("deq", "baseline"):
+            settings = InversionSettings(
+                method=method, init="ddim-inversion", lr=0.01, max_steps=max(steps), seed=0,
+                solver="triangular-anderson", solver_options=dict(max_iter=15, tol=1e-2, m=3)).validate()
+            start = time.perf_counter()
+            inverter = BatchInverter(model, chain, faces, list(range(len(faces))), settings, 64)
+            evals, depth = float(chain.T), chain.T          # the DDIM-inversion start
+            while not inverter.finished:
+                inverter.step()
+                k = inverter.step_index
+                iterations = float(inverter.iterations_history[:, k - 1].mean())
+                if method == "deq":   # solver calls over T - 1 rows, eps(x_T), the gradient row
+                    evals += iterations * (chain.T - 1) + 2
+                    depth += int(inverter.iterations_history[:, k - 1].max()) + 1
+                else:                 # forward and backward through T steps
+                    evals += 2 * chain.T
+                    depth += 2 * chain.T
+                if k in steps:
+                    seconds = time.perf_counter() - start
+                    rows.append(row(chain, f"{method} gradient ({k} steps)", "adam", "ddim", k, depth,
+                                    evals, seconds, psnr(model, inverter.best_latents, faces, chain)))
+                    start += time.perf_counter() - start - seconds    # scoring is not timed
+        return rows
+    return run
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--timesteps", type=int, nargs="*", default=[10, 100])
@@ -198,12 +234,18 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     p.add_argument("--t1000-per-step-k", type=int, nargs="*", default=[])
     p.add_argument("--max-batch", type=int, default=64, help="rows per network call (CPU: 64)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--gradient-steps", type=int, nargs="*", default=[5, 25],
+                   help="score the paper's DEQ gradient method and the baseline after these steps")
+    p.add_argument("--gradient-timesteps", type=int, nargs="*", default=[10],
+                   help="the T at which the gradient methods run (slow at T = 100 on a CPU)")
     p.add_argument("--out", default=str(RESULTS / "exact_inversion.csv"))
     p.add_argument("--append", action="store_true",
                    help="keep the rows already in --out (run T values in separate commands)")
     p.add_argument("--replot", action="store_true", help="only print and plot the rows in --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.gradient_steps:
+        register_method(gradient_methods(args.gradient_steps, args.gradient_timesteps))
     model, abar, _ = build_noise_model(load_config(find_config("faces")))
     counts = args.images * len(args.timesteps) if len(args.images) == 1 else args.images
     plan = dict(solvers=args.solvers, gaussian_solvers=args.gaussian_solvers, points=args.points,
