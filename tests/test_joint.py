@@ -161,7 +161,8 @@ def test_resume_equals_an_uninterrupted_run_and_the_weights_load_and_sample(tmp_
     from deqlit.models.unet import DDIMUNet
 
     run_joint(tiny_config(tmp_path, "whole", 4))
-    run_joint(tiny_config(tmp_path, "split", 2))                  # 'interrupted' after 2 steps
+    # 'Interrupted' after 3 steps: in the middle of the second epoch (2 batches of 2 images each).
+    run_joint(tiny_config(tmp_path, "split", 3))
     run_joint(tiny_config(tmp_path, "split", 4), resume="last")   # continued to 4
     whole, split = tmp_path / "whole", tmp_path / "split"
     for name in ("ema.pt", "latents.pt"):
@@ -169,7 +170,7 @@ def test_resume_equals_an_uninterrupted_run_and_the_weights_load_and_sample(tmp_
         b = torch.load(split / name, weights_only=True)
         tensors = a.items() if name == "ema.pt" else [("x_T", a["x_T"])]
         for key, value in tensors:
-            assert torch.allclose(value.float(), b[key].float(), atol=1e-5), (name, key)
+            assert torch.allclose(value.float(), b[key].float(), atol=1e-6), (name, key)
     metrics = json.loads((whole / "metrics.json").read_text())
     assert metrics["steps"] == 4 and len(metrics["ema"]["psnr"]) == 4
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

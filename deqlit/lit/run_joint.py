@@ -12,7 +12,7 @@ import signal
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
@@ -55,10 +55,14 @@ class IndexedImages(Dataset):
 
 class EpochSampler(Sampler[int]):
     """A permutation (or `draws` draws with replacement) seeded by (seed, epoch): the Trainer calls
-    set_epoch, so a resumed run sees the same order as an uninterrupted one."""
+    set_epoch, so a resumed run sees the same order as an uninterrupted one. A run resumed in the
+    middle of an epoch gets a fresh iterator, so the sampler skips the batches that the restored
+    global step says were done (`progress()`; one training step per batch)."""
 
-    def __init__(self, size: int, seed: int, draws: Optional[int] = None):
+    def __init__(self, size: int, seed: int, draws: Optional[int] = None, per_batch: int = 1,
+                 steps_per_epoch: int = 1, progress: Optional[Callable[[], int]] = None):
         self.size, self.seed, self.draws, self.epoch = size, seed, draws, 0
+        self.per_batch, self.steps_per_epoch, self.progress = per_batch, steps_per_epoch, progress
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -69,8 +73,11 @@ class EpochSampler(Sampler[int]):
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         if self.draws is None:
-            return iter(torch.randperm(self.size, generator=gen).tolist())
-        return iter(torch.randint(0, self.size, (self.draws,), generator=gen).tolist())
+            order = torch.randperm(self.size, generator=gen).tolist()
+        else:
+            order = torch.randint(0, self.size, (self.draws,), generator=gen).tolist()
+        done = 0 if self.progress is None else self.progress() - self.epoch * self.steps_per_epoch
+        return iter(order[max(0, done) * self.per_batch:])
 
 
 class JointDataModule(L.LightningDataModule):
@@ -85,10 +92,15 @@ class JointDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         steps = math.ceil(len(self.targets) / self.batch_size)
+
+        def progress() -> int:
+            return 0 if self.trainer is None else self.trainer.global_step
         target = DataLoader(IndexedImages(self.targets), batch_size=self.batch_size,
-                            sampler=EpochSampler(len(self.targets), self.seed))
+                            sampler=EpochSampler(len(self.targets), self.seed, None, self.batch_size,
+                                                 steps, progress))
         prior = DataLoader(self.prior, batch_size=self.prior_batch_size,
-                           sampler=EpochSampler(len(self.prior), self.seed + 1, steps * self.prior_batch_size))
+                           sampler=EpochSampler(len(self.prior), self.seed + 1, steps * self.prior_batch_size,
+                                                self.prior_batch_size, steps, progress))
         return CombinedLoader({"target": target, "prior": prior}, mode="max_size_cycle")
 
     def prior_images(self, limit: int = 256) -> torch.Tensor:
