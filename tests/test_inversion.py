@@ -3,16 +3,14 @@ streamed run (DataModule -> predict -> part files -> merged outputs) end to end.
 from __future__ import annotations
 
 import json
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
-from PIL import Image
 
 from deqlit.deq.inversion import BatchInverter, InversionSettings, frobenius_loss
 from deqlit.diffusion.chain import Chain
@@ -213,6 +211,17 @@ def test_streamed_run_writes_parts_merges_and_resumes_after_an_interrupt(tmp_pat
     assert Chain.from_dict(reference["chain"]) == Chain.build(ABAR, 4)
     with pytest.raises(Exception, match="--resume"):
         invert(config)                                                # never mixes two runs
+    # Streamed through the Trainer and DataModule = the same batch inverted in memory. (Other
+    # batchings agree to float rounding: exactly in float64, see the batch test above.)
+    from deqlit.data.registry import load_images
+    from deqlit.lit.run_inversion import settings_from
+    from deqlit.models.build import build_noise_model
+    cfg = yaml.safe_load(config.read_text())
+    model, schedule, _ = build_noise_model(cfg)
+    images = load_images(cfg["data"]["name"], "all", 8, 1)
+    in_memory = run_to_end(BatchInverter(model.requires_grad_(False), Chain.build(schedule, 4), images[2:4],
+                                         [2, 3], settings_from(cfg["inversion"])))
+    assert (in_memory["x_T"] - reference["x_T"][2:4]).abs().max() <= 1e-6
 
     # Interrupted in the middle of the second batch (step 2 of 3), then resumed.
     from deqlit.cli import parse
@@ -227,6 +236,10 @@ def test_streamed_run_writes_parts_merges_and_resumes_after_an_interrupt(tmp_pat
     assert partial["step"] == 2 and partial["indices"] == [2, 3]
     with pytest.raises(ValueError, match="lr"):                       # changed settings refused
         invert(config, "--out", str(out2), "--resume", "--lr", "0.5")
+    (out2 / "latents" / "part-99999999.pt").write_bytes(b"garbage")   # a corrupt part file
+    with pytest.raises(ValueError, match="corrupt"):
+        invert(config, "--out", str(out2), "--resume")
+    (out2 / "latents" / "part-99999999.pt").unlink()
     invert(config, "--out", str(out2), "--resume")
     resumed = torch.load(out2 / "latents.pt", weights_only=True)
     assert torch.allclose(resumed["x_T"], reference["x_T"], atol=1e-5)

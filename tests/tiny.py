@@ -27,7 +27,7 @@ def tiny_setup(tmp_path: Path, n_images: int = 5) -> Path:
     cfg["model"] = dict(ch=8, out_ch=1, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4],
                         dropout=0.0, in_channels=1, resolution=8, resamp_with_conv=True, norm_groups=2)
     cfg["checkpoint"] = {"path": str(tmp_path / "tiny.pt"), "ema": True}
-    cfg["inversion"].update(split="all", num_images=n_images, batch_size=2, timesteps=4, max_steps=3,
+    cfg["inversion"].update(method="deq", split="all", num_images=n_images, batch_size=2, timesteps=4, max_steps=3,
                             init="random", save_every=1, max_batch=None, out=str(tmp_path / "run"))
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -74,7 +74,8 @@ class InversionModule(L.LightningModule):
         path = partial_path(self.state_dir, inverter.indices[0])
         if not path.is_file():
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from deqlit.lit.inversion_outputs import read_result
+        state = read_result(path)
         if [int(i) for i in state["indices"]] == inverter.indices:
             inverter.load_state_dict(state)
         # Another batching (e.g. another world size): restart the batch; results are per image.

@@ -105,17 +105,30 @@ class InversionWriter(BasePredictionWriter):
         pl_module.log_batch_result(result)
 
 
+def read_result(path: Path) -> dict[str, Any]:
+    """A part or partial file; a corrupt one is named with how to recover (its batch is redone)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict) or "indices" not in data:
+            raise ValueError("not a batch result")
+        return data
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError... by cause
+        from deqlit.lit.guards import CorruptCheckpointError
+        raise CorruptCheckpointError(
+            f"cannot resume: {path} is corrupt or truncated ({type(err).__name__}). Delete it and "
+            f"run --resume again: only its batch is computed again") from err
+
+
 def finished_indices(folder: Path) -> set[int]:
     """The image indices whose results are on disk (their part files)."""
     done: set[int] = set()
     for path in sorted(folder.glob(PART_GLOB)):
-        part = torch.load(path, map_location="cpu", weights_only=True)
-        done.update(int(i) for i in part["indices"])
+        done.update(int(i) for i in read_result(path)["indices"])
     return done
 
 
 def load_parts(folder: Path) -> list[dict[str, Any]]:
-    parts = [torch.load(p, map_location="cpu", weights_only=True) for p in sorted(folder.glob(PART_GLOB))]
+    parts = [read_result(p) for p in sorted(folder.glob(PART_GLOB))]
     return sorted(parts, key=lambda p: int(p["indices"][0]))
 
 
