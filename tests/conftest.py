@@ -51,3 +51,12 @@ class GaussianDataNoise(torch.nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = self.abar[t].to(x.dtype)[:, None, None, None]
         return (1 - a).sqrt() * x / (a * self.var + 1 - a) + self.weight * self.net(x, t)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one thread (small network calls on 2 shared cores are faster that way)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

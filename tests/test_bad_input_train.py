@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib.util
 import os
 import re
 import shlex
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.tiny import load_script
 
 from deqlit.cli import run_main
 from deqlit.lit import guards
@@ -37,22 +38,10 @@ TINY = ["--model.ch", "8", "--model.ch_mult", "[1,2]", "--model.num_res_blocks",
         "--train.warmup_steps", "1", "--train.steps_per_epoch", "1000"]
 
 
-def _load_train_script():
-    spec = importlib.util.spec_from_file_location("deqlit_train_script_bad", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+train_script = load_script("train.py", "deqlit_train_script_bad")
 
 
-train_script = _load_train_script()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_train(argv: list[str], capsys) -> tuple[int, str]:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from tests.tiny import load_script
 import yaml
 from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
@@ -37,22 +38,10 @@ TINY_MODEL = dict(ch=8, out_ch=1, ch_mult=[1, 2], num_res_blocks=1, attn_resolut
                   dropout=0.0, in_channels=1, resolution=16, resamp_with_conv=True, norm_groups=4)
 
 
-def _load_train_script():
-    spec = importlib.util.spec_from_file_location("deqlit_train_script_cfg", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+train_script = load_script("train.py", "deqlit_train_script_cfg")
 
 
-train_script = _load_train_script()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(out: Path, *extra: str) -> dict:

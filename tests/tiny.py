@@ -13,6 +13,15 @@ from tests.conftest import perturbed_unet
 REPO = Path(__file__).resolve().parent.parent
 
 
+def load_script(relative: str, name: str):
+    """Import a script of the repository (train.py, bench/*.py) as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_setup(tmp_path: Path, n_images: int = 5) -> Path:
     """A folder of 8x8 PNGs, a tiny checkpoint and a config for them; returns the config path."""
     folder = tmp_path / "images"
