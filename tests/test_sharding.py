@@ -182,11 +182,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, job: str, out_dir: Path, wait_s: float = 240.0) -> list[dict]:
-    """Start `world` processes on `job`; wait at most wait_s for all; results per rank (None: none)."""
+def launch(world: int, job: str, out_dir: Path, wait_s: float = 240.0, target=None) -> list[dict]:
+    """Start `world` processes on `job`; wait at most wait_s for all; results per rank (None: none).
+    target: the process function, with worker's signature (default: worker)."""
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, job, str(out_dir))) for r in range(world)]
+    procs = [ctx.Process(target=target or worker, args=(r, world, port, job, str(out_dir)))
+             for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + wait_s

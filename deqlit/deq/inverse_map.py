@@ -39,6 +39,7 @@ from deqlit.deq.solvers import SolverDivergedError, get_solver, solve
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.inverse import (check_noise, contraction_factors, ddim_inversion_states,
                                       invert_per_step)
+from deqlit.parallel.reduce import LOCAL, LocalReducer
 
 MODES = ("all-timesteps", "per-step")
 INITS = ("ddim", "gaussian")
@@ -121,7 +122,7 @@ def exact_invert(model: NoiseModel, x0: torch.Tensor, chain: Chain, *, mode: str
                  solver: str = "triangular-anderson", max_iter: Optional[int] = None,
                  tol: float = 1e-5, noise: Optional[torch.Tensor] = None,
                  max_batch: Optional[int] = None, init: Union[str, torch.Tensor] = "ddim",
-                 on_fail: str = "raise", **solver_options
+                 on_fail: str = "raise", reducer: LocalReducer = LOCAL, **solver_options
                  ) -> tuple[torch.Tensor, torch.Tensor, InversionReport]:
     """The latent x_T from which the DDIM chain regenerates x0, found as a fixed point.
 
@@ -136,6 +137,8 @@ def exact_invert(model: NoiseModel, x0: torch.Tensor, chain: Chain, *, mode: str
     on_fail 'raise' raises InversionNotConverged (carrying the report) when an image misses tol;
     'return' returns with report.converged False. NaN/Inf raises SolverDivergedError.
     solver_options go to the solver (m, lam, beta, relative_lam, freeze; see solvers.py).
+    reducer: a time group's DistributedReducer (deqlit/parallel) splits the all-timesteps solve's
+      rows over its processes (x0 and noise the same on all); states are then this process's rows.
     Returns (x_T (B, C, H, W), states (T, B, C, H, W) = x_1..x_T, report).
     """
     if mode not in MODES:
@@ -145,6 +148,10 @@ def exact_invert(model: NoiseModel, x0: torch.Tensor, chain: Chain, *, mode: str
     get_solver(solver)                                   # unknown names fail before any work
     if "triangular" in solver_options:
         raise TypeError("triangular is set by exact_invert (False: every inverse row depends on itself)")
+    if mode == "per-step" and reducer.shards > 1:
+        raise ValueError("exact inversion per step is sequential over the timesteps and cannot be "
+                         "split over time shards: use mode all-timesteps (--inversion.exact.mode "
+                         "all-timesteps), or time_shards 1 to split the images instead")
     if mode == "per-step" and solver_options.get("freeze"):
         raise ValueError("freeze applies to the all-timesteps solve only (a step has one state)")
     check_noise(chain, x0, noise)
@@ -155,6 +162,10 @@ def exact_invert(model: NoiseModel, x0: torch.Tensor, chain: Chain, *, mode: str
         with torch.no_grad():
             if mode == "per-step":
                 states, report = _per_step(model, x0, chain, solver, options, noise, max_batch)
+            elif reducer.shards > 1:
+                from deqlit.parallel.inverse_block import sharded_all_timesteps
+                x_T, states, report = sharded_all_timesteps(model, x0, chain, solver, options, noise,
+                                                            max_batch, init, reducer)
             else:
                 states, report = _all_timesteps(model, x0, chain, solver, options, noise,
                                                 max_batch, init)
@@ -165,7 +176,7 @@ def exact_invert(model: NoiseModel, x0: torch.Tensor, chain: Chain, *, mode: str
     report.finalize(tol)
     if not report.converged and on_fail == "raise":
         raise InversionNotConverged(failure_message(report, max_iter), report)
-    return states[-1], states, report
+    return (states[-1] if reducer.shards == 1 else x_T), states, report
 
 
 def _per_step(model, x0, chain, solver, options, noise, max_batch):

@@ -33,6 +33,7 @@ from deqlit.deq.solvers import get_solver, option_defaults
 from deqlit.deq.warm_start import shifted_warm_start
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.sequential import ddim_encode, ddim_sample
+from deqlit.parallel.reduce import LOCAL, LocalReducer
 
 METHODS = ("deq", "baseline", "exact")
 INITS = ("random", "ddim-inversion", "exact")
@@ -96,7 +97,8 @@ def per_image_generator(seed: int, index: int) -> torch.Generator:
 
 
 def draw_start(model: nn.Module, chain: Chain, targets: torch.Tensor, indices: list[int],
-               settings: InversionSettings, max_batch: Optional[int] = None
+               settings: InversionSettings, max_batch: Optional[int] = None,
+               reducer: LocalReducer = LOCAL
                ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[Any]]:
     """The starting latents x_T (B, C, H, W), for eta > 0 the injected noise (T, B, C, H, W), on
     the targets' device and dtype, and for init 'exact' the exact solve's report."""
@@ -123,7 +125,7 @@ def draw_start(model: nn.Module, chain: Chain, targets: torch.Tensor, indices: l
             on_fail = options.pop("on_fail", "warn")
             x_T_t, _, report = exact_invert(model, targets, chain, noise=noise_t, max_batch=max_batch,
                                             on_fail="return" if on_fail == "warn" else on_fail,
-                                            **options)
+                                            reducer=reducer, **options)
             if not report.converged:
                 import warnings
                 failed = [indices[b] for b in report.failed_images()]
@@ -163,7 +165,8 @@ class BatchInverter:
     """
 
     def __init__(self, model: nn.Module, chain: Chain, targets: torch.Tensor, indices: list[int],
-                 settings: InversionSettings, max_batch: Optional[int] = None):
+                 settings: InversionSettings, max_batch: Optional[int] = None,
+                 reducer: LocalReducer = LOCAL):
         check_image_size(model, targets)
         if not bool(torch.isfinite(targets).all()):
             raise ValueError("the images hold NaN/Inf values: check the dataset files")
@@ -172,8 +175,11 @@ class BatchInverter:
         self.started = time.perf_counter()
         self.seconds_before = 0.0             # time spent before a resume
         B = targets.shape[0]
+        # reducer: a time group's (deqlit/parallel): its processes hold the same images and latents
+        # and split the T chain rows (parallel/inversion_shard.py); LOCAL: all rows here.
+        self.reducer = reducer
         x_T, noise, self.exact_report = draw_start(model, chain, targets, self.indices, settings,
-                                                   max_batch)
+                                                   max_batch, reducer)
         self.start_latents = x_T.detach().clone()
         # Per-batch leaves: Lightning's configure_optimizers holds optimizers of module parameters,
         # which these latents are not (a new set per batch), so the batch owns its Adam.
@@ -186,6 +192,12 @@ class BatchInverter:
         self.optimizer = torch.optim.Adam(params, lr=settings.lr)
         self.deq = DEQSampler(model, chain, settings.solver, settings.solver_options, grad="onestep",
                               tau=settings.tau, max_batch=max_batch)
+        self.block = None                                 # this shard's rows when sharded
+        if reducer.shards > 1:
+            from deqlit.parallel.sampler import ShardedDEQSampler
+            self.deq = ShardedDEQSampler(model, chain, reducer, settings.solver, settings.solver_options,
+                                         grad="onestep", tau=settings.tau, max_batch=max_batch)
+            self.block = self.deq.block
         device = targets.device
         self.step_index = 0
         self.loss_history = torch.full((B, settings.max_steps), math.nan, device=device)
@@ -195,7 +207,7 @@ class BatchInverter:
         self.best_noise = None if noise is None else noise.detach().clone()
         self.last_loss = torch.full((B,), math.inf, device=device)
         self.active = torch.ones(B, dtype=torch.bool, device=device)
-        self.warm: Optional[torch.Tensor] = None       # last solution X (T, B, C, H, W)
+        self.warm: Optional[torch.Tensor] = None       # last solution X (T or block rows, B, C, H, W)
         self.warm_x_T: Optional[torch.Tensor] = None   # the x_T it was solved for
         self.data_var = targets.flatten(1).var(1)      # (B,) s^2 of each image's warm-start model
         self.all_stopped = settings.method == "exact"
@@ -209,11 +221,17 @@ class BatchInverter:
         # Warm start: the previous solution moved along the Gaussian-data flow map to the new x_T
         # (deq/warm_start.py). Reused unmoved it starts as far off in residual as a cold start.
         init = None
-        if self.settings.warm_start and self.warm is not None:
+        if self.settings.warm_start and self.warm is not None and self.block is not None:
+            from deqlit.parallel.inversion_shard import block_warm_start
+            init = block_warm_start(self.warm, self.warm_x_T, x_T.detach(), self.chain.abar,
+                                    self.data_var, self.block)
+        elif self.settings.warm_start and self.warm is not None:
             init = shifted_warm_start(self.warm, self.warm_x_T, x_T.detach(), self.chain.abar,
                                       self.data_var)
         X, stats = self.deq(x_T, noise, init=init)
         self.warm, self.warm_x_T = X.detach(), x_T.detach().clone()
+        if self.block is not None:          # the shard's block; its row 0 is x_0 on shard 0 only
+            return X, torch.tensor(stats.image_iterations, dtype=torch.float32, device=x_T.device)
         return X[0], torch.tensor(stats.image_iterations, dtype=torch.float32, device=x_T.device)
 
     @torch.no_grad()
@@ -233,11 +251,19 @@ class BatchInverter:
         x_T, noise = self.latents, self.noise
         with torch.enable_grad():
             x0_hat, iterations = self.predict_x0(x_T, noise)
-            per_image = frobenius_loss(x0_hat, self.targets)
-            if k > 0:
-                self.active = per_image.detach() >= s.early_stop_loss
+            if self.block is not None:
+                from deqlit.parallel.inversion_shard import loss_objective
+                per_image, self.active, objective = loss_objective(
+                    x0_hat, self.targets, self.active, k, s.early_stop_loss, self.block, self.reducer)
+            else:
+                per_image = frobenius_loss(x0_hat, self.targets)
+                if k > 0:
+                    self.active = per_image.detach() >= s.early_stop_loss
+                objective = (per_image * self.active).sum()
             self.optimizer.zero_grad(set_to_none=True)
-            (per_image * self.active).sum().backward()
+            objective.backward()
+            if self.block is not None:      # each shard's gradient is partial: sum them
+                self.reducer.sum_gradients(self.optimizer.param_groups[0]["params"])
         loss = per_image.detach()
         # The loss belongs to the latents before this update: record them, then step.
         self.loss_history[:, k] = loss
@@ -294,14 +320,19 @@ class BatchInverter:
 
     # ---- resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Sharded over time: a collective (every shard calls it) that joins the warm start's T rows."""
         def cpu(t):
             return None if t is None else t.detach().cpu().clone()
+        warm = self.warm
+        if self.block is not None and warm is not None:
+            from deqlit.parallel.inversion_shard import gather_rows
+            warm = gather_rows(warm, self.chain.T, self.reducer)
         return {"indices": list(self.indices), "step": self.step_index, "latents": cpu(self.latents),
                 "noise": cpu(self.noise), "start_latents": cpu(self.start_latents),
                 "loss_history": cpu(self.loss_history), "iterations": cpu(self.iterations_history),
                 "best_loss": cpu(self.best_loss), "best_latents": cpu(self.best_latents),
                 "best_noise": cpu(self.best_noise), "last_loss": cpu(self.last_loss),
-                "active": cpu(self.active), "warm": cpu(self.warm), "warm_x_T": cpu(self.warm_x_T),
+                "active": cpu(self.active), "warm": cpu(warm), "warm_x_T": cpu(self.warm_x_T),
                 "optimizer": self.optimizer.state_dict(), "all_stopped": self.all_stopped,
                 "seconds": self.seconds_before + time.perf_counter() - self.started}
 
@@ -322,6 +353,9 @@ class BatchInverter:
         self.best_loss, self.best_latents = dev(state["best_loss"]), dev(state["best_latents"])
         self.best_noise, self.last_loss = dev(state["best_noise"]), dev(state["last_loss"])
         self.active, self.warm, self.warm_x_T = dev(state["active"]), dev(state["warm"]), dev(state["warm_x_T"])
+        if self.block is not None and self.warm is not None:   # saved with all T rows: keep ours
+            from deqlit.parallel.inversion_shard import own_rows
+            self.warm = own_rows(self.warm, self.block).clone()
         self.optimizer.load_state_dict(state["optimizer"])   # moves Adam's moments to the params' device
         self.all_stopped = bool(state["all_stopped"])
         self.seconds_before, self.started = float(state["seconds"]), time.perf_counter()

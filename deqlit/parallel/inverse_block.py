@@ -1,0 +1,148 @@
+"""Exact inversion over all timesteps (deq/inverse_map.py, Eq. 3) on one block of rows per time shard.
+
+The inverse map's unknown X holds x_T, x_{T-1}, ..., x_1 (row r = x_{T-r}), and row r depends on
+the rows >= r (itself included): x_i = sqrt(abar_i) (y_0 - sum_{j <= i} tau_j) with
+tau_j = c_j eps(x_j) + d_j xi_j. That is the forward map's structure with the sum made inclusive, so
+blocks of X split over the shards exactly as in block_map.py: block k holds the rows [start, stop),
+i.e. the states x_{T-start} .. x_{T-stop+1}, and needs the terms of all earlier states, which are the
+rows of the later blocks: the reducer's `carry_from_later` of its block total (one all_gather of K
+images per call). Each block evaluates the network on its own states only.
+
+`sharded_all_timesteps` is what `exact_invert(..., reducer=...)` runs when the reducer has more than
+one shard; its report covers the whole chain (per-state residuals gathered once, at the end).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from deqlit.deq.fixed_point import NoiseModel, batched_eps
+from deqlit.deq.inversion_report import InversionReport
+from deqlit.deq.solvers import solve
+from deqlit.diffusion.chain import Chain
+from deqlit.diffusion.inverse import check_noise, ddim_inversion_states
+from deqlit.parallel.blocks import Block, block_of, time_blocks
+from deqlit.parallel.reduce import LOCAL, LocalReducer
+
+
+class BlockInverseMap:
+    """G(X; x_0) of Eq. 3 on the rows [start, stop) of X = (x_T, ..., x_1), global row indices.
+
+    x0 (B, C, H, W), the same on every shard; noise xi (T, B, C, H, W) with rows x_1..x_T (every
+    shard passes all T rows; it keeps its own). Same protocol as InverseChainMap: call it on the
+    block's rows (rows, B, C, H, W) with an optional global `frozen_from` (rows >= k reuse their
+    eps). `row_trace` holds, per call, the relative residual of this block's states (rows, B), in
+    natural order x_{T-stop+1} .. x_{T-start}.
+    """
+
+    def __init__(self, model: NoiseModel, chain: Chain, x0: torch.Tensor, block: Block,
+                 noise: Optional[torch.Tensor] = None, max_batch: Optional[int] = None,
+                 reducer: LocalReducer = LOCAL):
+        if block.T != chain.T:
+            raise ValueError(f"the block splits a {block.T}-step chain but the chain has T = {chain.T}")
+        check_noise(chain, x0, noise)
+        self.model, self.chain, self.block, self.max_batch = model, chain, block, max_batch
+        self.reducer, self.T = reducer, chain.T
+        # The block's states in natural order: x_{n+1} for n in [T - stop, T - start).
+        self.natural = slice(chain.T - block.stop, chain.T - block.start)
+        dtype, device = x0.dtype, x0.device
+        view = (block.rows,) + (1,) * x0.dim()
+        scale = chain.abar.sqrt().to(device=device, dtype=dtype)              # (T+1,) of x_0..x_T
+        self._scale = scale[1:][self.natural].reshape(view)
+        self._c = chain.c.to(device=device, dtype=dtype)[self.natural].reshape(view)
+        self._y0 = x0 / scale[0]
+        self._noise_terms = None
+        if noise is not None and chain.eta > 0:
+            d = chain.d.to(device=device, dtype=dtype)[self.natural].reshape(view)
+            self._noise_terms = d * noise[self.natural]
+        self._timesteps = chain.timestep_tensor(device)[self.natural]
+        self._eps = torch.zeros((block.rows,) + tuple(x0.shape), dtype=dtype, device=device)
+        self.calls, self.network_rows = 0, 0
+        self.rows_after_call: list[int] = []
+        self.row_trace: list[torch.Tensor] = []
+
+    def states_from_eps(self, eps: torch.Tensor) -> torch.Tensor:
+        """eps of the block's states (natural order, (rows, B, ...)) -> its states of Eq. 3."""
+        terms = self._c * eps
+        if self._noise_terms is not None:
+            terms = terms + self._noise_terms
+        carry = self.reducer.carry_from_later(terms.sum(0, keepdim=True))   # all earlier states
+        return self._scale * (self._y0[None] - (terms.cumsum(0) + carry))
+
+    def __call__(self, X: torch.Tensor, frozen_from: Optional[int] = None) -> torch.Tensor:
+        if X.shape[0] != self.block.rows:
+            raise ValueError(f"X must hold the block's {self.block.rows} rows {self.block.start}.."
+                             f"{self.block.stop - 1} of x_T..x_1, got {X.shape[0]} rows")
+        states = X.flip(0)                                               # natural order
+        # Global rows >= k are the natural states x_1..x_{T-k}: here the first stop - k of the block.
+        kept = 0 if frozen_from is None else max(0, min(self.block.stop - frozen_from, self.block.rows))
+        fresh = batched_eps(self.model, states[kept:], self._timesteps[kept:], self.max_batch)
+        self._eps[kept:] = fresh
+        self.calls += 1
+        self.network_rows += self.block.rows - kept
+        self.rows_after_call.append(self.network_rows)
+        out = self.states_from_eps(self._eps)
+        diff = (out - states).double().flatten(2).norm(dim=-1)             # (rows, B)
+        self.row_trace.append(diff / (1e-5 + out.double().flatten(2).norm(dim=-1)))
+        return out.flip(0)
+
+
+def natural_rows_of_all_shards(local: torch.Tensor, block: Block, reducer: LocalReducer) -> torch.Tensor:
+    """Every shard's rows (natural order, (rows_k, ...)) joined into the whole chain's (T, ...)
+    x_1..x_T on every shard: one gather, blocks padded to the longest."""
+    longest = -(-block.T // reducer.shards)
+    padded = torch.zeros((longest,) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[:local.shape[0]] = local
+    parts = reducer.gather(padded)                                      # (K, longest, ...)
+    # Shard K - 1 holds x_1.. (the earliest states): natural order runs over the shards backwards.
+    blocks = time_blocks(block.T, reducer.shards)
+    return torch.cat([parts[k, :blocks[k].rows] for k in reversed(range(reducer.shards))])
+
+
+def sharded_all_timesteps(model: NoiseModel, x0: torch.Tensor, chain: Chain, solver: str,
+                          options: dict, noise: Optional[torch.Tensor], max_batch: Optional[int],
+                          init: Union[str, torch.Tensor], reducer: LocalReducer
+                          ) -> tuple[torch.Tensor, torch.Tensor, InversionReport]:
+    """Eq. 3 solved with the rows split over the reducer's shards (x0 and noise the same on all).
+
+    Returns (x_T (B, C, H, W) on every shard, this shard's states in natural order (rows, B, ...),
+    the report of the whole chain, the same on every shard). init as in exact_invert; a tensor may
+    hold all T states x_1..x_T or this block's.
+    """
+    from deqlit.deq.inverse_map import INITS, chunked, gaussian_start
+    T = chain.T
+    block = block_of(T, reducer.shards, reducer.shard_index)
+    natural = slice(T - block.stop, T - block.start)
+    if isinstance(init, torch.Tensor):
+        if init.shape[0] == T:
+            init = init[natural]
+        if tuple(init.shape) != (block.rows,) + tuple(x0.shape):
+            raise ValueError(f"init must hold the states x_1..x_T, shape {(T,) + tuple(x0.shape)}, "
+                             f"or this block's {block.rows}, got {tuple(init.shape)}")
+        start, start_depth = init.to(x0), 0
+    elif init == "ddim":
+        # T sequential calls on every shard (a start, as in one process); each keeps its rows.
+        start, start_depth = ddim_inversion_states(chunked(model, max_batch), x0, chain, noise)[natural], T
+    elif init == "gaussian":
+        start, start_depth = gaussian_start(x0, chain)[natural], 0
+    else:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)} or pass the "
+                         f"states x_1..x_T as a tensor")
+    G = BlockInverseMap(model, chain, x0, block, noise, max_batch, reducer)
+    X, stats = solve(solver, G, start.flip(0).contiguous(), reducer=reducer, **options)
+    stop = stats.image_iterations                                      # the same on every shard
+    B = x0.shape[0]
+    at_stop = torch.stack([G.row_trace[stop[b] - 1][:, b] for b in range(B)], dim=1)   # (rows, B)
+    rows = natural_rows_of_all_shards(at_stop, block, reducer)                        # (T, B)
+    evals = reducer.sum(torch.tensor([float(G.rows_after_call[stop[b] - 1]) for b in range(B)],
+                                     dtype=torch.float64, device=x0.device))
+    report = InversionReport(
+        row_residual=rows.tolist(),
+        image_residual=list(stats.image_residual),
+        image_iterations=list(stop),
+        network_evals=[start_depth + int(round(float(e))) for e in evals],
+        depth=start_depth + stats.iterations, start_depth=start_depth)
+    # Row 0 of X is x_T, on shard 0.
+    x_T = reducer.broadcast_from(X[0] if block.is_first else torch.empty_like(X[0]), 0)
+    return x_T, X.flip(0), report

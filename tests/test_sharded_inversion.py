@@ -1,0 +1,202 @@
+"""Inversion with the T chain rows split over time shards (deqlit/parallel/inversion_shard.py,
+inverse_block.py) gives what one process gives. The oracle is the unsharded BatchInverter /
+exact_invert in this process (float64); the sharded runs are gloo groups on CPU in spawned
+subprocesses (tests/test_sharding.launch), each running all its cases in one start; the command
+tests run invert.py under torchrun."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from deqlit.deq.inversion import BatchInverter, InversionSettings
+from deqlit.diffusion.chain import Chain
+from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
+from tests.conftest import REPO, GaussianDataNoise
+
+ABAR = alphas_cumprod(linear_betas())
+T = 7                                   # divisible by neither 2 nor 4
+B = 2
+TOL = 1e-3                              # some solves stop on it, before T
+
+
+def targets(batch: int = B) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(3)
+    return (0.6 * torch.randn(batch, 1, 8, 8, generator=gen, dtype=torch.float64)).clamp(-1, 1)
+
+
+# name -> (eta, settings, steps): the gradient method (one / two Adam steps) and exact inversion.
+DEQ_CASES = {
+    "deq-anderson": (0.0, dict(method="deq", solver="anderson", lr=0.05,
+                               solver_options=dict(max_iter=20, tol=TOL, m=3)), 2),
+    "deq-tri-noise": (0.5, dict(method="deq", solver="triangular-anderson", lr=0.05, optimize_noise=True,
+                                solver_options=dict(max_iter=20, tol=TOL, freeze=True)), 1),
+}
+EXACT_CASES = {
+    "exact-ddim": (0.0, dict(method="exact", init="exact",
+                             exact=dict(mode="all-timesteps", solver="triangular-anderson", max_iter=40,
+                                        tol=1e-6, init="ddim", m=3)), 0),
+    "exact-gauss-eta": (0.5, dict(method="exact", init="exact",
+                                  exact=dict(mode="all-timesteps", solver="anderson", max_iter=40,
+                                             tol=1e-6, init="gaussian", freeze=True)), 0),
+}
+
+
+def inverter(case: str, images: torch.Tensor, indices: list[int], reducer=None) -> BatchInverter:
+    from deqlit.parallel.reduce import LOCAL
+    eta, settings, _ = {**DEQ_CASES, **EXACT_CASES}[case]
+    chain = Chain.build(ABAR, T, eta=eta)
+    model = GaussianDataNoise(dtype=torch.float64).requires_grad_(False)
+    return BatchInverter(model, chain, images, indices, InversionSettings(**settings).validate(),
+                         reducer=reducer or LOCAL)
+
+
+def run(case: str, images: torch.Tensor, indices: list[int], reducer=None) -> dict:
+    """The latents after the case's steps, the saved state (for resume) and the exact report."""
+    inv = inverter(case, images, indices, reducer)
+    for _ in range(DEQ_CASES.get(case, (0, 0, 0))[2]):
+        inv.step()
+    state = inv.state_dict()
+    report = inv.exact_report.to_dict() if inv.exact_report is not None else None
+    return dict(latents=inv.latents.detach().clone(), noise=None if inv.noise is None else inv.noise.detach().clone(),
+                loss=inv.loss_history.clone(), iterations=inv.iterations_history.clone(), warm=state["warm"],
+                report=report)
+
+
+def resumed_step(case: str, images: torch.Tensor, indices: list[int], state: dict, reducer=None) -> torch.Tensor:
+    """One more step after loading a state saved by one process (all T warm-start rows)."""
+    inv = inverter(case, images, indices, reducer)
+    inv.load_state_dict(state)
+    inv.step()
+    return inv.latents.detach().clone()
+
+
+def one_process_state(case: str) -> dict:
+    inv = inverter(case, targets(), list(range(B)))
+    inv.step()
+    return inv.state_dict()
+
+
+# ---- the processes ---------------------------------------------------------------------------
+def run_job(job: str) -> dict:
+    from deqlit.parallel.mesh import build_time_mesh
+    out: dict = {}
+    time_shards = 2
+    mesh = build_time_mesh(time_shards)            # world 2: time 2; world 4: data 2 x time 2
+    reducer = mesh.time_reducer()
+    mine = mesh.data_slice(B)
+    images, indices = targets()[mine], list(range(B))[mine]
+    out["mesh"] = (mesh.data_index, mesh.time_index)
+    for case in DEQ_CASES if job == "world2" else ["deq-anderson"]:
+        out[case] = run(case, images, indices, reducer)
+    for case in EXACT_CASES if job == "world2" else ["exact-gauss-eta"]:
+        out[case] = run(case, images, indices, reducer)
+    if job == "world2":
+        out["resumed"] = resumed_step("deq-anderson", images, indices, one_process_state("deq-anderson"), reducer)
+        try:
+            from deqlit.deq.inverse_map import exact_invert
+            exact_invert(GaussianDataNoise(dtype=torch.float64), images, Chain.build(ABAR, T),
+                         mode="per-step", solver="anderson", reducer=reducer)
+            out["per-step"] = "no error"
+        except ValueError as err:
+            out["per-step"] = str(err)
+    return out
+
+
+def worker(rank: int, world: int, port: int, job: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    result: dict = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=60))
+        start = time.monotonic()
+        result = {"cases": run_job(job), "seconds": time.monotonic() - start}
+    except Exception as err:      # reported to the test, which decides
+        result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    if dist.is_initialized() and "error" not in result:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """world -> per-rank results of the job 'world2' or 'world4', started once per world size."""
+    from tests.test_sharding import launch
+    cache: dict[int, list[dict]] = {}
+
+    def get(world: int) -> list[dict]:
+        if world not in cache:
+            results = launch(world, f"world{world}", tmp_path_factory.mktemp(f"inv{world}"), target=worker)
+            for r, res in enumerate(results):
+                assert res is not None and "error" not in res, f"rank {r}: {res and res.get('trace')}"
+            cache[world] = [res["cases"] for res in results]
+        return cache[world]
+    return get
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:
+    return a.shape == b.shape and float((a - b).abs().max()) <= tol
+
+
+# ---- the tests -------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", list(DEQ_CASES))
+def test_deq_inversion_steps_on_two_time_shards_equal_one_process(sharded, case):
+    """The latents (and the optimized noise) after the Adam steps, the loss history and the
+    solver's iterations are the same on both time shards and equal one process's."""
+    one = run(case, targets(), list(range(B)))
+    assert one["iterations"][:, :DEQ_CASES[case][2]].min() < 20          # some solves stop on tol
+    assert not torch.equal(one["latents"], inverter(case, targets(), list(range(B))).latents)  # moved
+    for rank in sharded(2):
+        got = rank[case]
+        assert close(got["latents"], one["latents"]), case
+        assert got["noise"] is None or close(got["noise"], one["noise"])
+        assert close(got["loss"].nan_to_num(-1.0), one["loss"].nan_to_num(-1.0))
+        assert torch.equal(got["iterations"], one["iterations"])
+        assert close(got["warm"], one["warm"])          # the saved state holds all T rows
+
+
+@pytest.mark.parametrize("case", list(EXACT_CASES))
+def test_exact_all_timesteps_inversion_on_two_time_shards_equals_one_process(sharded, case):
+    one = run(case, targets(), list(range(B)))
+    assert one["report"]["converged"]
+    for rank in sharded(2):
+        got = rank[case]
+        assert close(got["latents"], one["latents"]), case                # x_T, on every shard
+        report = got["report"]
+        assert report["converged"] and report["image_iterations"] == one["report"]["image_iterations"]
+        assert report["network_evals"] == one["report"]["network_evals"]   # summed over the shards
+        assert report["depth"] == one["report"]["depth"]
+        assert torch.allclose(torch.tensor(report["row_residual"]), torch.tensor(one["report"]["row_residual"]),
+                              rtol=1e-4, atol=1e-12)                      # every state, x_1..x_T
+
+
+def test_a_state_saved_by_one_process_continues_on_two_time_shards(sharded):
+    state = one_process_state("deq-anderson")
+    expected = resumed_step("deq-anderson", targets(), list(range(B)), state)
+    for rank in sharded(2):
+        assert close(rank["resumed"], expected)
+
+
+def test_exact_per_step_refuses_time_shards_naming_all_timesteps(sharded):
+    for rank in sharded(2):
+        assert "per step is sequential" in rank["per-step"] and "all-timesteps" in rank["per-step"]
+
+
+@pytest.mark.slow
+def test_data_2_by_time_2_mesh_equals_one_process(sharded):
+    """Ranks (d, t) = (r // 2, r % 2): replica d inverts image d over the time shards t = 0, 1.
+    The oracle inverts image d alone (freezing settles rows over a batch's images)."""
+    for r, rank in enumerate(sharded(4)):
+        d = r // 2
+        assert rank["mesh"] == (d, r % 2)
+        for case in ("deq-anderson", "exact-gauss-eta"):
+            one = run(case, targets()[d:d + 1], [d])
+            assert close(rank[case]["latents"], one["latents"]), (r, case)
