@@ -52,7 +52,8 @@ def sequential_grads(net, x_T, noise, target, chain, params):
 
 @pytest.mark.parametrize("T,eta,max_batch,adjoint", [(3, 0.0, None, None), (10, 0.0, 5, None),
                                                      (10, 0.5, None, None), (7, 0.5, 4, None),
-                                                     (10, 0.0, None, {"solver": "sweep"})])
+                                                     (10, 0.0, None, {"solver": "sweep"}),
+                                                     (7, 0.5, 4, {"solver": "sweep"})])
 def test_ift_equals_autograd_through_the_sequential_chain(net64, T, eta, max_batch, adjoint):
     chain = Chain.build(ABAR, T, eta=eta)
     x_T, noise, target = inputs(chain.T, eta, seed=T)

@@ -197,9 +197,10 @@ class JointFineTuneModule(L.LightningModule):
             fmap.bind(x_T.detach())
             if hp.solver == "sequential":
                 # X* by the sequential chain (T network calls of B rows: the cheapest where calls do
-                # not run in parallel), then one map evaluation to fill the map's eps cache.
-                X_star = ddim_sample(self.model, x_T.detach(), self.chain, return_all=True)
-                X_star = fmap(X_star)
+                # not run in parallel). Its eps are the map's cache at X* (the frozen-network step
+                # reads it), captured as they come: no second evaluation of all T rows.
+                X_star = ddim_sample(self.model, x_T.detach(), self.chain, return_all=True,
+                                     step=self._caching_step(fmap))
                 stats = SolverStats(iterations=self.chain.T, converged=True)
             else:
                 start = x_T.detach()[None].expand(self.chain.T, *x_T.shape).clone()
@@ -207,6 +208,21 @@ class JointFineTuneModule(L.LightningModule):
         X = attach_gradient(hp.grad, fmap, X_star, x_T, tau=hp.tau, adjoint=self.adjoint,
                             on_backward=self._record_backward)
         return X, X_star, fmap, stats
+
+    @staticmethod
+    def _caching_step(fmap: FixedPointMap):
+        """ddim_sample's step hook: eps(x_T) from the bound map, eps(x_i) stored in its cache.
+        ddim_sample visits x_T, x_{T-1}, .., x_1; cache row r holds eps(x_{r+1})."""
+        rows = iter(range(fmap.T - 1, -1, -1))
+
+        def step(model, x, t):
+            r = next(rows)
+            if r == fmap.T - 1:
+                return fmap.top_eps()
+            eps = model(x, t)
+            fmap.cached_eps()[r] = eps
+            return eps
+        return step
 
     def _record_backward(self, stats: SolverStats) -> None:
         self.backward_stats = stats
@@ -297,12 +313,14 @@ class JointFineTuneModule(L.LightningModule):
         rho = (along_w + along_h) / 2
         kurt = kurtosis(x_T)
         values = {"train/recon_loss": recon.mean(), "train/prior_denoise_mse": prior_loss,
-                  "train/target_denoise_mse": self.denoising_loss(x0, self.step_generator()),
                   "train/typicality_chi2": chi2.mean(), "latents/autocorr_mean": rho.mean(),
                   "latents/autocorr_max": rho.abs().max(), "latents/kurtosis_mean": kurt.mean(),
                   "latents/kurtosis_maxdev": (kurt - 3).abs().max(),
                   "train/psnr": peak_signal_noise_ratio(x0_hat.clamp(-1, 1), x0, data_range=2.0),
                   "solver/iterations": float(stats.iterations)}
+        every = getattr(self._trainer, "log_every_n_steps", 1) if self._trainer is not None else 1
+        if self.global_step % max(1, every) == 0:   # a network call of its own: only when it is logged
+            values["train/target_denoise_mse"] = self.denoising_loss(x0, self.step_generator())
         if self.hparams.grad == "ift" and self.backward_stats is not None:
             values["solver/adjoint_iterations"] = float(self.backward_stats.iterations)
         if cosine is not None:

@@ -128,6 +128,21 @@ def evaluate(model: torch.nn.Module, x_T: torch.Tensor, targets: torch.Tensor, c
             "denoise_mse_targets": denoising_loss(model, targets, abar)}
 
 
+class ProcessTimeBudget(Callback):
+    """Stops training once this process has used `seconds` of CPU time (time.process_time) since
+    fit started: a budget that other programs on a shared machine do not eat into (benchmarks)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start = float(seconds), None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if time.process_time() - self.start >= self.seconds:
+            trainer.should_stop = True
+
+
 class SaveLatents(Callback):
     """Writes RUN/latents.pt next to ema.pt whenever a checkpoint is saved (rank 0)."""
 
@@ -193,15 +208,17 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
                                  auto_insert_metric_name=False, enable_version_counter=False,
                                  every_n_train_steps=joint.get("checkpoint_every", 50))
     max_time = joint.get("max_time_s")   # a wall-time budget (benchmarks); None = steps only
+    cpu_budget = joint.get("max_process_s")   # a CPU-time budget of this process (benchmarks)
+    extra = [] if cpu_budget is None else [ProcessTimeBudget(cpu_budget)]
     trainer = L.Trainer(max_steps=joint.get("max_steps", 200),
                         max_time=None if max_time is None else timedelta(seconds=float(max_time)),
                         accelerator=joint.get("accelerator", "auto"),
                         devices=joint.get("devices", 1), logger=TensorBoardLogger(str(out), name="tb", version=0),
-                        callbacks=[checkpoint, export, SaveLatents(out / "latents.pt"), saver],
+                        callbacks=[checkpoint, export, SaveLatents(out / "latents.pt"), saver, *extra],
                         log_every_n_steps=joint.get("log_every_n_steps", 1), fast_dev_run=fast_dev_run,
                         num_sanity_val_steps=0, enable_progress_bar=joint.get("progress_bar", True),
                         enable_model_summary=False)
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     try:
         with interrupts_as_exceptions():
             try:
@@ -215,16 +232,20 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
         raise RunInterrupted(err.signum, f"the last checkpoint is {ckpt_dir / 'last.ckpt'}") from None
     if fast_dev_run:
         return module
-    write_metrics(module, datamodule, targets, out, time.time() - start, before)
+    write_metrics(module, datamodule, targets, out, time.time() - start, before,
+                  process_seconds=time.process_time() - cpu_start)
     return module
 
 
 def write_metrics(module: JointFineTuneModule, datamodule: JointDataModule, targets: torch.Tensor,
-                  out: Path, seconds: float, before: dict[str, float]) -> dict[str, Any]:
+                  out: Path, seconds: float, before: dict[str, float],
+                  process_seconds: Optional[float] = None) -> dict[str, Any]:
     payload = module.latents_payload()
     x_T, idx = payload["x_T"], payload["indices"]
     device_targets = targets[idx].to(x_T)
-    metrics = {"steps": module.global_step, "seconds": round(seconds, 1), "num_images": len(idx),
+    metrics = {"steps": module.global_step, "seconds": round(seconds, 1),
+               "process_seconds": None if process_seconds is None else round(process_seconds, 1),
+               "num_images": len(idx),
                "chain": payload["chain"], "grad": module.hparams.grad,
                "ema": evaluate(module.ema.module.cpu(), x_T, device_targets, module.chain,
                                datamodule.prior, module.abar.cpu()),
