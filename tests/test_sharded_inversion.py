@@ -200,3 +200,81 @@ def test_data_2_by_time_2_mesh_equals_one_process(sharded):
         for case in ("deq-anderson", "exact-gauss-eta"):
             one = run(case, targets()[d:d + 1], [d])
             assert close(rank[case]["latents"], one["latents"]), (r, case)
+
+
+# ---- invert.py under torchrun ------------------------------------------------------------------
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(REPO / "invert.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny config (the gradient method, 5 images in batches of 2, 3 steps, float64) and its
+    uninterrupted one-process latents."""
+    from tests.tiny import tiny_setup
+    folder = tmp_path_factory.mktemp("tiny")
+    config = tiny_setup(folder)
+    common = ["--config", str(config), "--no-progress", "--trainer.precision", "64-true"]
+    from deqlit.commands.invert import main
+    main(common + ["--out", str(folder / "one")])
+    return common, torch.load(folder / "one" / "latents.pt", weights_only=True), folder
+
+
+@pytest.mark.slow
+def test_invert_py_under_torchrun_with_two_time_shards_equals_one_process(tiny_run):
+    """`torchrun --standalone --nproc_per_node 2 invert.py --trainer.strategy ddp_time
+    --parallel.time_shards 2`: the latents of one process; one process per replica writes."""
+    common, one, folder = tiny_run
+    run = torchrun(2, *common, "--out", str(folder / "two"), "--trainer.strategy", "ddp_time",
+                   "--parallel.time_shards", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = torch.load(folder / "two" / "latents.pt", weights_only=True)
+    assert two["indices"].tolist() == one["indices"].tolist() == [0, 1, 2, 3, 4]
+    assert close(two["x_T"], one["x_T"])
+    assert sorted(p.name for p in (folder / "two" / "latents").glob("*.pt")) == \
+        ["part-00000000.pt", "part-00000002.pt", "part-00000004.pt"]
+
+
+@pytest.mark.slow
+def test_a_run_interrupted_on_one_process_resumes_on_two_time_shards(tiny_run):
+    """Interrupted in the second batch (a part file and a partial state with all T warm-start
+    rows), resumed by torchrun with 2 time shards: the latents of the uninterrupted run."""
+    from deqlit.cli import parse
+    from deqlit.commands.invert import build_parser
+    from deqlit.lit.run_inversion import run_inversion
+    from tests.test_inversion import StopAfter
+    common, one, folder = tiny_run
+    out = folder / "resumed"
+    _, cfg = parse(build_parser(), common + ["--out", str(out)], {"out": "inversion.out"})
+    with pytest.raises(BaseException):
+        run_inversion(cfg, progress=False, callbacks=[StopAfter(5)])
+    assert len(list((out / "latents").glob("part-*.pt"))) == 1
+    partial = torch.load(next((out / "latents").glob("partial-*.pt")), weights_only=True)
+    assert partial["indices"] == [2, 3] and partial["warm"].shape[0] == 4      # T rows
+    run = torchrun(2, *common, "--out", str(out), "--resume", "--trainer.strategy", "ddp_time",
+                   "--parallel.time_shards", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    resumed = torch.load(out / "latents.pt", weights_only=True)
+    assert resumed["indices"].tolist() == [0, 1, 2, 3, 4]
+    assert close(resumed["x_T"], one["x_T"])
+
+
+def test_invert_refuses_exact_per_step_over_time_shards_naming_the_fix(tmp_path):
+    from deqlit.commands.invert import main
+    from tests.tiny import tiny_setup
+    config = tiny_setup(tmp_path)
+    with pytest.raises(ValueError, match="per step.*--inversion.exact.mode all-timesteps"):
+        main(["--config", str(config), "--method", "exact", "--inversion.exact.mode", "per-step",
+              "--trainer.strategy", "ddp_time", "--parallel.time_shards", "2", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()                  # refused before anything is written
+
+
+def test_the_launcher_decides_the_process_counts():
+    from deqlit.parallel.launch import launched_counts
+    assert launched_counts({"devices": 1, "num_nodes": 1}, (2, 1))["devices"] == 2    # faces.yaml's 1
+    assert launched_counts({"devices": "auto"}, (8, 2)) == {"devices": 8, "num_nodes": 2}
+    with pytest.raises(ValueError, match="nproc_per_node 4"):
+        launched_counts({"devices": 4}, (2, 1))

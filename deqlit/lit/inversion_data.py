@@ -15,7 +15,7 @@ from deqlit.data.streaming import Indexed, split_dataset
 class InversionDataModule(L.LightningDataModule):
     """Serves images lazily: memory holds one batch whatever the dataset's size.
 
-    Under DDP each process takes every world_size-th image (this module splits them, not
+    Under DDP each process (under ddp_time each data replica) takes every world_size-th image (this module splits them, not
     Lightning's sampler, which cannot give a process no image); since every image's result depends
     on that image alone, any split gives the same latents.
     """
@@ -43,5 +43,8 @@ class InversionDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        mesh = getattr(trainer.strategy, "mesh", None) if trainer is not None else None
+        if mesh is not None:      # ddp_time: split over the data replicas; a replica's time shards share
+            rank, world = mesh.data_index, mesh.data
         return DataLoader(Indexed(self.images, self.positions[rank::world]), batch_size=self.batch_size,
                           shuffle=False, num_workers=self.num_workers)

@@ -23,6 +23,8 @@ from deqlit.deq.inversion import BatchInverter, InversionSettings
 from deqlit.diffusion.chain import Chain
 from deqlit.lit.guards import atomic_torch_save
 from deqlit.lit.inversion_outputs import make_grid, partial_path
+from deqlit.parallel.mesh import TimeMesh
+from deqlit.parallel.reduce import LOCAL, LocalReducer
 
 
 class InversionModule(L.LightningModule):
@@ -43,6 +45,29 @@ class InversionModule(L.LightningModule):
         self.current: Optional[BatchInverter] = None
         self.steps_done = 0          # optimization steps on this process, the logging x-axis
         self.batches_logged = 0
+        self._reducer: Optional[LocalReducer] = None
+
+    # ---- time sharding (the ddp_time strategy) ----------------------------------------------
+    @property
+    def mesh(self) -> Optional[TimeMesh]:
+        trainer = self._trainer
+        return None if trainer is None else getattr(trainer.strategy, "mesh", None)
+
+    def time_reducer(self) -> LocalReducer:
+        """The reducer of this process's time group (LOCAL without time shards): the processes of
+        a data replica hold the same images and split each chain's T rows."""
+        mesh = self.mesh
+        if mesh is None or mesh.time == 1:
+            return LOCAL
+        if self._reducer is None:
+            self._reducer = mesh.time_reducer()
+        return self._reducer
+
+    @property
+    def writes_outputs(self) -> bool:
+        """One process per data replica (time shard 0) writes part and partial files."""
+        mesh = self.mesh
+        return mesh is None or mesh.time_index == 0
 
     @property
     def method(self) -> str:
@@ -53,7 +78,7 @@ class InversionModule(L.LightningModule):
         indices, images = batch
         dtype = next(self.model.parameters()).dtype
         inverter = BatchInverter(self.model, self.chain, images.to(dtype), indices.tolist(),
-                                 self.settings, self.max_batch)
+                                 self.settings, self.max_batch, self.time_reducer())
         self.resume_batch(inverter)
         self.current = inverter
         while not inverter.finished:
@@ -80,12 +105,20 @@ class InversionModule(L.LightningModule):
             inverter.load_state_dict(state)
         # Another batching (e.g. another world size): restart the batch; results are per image.
 
-    def save_partial(self) -> Optional[Path]:
-        """Write the unfinished batch's state (also called on an interrupt); returns the path."""
+    def save_partial(self, on_error: bool = False) -> Optional[Path]:
+        """Write the unfinished batch's state (also called on an interrupt: on_error); returns the
+        path. With time shards the state joins every shard's rows (a collective), which a failed
+        peer would never join: on an error the last periodic state stays the one to resume from."""
         if self.state_dir is None or self.current is None or self.current.step_index == 0:
             return None
+        sharded = self.time_reducer().shards > 1
+        if on_error and sharded:
+            return None
+        state = self.current.state_dict()
+        if not self.writes_outputs:
+            return None
         path = partial_path(self.state_dir, self.current.indices[0])
-        atomic_torch_save(self.current.state_dict(), path)
+        atomic_torch_save(state, path)
         return path
 
     # ---- logs: through the logger interface, so any Lightning logger receives them ----------

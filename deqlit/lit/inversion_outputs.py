@@ -96,6 +96,8 @@ class InversionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
+        if not getattr(pl_module, "writes_outputs", True):   # another time shard of the replica writes
+            return
         result = dict(prediction)
         result["metrics"] = per_image_metrics(result)
         result["chain"], result["settings"] = self.chain, self.settings

@@ -28,6 +28,7 @@ from deqlit.lit.inversion_module import InversionModule
 from deqlit.lit.inversion_outputs import InversionWriter, finished_indices, merge_outputs
 from deqlit.lit.trainer import build_trainer, trainer_kwargs
 from deqlit.models.build import build_noise_model, resolve_checkpoint, schedule_from_config
+from deqlit.parallel.launch import external_launch, launched_counts
 
 RUN_FILE = "run.json"   # what decides the results; a resume must match it
 
@@ -126,6 +127,69 @@ def check_output_folder(out: Path, identity: dict[str, Any], resume: bool) -> No
                          f"{out / 'config.yaml'}) or another --out")
 
 
+def time_shards_of(cfg: dict, section: dict[str, Any], world: Optional[int] = None) -> int:
+    """Processes per chain: parallel.time_shards under --trainer.strategy ddp_time (unset: the
+    whole world: `world`, the launcher's, or devices x num_nodes), else 1; 1 while unknown."""
+    if section.get("strategy") != "ddp_time":
+        return 1
+    shards = (cfg.get("parallel") or {}).get("time_shards")
+    if shards:
+        return int(shards)
+    try:
+        return int(world or os.environ.get("WORLD_SIZE")
+                   or int(section.get("devices", 1)) * int(section.get("num_nodes", 1)))
+    except (TypeError, ValueError):     # devices 'auto' or a list: known once the Trainer exists
+        return 1
+
+
+def check_time_shardable(settings: InversionSettings, shards: int) -> None:
+    """Exact inversion per step runs the T steps one after another: nothing to split over time."""
+    uses_exact = settings.method == "exact" or settings.init == "exact"
+    if shards > 1 and uses_exact and settings.exact.get("mode", "all-timesteps") == "per-step":
+        raise ValueError(
+            f"exact inversion per step (inversion.exact.mode per-step, the default of faces.yaml) solves "
+            f"the T steps one after another and cannot be split over {shards} time shards: add "
+            f"--inversion.exact.mode all-timesteps --inversion.exact.solver triangular-anderson (one "
+            f"fixed point over all steps, which time shards split), or use --method deq, or "
+            f"--parallel.time_shards 1 to split the images over the processes instead")
+
+
+def join_launched_world(cfg: dict, section: dict[str, Any]) -> None:
+    """init_process_group for a torchrun / srun start, with parallel.timeout_s (Lightning's DDP
+    strategies then use this group): gloo on CPU, nccl on GPUs."""
+    import torch.distributed as dist
+    from deqlit.devices import placement
+    from deqlit.parallel.distributed import init_time_group
+    if dist.is_initialized():
+        return
+    device, _, _ = placement(section)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    init_time_group("nccl" if device.type == "cuda" else "gloo",
+                    timeout_s=float((cfg.get("parallel") or {}).get("timeout_s", 300)))
+
+
+def on_rank_zero(fn, worker: bool, launched: Optional[tuple[int, int]], workers_too: bool = False) -> Any:
+    """fn() on rank 0. Under torchrun / srun its result, or its error, reaches every process (a
+    collective: each calls this at the same point). Under Lightning's own launcher the other
+    processes start once rank 0 is past this point: with workers_too they run fn() themselves."""
+    if launched is None:
+        return fn() if not worker or workers_too else None
+    from deqlit.parallel.launch import from_rank_zero
+    value, error = None, None
+    if not worker:
+        try:
+            value = fn()
+        except Exception as err:      # re-raised here, and named on the other ranks
+            error = err
+    shared = from_rank_zero((value, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise RuntimeError(f"rank 0 stopped the run: {shared[1]}")
+    return shared[0]
+
+
 def launched_worker() -> bool:
     """True in a process that a multi-process launcher started for rank > 0 (Lightning's DDP
     launcher re-runs the script with LOCAL_RANK set; torchrun sets RANK, SLURM SLURM_PROCID).
@@ -140,7 +204,7 @@ class SaveOnInterrupt(Callback):
         self.saved: Optional[Path] = None
 
     def on_exception(self, trainer, module: InversionModule, exception: BaseException) -> None:
-        self.saved = module.save_partial()
+        self.saved = module.save_partial(on_error=True)
 
 
 def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
@@ -154,23 +218,34 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
     check_counts(inv)
     chain = Chain.build(schedule_from_config(cfg.get("diffusion", {})), inv["timesteps"],
                         inv.get("skip", "uniform"), inv.get("eta", 0.0))
-    if trainer_kwargs(cfg.get("trainer")).get("strategy") == "ddp_time":
-        raise ValueError("invert.py does not shard the timestep axis yet (sample.py does): use "
-                         "--trainer.strategy ddp to split the images over --trainer.devices processes")
+    section = trainer_kwargs(cfg.get("trainer"))
+    # torchrun / srun started this process (--trainer.strategy ddp or ddp_time): the launcher's
+    # process counts are the trainer's, and the world is joined now, so that rank 0's checks and
+    # its list of finished images reach every process before any of them starts.
+    launched = external_launch() if section.get("strategy") in ("ddp", "ddp_time") else None
+    if launched is not None:
+        section = launched_counts(section, launched)
+    check_time_shardable(settings, time_shards_of(cfg, section))
     check_inputs(cfg)
     identity = run_identity(cfg, settings, chain)
+    if launched is not None:
+        join_launched_world(cfg, section)
     worker = launched_worker()
-    if not worker:
+
+    def check_folder() -> None:
         check_output_folder(out, identity, resume)
         check_output_dir(out)
+    on_rank_zero(check_folder, worker, launched)
     with (contextlib.nullcontext() if worker else folder_lock(out, command)):
-        (out / "latents").mkdir(exist_ok=True)
+        if not worker:
+            (out / "latents").mkdir(exist_ok=True)
         if not resume and not worker:
             (out / RUN_FILE).write_text(json.dumps(identity, indent=2))
             save_config(cfg, out / "config.yaml")
+        # Every process inverts the images that rank 0 finds unfinished (read once, by rank 0).
+        done = on_rank_zero(lambda: finished_indices(out / "latents"), worker, launched, workers_too=True)
         model, schedule, _ = build_noise_model(cfg)
         chain.check_schedule(schedule)
-        done = finished_indices(out / "latents")
         datamodule = InversionDataModule(data["name"], inv.get("split", "test"), data["resolution"],
                                          data["channels"], data.get("root", "data"),
                                          num_images=inv["num_images"], batch_size=inv["batch_size"],
@@ -180,17 +255,21 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
                                  log_every=(cfg.get("trainer") or {}).get("log_every_n_steps", 1))
         interrupt = SaveOnInterrupt()
         trainer = build_trainer(
-            cfg.get("trainer"), accelerator="auto", devices=1, inference_mode=False,
+            section, cfg.get("parallel"), accelerator="auto", devices=1, inference_mode=False,
             logger=TensorBoardLogger(str(out), name="tb", version=0),
             callbacks=[InversionWriter(out / "latents", chain.to_dict(), identity["settings"]),
                        interrupt, *(callbacks or [])],
             enable_progress_bar=progress, enable_model_summary=False, enable_checkpointing=False,
             use_distributed_sampler=False)   # InversionDataModule splits the images itself
         datamodule.setup("predict")
-        if 0 < len(datamodule.positions) < trainer.world_size:
+        # The images split over the data replicas; the time shards of a replica share its images.
+        shards = time_shards_of(cfg, section, trainer.world_size)
+        replicas = max(1, trainer.world_size // shards)
+        if 0 < len(datamodule.positions) < replicas:
             # Lightning's prediction loop needs a batch on every process.
-            raise ValueError(f"{trainer.world_size} processes for {len(datamodule.positions)} image(s) "
-                             f"left to invert: use --trainer.devices {len(datamodule.positions)} or fewer")
+            raise ValueError(f"{replicas} data replica(s) ({trainer.world_size} processes / {shards} time "
+                             f"shard(s)) for {len(datamodule.positions)} image(s) left to invert: use at "
+                             f"most {len(datamodule.positions) * shards} processes")
         with interrupts_as_exceptions() as seen, warnings.catch_warnings():
             # Expected here: the noise network stays in eval mode on purpose.
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")

@@ -54,3 +54,38 @@ def gather_over_data(mesh: TimeMesh, value: torch.Tensor) -> torch.Tensor:
     parts: list[Optional[torch.Tensor]] = [None] * mesh.data
     dist.all_gather_object(parts, value.detach().cpu(), group=mesh.data_group)
     return torch.cat(parts).to(value.device)
+
+
+def external_launch() -> Optional[tuple[int, int]]:
+    """(processes per node, nodes) when torchrun or srun started this process as one of several
+    (the launcher, not the job, decides the process count), else None. Lightning's own launcher
+    (--trainer.devices N without torchrun) is not external: it starts the other processes itself."""
+    if dist.is_available() and dist.is_torchelastic_launched():
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        return per_node, max(1, int(os.environ.get("WORLD_SIZE", "1")) // per_node)
+    tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if tasks > 1 and "SLURM_PROCID" in os.environ:
+        nodes = max(1, int(os.environ.get("SLURM_NNODES", "1") or 1))
+        return tasks // nodes, nodes
+    return None
+
+
+def launched_counts(section: dict[str, Any], launched: tuple[int, int]) -> dict[str, Any]:
+    """The trainer section with devices / num_nodes set to what the launcher started. A config
+    that leaves them at 1 or auto takes the launcher's; another value that differs raises."""
+    per_node, nodes = launched
+    devices, num_nodes = section.get("devices", "auto"), section.get("num_nodes", 1)
+    if str(devices) not in ("1", "auto", "-1", "None", str(per_node)) or str(num_nodes) not in ("1", "None", str(nodes)):
+        raise ValueError(f"the launcher started {per_node} process(es) per node on {nodes} node(s), but "
+                         f"the trainer section asks for devices {devices!r} and num_nodes {num_nodes!r}: "
+                         f"drop --trainer.devices / --trainer.num_nodes (the launcher's counts are used) "
+                         f"or start as many processes (torchrun --nproc_per_node {devices})")
+    return {**section, "devices": per_node, "num_nodes": nodes}
+
+
+def from_rank_zero(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every process of the initialized world."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
