@@ -270,6 +270,9 @@ def test_invert_refuses_exact_per_step_over_time_shards_naming_the_fix(tmp_path)
         main(["--config", str(config), "--method", "exact", "--inversion.exact.mode", "per-step",
               "--trainer.strategy", "ddp_time", "--parallel.time_shards", "2", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()                  # refused before anything is written
+    with pytest.raises(ValueError, match="baseline.*--method deq"):
+        main(["--config", str(config), "--method", "baseline", "--trainer.strategy", "ddp_time",
+              "--parallel.time_shards", "2", "--out", str(tmp_path / "run")])
 
 
 def test_the_launcher_decides_the_process_counts():

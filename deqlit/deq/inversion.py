@@ -193,7 +193,10 @@ class BatchInverter:
         self.deq = DEQSampler(model, chain, settings.solver, settings.solver_options, grad="onestep",
                               tau=settings.tau, max_batch=max_batch)
         self.block = None                                 # this shard's rows when sharded
-        if reducer.shards > 1:
+        if reducer.shards > 1 and settings.method == "baseline":
+            raise ValueError("the baseline backpropagates through the sequential chain, which time "
+                             "shards cannot split: use --parallel.time_shards 1 (or --method deq)")
+        if reducer.shards > 1 and settings.method == "deq":
             from deqlit.parallel.sampler import ShardedDEQSampler
             self.deq = ShardedDEQSampler(model, chain, reducer, settings.solver, settings.solver_options,
                                          grad="onestep", tau=settings.tau, max_batch=max_batch)

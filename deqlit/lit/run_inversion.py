@@ -143,7 +143,12 @@ def time_shards_of(cfg: dict, section: dict[str, Any], world: Optional[int] = No
 
 
 def check_time_shardable(settings: InversionSettings, shards: int) -> None:
-    """Exact inversion per step runs the T steps one after another: nothing to split over time."""
+    """Exact inversion per step and the baseline run the T steps one after another: nothing to
+    split over time (the DEQ method and exact inversion over all timesteps are)."""
+    if shards > 1 and settings.method == "baseline":
+        raise ValueError(f"the baseline backpropagates through the sequential chain, which cannot be "
+                         f"split over {shards} time shards: use --method deq, or --parallel.time_shards 1 "
+                         f"to split the images over the processes instead")
     uses_exact = settings.method == "exact" or settings.init == "exact"
     if shards > 1 and uses_exact and settings.exact.get("mode", "all-timesteps") == "per-step":
         raise ValueError(
