@@ -85,6 +85,52 @@ def one_process_state(case: str) -> dict:
     return inv.state_dict()
 
 
+def joint_step(mesh=None) -> dict:
+    """One step of joint fine-tuning (joint_module.py's loss: reconstruction through the onestep
+    DEQ + typicality chi2 of the latents + the prior-preservation denoising loss) on a trainable
+    network and a dense table of the B latents, with AdamW (after clipping the gradient norm to 1)
+    and Adam. mesh None: one process; else this process's replica and time shard. Returns the
+    weights and latents after the step."""
+    import torch.nn.functional as F
+    from deqlit.deq.layer import DEQSampler
+    from deqlit.lit.joint_module import typicality_chi2
+    from deqlit.parallel.gradients import block_objective, sum_time_mean_data
+    from deqlit.parallel.sampler import ShardedDEQSampler
+    model = GaussianDataNoise(dtype=torch.float64).requires_grad_(True)
+    chain = Chain.build(ABAR, T)
+    x0_all = targets()
+    latents = torch.randn(x0_all.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    latents.requires_grad_(True)
+    gen = torch.Generator().manual_seed(6)        # the prior batch's draws, for the whole batch
+    prior = 0.5 * torch.randn(B, 1, 8, 8, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, len(ABAR), (B,), generator=gen)
+    noise = torch.randn(prior.shape, generator=gen, dtype=torch.float64)
+    mine = slice(0, B) if mesh is None else mesh.data_slice(B)     # this replica's images
+    options = dict(max_iter=20, tol=1e-4)
+    x0, x_T = x0_all[mine], latents[mine]
+
+    def loss_of(x0_hat):
+        a = ABAR[t[mine]].to(torch.float64)[:, None, None, None]
+        x_t = a.sqrt() * prior[mine] + (1 - a).sqrt() * noise[mine]
+        prior_loss = F.mse_loss(model(x_t, t[mine]), noise[mine]) * prior[0].numel()
+        return ((x0_hat - x0).pow(2).flatten(1).sum(1) + typicality_chi2(x_T)).mean() + prior_loss
+    params = list(model.parameters())
+    if mesh is None:
+        X, _ = DEQSampler(model, chain, "triangular-anderson", options, grad="onestep")(x_T)
+        loss_of(X[0]).backward()
+    else:
+        sampler = ShardedDEQSampler(model, chain, mesh.time_reducer(), "triangular-anderson", options,
+                                    grad="onestep")
+        X, _ = sampler(x_T)
+        block_objective(X, sampler.block, loss_of).backward()
+        sum_time_mean_data([*params, latents], mesh)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    torch.optim.AdamW(params, lr=1e-3).step()
+    torch.optim.Adam([latents], lr=0.05).step()
+    return dict(params=[p.detach().clone() for p in params], latents=latents.detach().clone(),
+                grad_norm=float(torch.cat([p.grad.flatten() for p in params]).norm()))
+
+
 # ---- the processes ---------------------------------------------------------------------------
 def run_job(job: str) -> dict:
     from deqlit.parallel.mesh import build_time_mesh
@@ -95,6 +141,7 @@ def run_job(job: str) -> dict:
     mine = mesh.data_slice(B)
     images, indices = targets()[mine], list(range(B))[mine]
     out["mesh"] = (mesh.data_index, mesh.time_index)
+    out["joint"] = joint_step(mesh)
     for case in DEQ_CASES if job == "world2" else ["deq-anderson"]:
         out[case] = run(case, images, indices, reducer)
     for case in EXACT_CASES if job == "world2" else ["exact-gauss-eta"]:
@@ -200,6 +247,21 @@ def test_data_2_by_time_2_mesh_equals_one_process(sharded):
         for case in ("deq-anderson", "exact-gauss-eta"):
             one = run(case, targets()[d:d + 1], [d])
             assert close(rank[case]["latents"], one["latents"]), (r, case)
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_one_joint_fine_tuning_step_on_time_shards_equals_one_process(sharded, world):
+    """Weights and latents after one AdamW / Adam step through the onestep DEQ: world 2 (time 2)
+    and world 4 (data 2 x time 2, each replica one image) equal one process to 1e-6."""
+    one = joint_step()
+    start = GaussianDataNoise(dtype=torch.float64).requires_grad_(False)
+    assert max(float((a - b).abs().max()) for a, b in zip(one["params"], start.parameters())) > 1e-4  # moved
+    for rank in sharded(world):
+        got = rank["joint"]
+        assert len(got["params"]) == len(one["params"])
+        assert all(close(a, b) for a, b in zip(got["params"], one["params"]))
+        assert close(got["latents"], one["latents"])
+        assert got["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-8)
 
 
 # ---- invert.py under torchrun ------------------------------------------------------------------
