@@ -28,7 +28,7 @@ from deqlit.lit.inversion_module import InversionModule
 from deqlit.lit.inversion_outputs import InversionWriter, finished_indices, merge_outputs
 from deqlit.lit.trainer import build_trainer, trainer_kwargs
 from deqlit.models.build import build_noise_model, resolve_checkpoint, schedule_from_config
-from deqlit.parallel.launch import external_launch, launched_counts
+from deqlit.parallel.launch import external_launch, join_launched_world, launched_counts, on_rank_zero
 
 RUN_FILE = "run.json"   # what decides the results; a resume must match it
 
@@ -157,42 +157,6 @@ def check_time_shardable(settings: InversionSettings, shards: int) -> None:
             f"--inversion.exact.mode all-timesteps --inversion.exact.solver triangular-anderson (one "
             f"fixed point over all steps, which time shards split), or use --method deq, or "
             f"--parallel.time_shards 1 to split the images over the processes instead")
-
-
-def join_launched_world(cfg: dict, section: dict[str, Any]) -> None:
-    """init_process_group for a torchrun / srun start, with parallel.timeout_s (Lightning's DDP
-    strategies then use this group): gloo on CPU, nccl on GPUs."""
-    import torch.distributed as dist
-    from deqlit.devices import placement
-    from deqlit.parallel.distributed import init_time_group
-    if dist.is_initialized():
-        return
-    device, _, _ = placement(section)
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    init_time_group("nccl" if device.type == "cuda" else "gloo",
-                    timeout_s=float((cfg.get("parallel") or {}).get("timeout_s", 300)))
-
-
-def on_rank_zero(fn, worker: bool, launched: Optional[tuple[int, int]], workers_too: bool = False) -> Any:
-    """fn() on rank 0. Under torchrun / srun its result, or its error, reaches every process (a
-    collective: each calls this at the same point). Under Lightning's own launcher the other
-    processes start once rank 0 is past this point: with workers_too they run fn() themselves."""
-    if launched is None:
-        return fn() if not worker or workers_too else None
-    from deqlit.parallel.launch import from_rank_zero
-    value, error = None, None
-    if not worker:
-        try:
-            value = fn()
-        except Exception as err:      # re-raised here, and named on the other ranks
-            error = err
-    shared = from_rank_zero((value, None if error is None else f"{type(error).__name__}: {error}"))
-    if error is not None:
-        raise error
-    if shared[1] is not None:
-        raise RuntimeError(f"rank 0 stopped the run: {shared[1]}")
-    return shared[0]
 
 
 def launched_worker() -> bool:

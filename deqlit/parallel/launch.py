@@ -4,6 +4,9 @@
 process started by `torchrun --nproc_per_node N` (RANK, WORLD_SIZE, MASTER_ADDR/PORT, LOCAL_RANK)
 or by SLURM's `srun` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR/PORT set by the
 job script) joins one process group and the data x time mesh; K defaults to the world size.
+Jobs that run through Lightning (invert.py) take the launcher's process counts (launched_counts),
+join the world before the Trainer does (join_launched_world, with parallel.timeout_s), and share
+rank 0's checks of the output folder (on_rank_zero) before any process starts working.
 """
 from __future__ import annotations
 
@@ -89,3 +92,35 @@ def from_rank_zero(value: Any) -> Any:
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
+
+def join_launched_world(cfg: dict, section: dict[str, Any]) -> None:
+    """init_process_group for a torchrun / srun start, with parallel.timeout_s (Lightning's DDP
+    strategies then use this group): gloo on CPU, nccl on GPUs."""
+    from deqlit.devices import placement
+    if dist.is_initialized():
+        return
+    device, _, _ = placement(section)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    init_time_group("nccl" if device.type == "cuda" else "gloo",
+                    timeout_s=float((cfg.get("parallel") or {}).get("timeout_s", 300)))
+
+
+def on_rank_zero(fn, worker: bool, launched: Optional[tuple[int, int]], workers_too: bool = False) -> Any:
+    """fn() on rank 0. Under torchrun / srun its result, or its error, reaches every process (a
+    collective: each calls this at the same point). Under Lightning's own launcher the other
+    processes start once rank 0 is past this point: with workers_too they run fn() themselves."""
+    if launched is None:
+        return fn() if not worker or workers_too else None
+    value, error = None, None
+    if not worker:
+        try:
+            value = fn()
+        except Exception as err:      # re-raised here, and named on the other ranks
+            error = err
+    shared = from_rank_zero((value, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise RuntimeError(f"rank 0 stopped the run: {shared[1]}")
+    return shared[0]
