@@ -32,7 +32,7 @@ from deqlit.config import find_config, load_config
 from deqlit.data.registry import load_images
 from deqlit.deq.inverse_map import exact_invert
 from deqlit.diffusion.chain import Chain
-from deqlit.diffusion.inverse import ddim_inversion_states
+from deqlit.diffusion.inverse import ddim_inversion_states, extrapolated_inversion_states
 from deqlit.diffusion.sequential import ddim_sample
 from deqlit.models.build import build_noise_model
 
@@ -113,6 +113,16 @@ def run_T(model, abar, faces, T, plan: dict, max_batch) -> list[dict]:
     for solver in plan["solvers"]:
         rows += all_timesteps(model, faces, chain, solver, "ddim", ddim_states, T, ddim_seconds,
                               plan["points"], max_batch)
+    if plan.get("extrapolated_solvers"):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ext_states = extrapolated_inversion_states(model, faces, chain)
+        ext_seconds = time.perf_counter() - t0
+        rows.append(row(chain, "extrapolated inversion", "-", "-", 0, T, T, ext_seconds,
+                        psnr(model, ext_states[-1], faces, chain)))
+        for solver in plan["extrapolated_solvers"]:
+            rows += all_timesteps(model, faces, chain, solver, "extrapolated", ext_states, T,
+                                  ext_seconds, plan["points"], max_batch)
     for solver in plan["gaussian_solvers"]:
         rows += all_timesteps(model, faces, chain, solver, "gaussian", "gaussian", 0, 0.0,
                               plan["points"], max_batch)
@@ -124,11 +134,11 @@ def run_T(model, abar, faces, T, plan: dict, max_batch) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'T':>5} {'B':>3} {'method':<22} {'solver':<20} {'start':<8} {'calls':>5} {'depth':>6} " \
+    head = f"{'T':>5} {'B':>3} {'method':<22} {'solver':<20} {'start':<12} {'calls':>5} {'depth':>6} " \
            f"{'evals/img':>9} {'sec':>8} {'mean dB':>8} {'median':>7} {'min':>7}"
     print(head)
     for r in rows:
-        print(f"{r['T']:>5} {r['images']:>3} {r['method']:<22} {r['solver']:<20} {r['start']:<8} "
+        print(f"{r['T']:>5} {r['images']:>3} {r['method']:<22} {r['solver']:<20} {r['start']:<12} "
               f"{r['solve_calls']:>5} {r['depth']:>6} {r['evals_per_image']:>9} {r['seconds']:>8.1f} "
               f"{r['mean_psnr']:>8.2f} {r['median_psnr']:>7.2f} {r['min_psnr']:>7.2f}")
 
@@ -144,7 +154,8 @@ def plot(rows: list[dict], path: Path) -> None:
         groups: dict[str, list[dict]] = {}
         for r in rows:
             if r["T"] == T:
-                key = r["method"].split(" (")[0] + f" {r['solver']}" + (f" [{r['start']}]" if r["start"] == "gaussian" else "")
+                start = f" [{r['start']}]" if r["start"] in ("gaussian", "extrapolated") else ""
+                key = r["method"].split(" (")[0] + f" {r['solver']}" + start
                 groups.setdefault(key, []).append(r)
         for key, pts in groups.items():
             for ax, x in ((axes[0, col], "depth"), (axes[1, col], "evals_per_image")):
@@ -225,6 +236,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     p.add_argument("--points", type=int, nargs="+", default=[2, 4, 6, 8, 10, 12],
                    help="solve calls at which the all-timestep solves are scored")
     p.add_argument("--solvers", nargs="*", default=["picard", "anderson", "triangular-anderson"])
+    p.add_argument("--extrapolated-solvers", nargs="*", default=["picard", "triangular-anderson"],
+                   help="all-timestep solvers started from second-order (extrapolated) DDIM inversion")
     p.add_argument("--gaussian-solvers", nargs="*", default=["triangular-anderson"])
     p.add_argument("--per-step-solvers", nargs="*", default=["anderson", "picard"])
     p.add_argument("--per-step-k", type=int, nargs="+", default=[1, 2, 3, 5])
@@ -249,11 +262,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     model, abar, _ = build_noise_model(load_config(find_config("faces")))
     counts = args.images * len(args.timesteps) if len(args.images) == 1 else args.images
     plan = dict(solvers=args.solvers, gaussian_solvers=args.gaussian_solvers, points=args.points,
+                extrapolated_solvers=args.extrapolated_solvers,
                 per_step_solvers=args.per_step_solvers, per_step_k=args.per_step_k)
     jobs = [(T, n, plan) for T, n in zip(args.timesteps, counts)]
     if args.t1000_images:
         jobs.append((1000, args.t1000_images, dict(
             solvers=args.t1000_solvers, gaussian_solvers=[], points=args.t1000_points,
+            extrapolated_solvers=["picard"],
             per_step_solvers=["anderson"] if args.t1000_per_step_k else [],
             per_step_k=args.t1000_per_step_k)))
     out = Path(args.out)

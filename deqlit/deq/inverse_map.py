@@ -38,12 +38,17 @@ from deqlit.deq.inversion_report import (InversionNotConverged, InversionReport,
 from deqlit.deq.solvers import SolverDivergedError, get_solver, solve
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.inverse import (check_noise, contraction_factors, ddim_inversion_states,
+                                      extrapolated_inversion_states,
                                       invert_per_step)
 from deqlit.parallel.reduce import LOCAL, LocalReducer
 
 MODES = ("all-timesteps", "per-step")
-INITS = ("ddim", "gaussian")
+INITS = ("ddim", "extrapolated", "gaussian")
 DEFAULT_MAX_ITER = {"all-timesteps": 50, "per-step": 20}   # calls in all; calls per step
+# Anderson history over all timesteps: m = 3 beat the solvers' default 5 on the shipped faces model
+# (median PSNR after 8 calls from the DDIM start: T = 10, 16 faces 46.0 vs 44.8 dB; T = 100, 4 faces
+# 50.0 vs 45.1 dB). Per step (one state) the solvers' own defaults are kept.
+ALL_TIMESTEP_HISTORY = 3
 
 
 class InverseChainMap:
@@ -129,7 +134,8 @@ def exact_invert(model: NoiseModel, x0: torch.Tensor, chain: Chain, *, mode: str
     x0 (B, C, H, W) clean images in the model's scale; noise xi (T, B, C, H, W), required when
     chain.eta > 0 (held fixed: regenerate with ddim_sample(model, x_T, chain, noise=xi)).
     mode 'all-timesteps': Eq. 3 over x_1..x_T at once; max_iter counts batched calls of the solver
-      (default 50). init: 'ddim' (plain DDIM inversion, T sequential calls), 'gaussian' (no call)
+      (default 50). init: 'ddim' (plain DDIM inversion, T sequential calls), 'extrapolated'
+      (second-order DDIM inversion, the same T calls; the better start at large T), 'gaussian' (no call)
       or a tensor (T, B, C, H, W) of states x_1..x_T.
     mode 'per-step': Eq. 1 for x_1, then x_2, ...; max_iter is per step (default 20), each step
       started from its DDIM-inversion guess.
@@ -157,6 +163,8 @@ def exact_invert(model: NoiseModel, x0: torch.Tensor, chain: Chain, *, mode: str
     check_noise(chain, x0, noise)
     max_iter = DEFAULT_MAX_ITER[mode] if max_iter is None else int(max_iter)
     options = dict(max_iter=max_iter, tol=tol, triangular=False, **solver_options)
+    if mode == "all-timesteps" and solver != "picard":
+        options.setdefault("m", ALL_TIMESTEP_HISTORY)
     factors = contraction_factors(chain).tolist()
     try:
         with torch.no_grad():
@@ -195,20 +203,29 @@ def _per_step(model, x0, chain, solver, options, noise, max_batch):
     return states, report
 
 
-def _all_timesteps(model, x0, chain, solver, options, noise, max_batch, init):
+def start_states(model: NoiseModel, x0: torch.Tensor, chain: Chain, noise: Optional[torch.Tensor],
+                 max_batch: Optional[int], init: Union[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The all-timestep solve's start: (states x_1..x_T (T, B, C, H, W), its sequential depth in
+    network calls). init 'ddim', 'extrapolated' (T calls each), 'gaussian' (none) or a tensor."""
     T = chain.T
     if isinstance(init, torch.Tensor):
         if tuple(init.shape) != (T,) + tuple(x0.shape):
             raise ValueError(f"init must hold the states x_1..x_T, shape {(T,) + tuple(x0.shape)}, "
                              f"got {tuple(init.shape)}")
-        start, start_depth = init.to(x0), 0
-    elif init == "ddim":
-        start, start_depth = ddim_inversion_states(chunked(model, max_batch), x0, chain, noise), T
-    elif init == "gaussian":
-        start, start_depth = gaussian_start(x0, chain), 0
-    else:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)} or pass the "
-                         f"states x_1..x_T as a tensor")
+        return init.to(x0), 0
+    if init == "ddim":
+        return ddim_inversion_states(chunked(model, max_batch), x0, chain, noise), T
+    if init == "extrapolated":
+        return extrapolated_inversion_states(chunked(model, max_batch), x0, chain, noise), T
+    if init == "gaussian":
+        return gaussian_start(x0, chain), 0
+    raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)} or pass the "
+                     f"states x_1..x_T as a tensor")
+
+
+def _all_timesteps(model, x0, chain, solver, options, noise, max_batch, init):
+    T = chain.T
+    start, start_depth = start_states(model, x0, chain, noise, max_batch, init)
     G = InverseChainMap(model, chain, x0, noise, max_batch)
     X, stats = solve(solver, G, start.flip(0), **options)
     stop = stats.image_iterations                                     # per image, 1-based call
