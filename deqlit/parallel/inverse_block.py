@@ -120,27 +120,23 @@ def sharded_all_timesteps(model: NoiseModel, x0: torch.Tensor, chain: Chain, sol
     """Eq. 3 solved with the rows split over the reducer's shards (x0 and noise the same on all).
 
     Returns (x_T (B, C, H, W) on every shard, this shard's states in natural order (rows, B, ...),
-    the report of the whole chain, the same on every shard). init as in exact_invert; a tensor may
-    hold all T states x_1..x_T or this block's.
+    the report of the whole chain, the same on every shard). init as in exact_invert
+    (inverse_map.start_states); a tensor may hold all T states x_1..x_T or this block's.
     """
-    from deqlit.deq.inverse_map import INITS, chunked, gaussian_start
+    from deqlit.deq.inverse_map import chunked, start_states
     T = chain.T
     block = block_of(T, reducer.shards, reducer.shard_index)
     natural = slice(T - block.stop, T - block.start)
-    if isinstance(init, torch.Tensor):
-        if init.shape[0] == T:
-            init = init[natural]
+    if isinstance(init, torch.Tensor) and init.shape[0] == block.rows and block.rows != T:
         if tuple(init.shape) != (block.rows,) + tuple(x0.shape):
             raise ValueError(f"init must hold the states x_1..x_T, shape {(T,) + tuple(x0.shape)}, "
                              f"or this block's {block.rows}, got {tuple(init.shape)}")
         start, start_depth = init.to(x0), 0
-    elif init == "ddim":
+    elif isinstance(init, str) and init == "ddim":     # block-sized memory
         start, start_depth = ddim_inversion_rows(chunked(model, max_batch), x0, chain, noise, natural), T
-    elif init == "gaussian":
-        start, start_depth = gaussian_start(x0, chain)[natural], 0
-    else:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)} or pass the "
-                         f"states x_1..x_T as a tensor")
+    else:                                              # all T states, as one process; keep ours
+        states, start_depth = start_states(model, x0, chain, noise, max_batch, init)
+        start = states[natural]
     G = BlockInverseMap(model, chain, x0, block, noise, max_batch, reducer)
     X, stats = solve(solver, G, start.flip(0).contiguous(), reducer=reducer, **options)
     stop = stats.image_iterations                                      # the same on every shard
