@@ -206,6 +206,15 @@ def test_resume_equals_an_uninterrupted_run_and_the_weights_load_and_sample(tmp_
     assert (tmp_path / "samples" / "samples.png").exists()
 
 
+def test_a_cpu_time_budget_stops_the_run_and_is_recorded(tmp_path):
+    """max_process_s counts this process's CPU time: a budget of 0 stops after the first step."""
+    cfg = tiny_config(tmp_path, "budget", 5)
+    cfg["joint"].update(max_process_s=0.0, kid_every=0, image_every=0, compare_every=0)
+    run_joint(cfg)
+    metrics = json.loads((tmp_path / "budget" / "metrics.json").read_text())
+    assert metrics["steps"] == 1 and metrics["process_seconds"] > 0
+
+
 def test_a_config_without_a_joint_section_is_refused(tmp_path):
     from deqlit.lit.guards import UserInputError
     cfg = tiny_config(tmp_path, "x", 1)
@@ -214,15 +223,16 @@ def test_a_config_without_a_joint_section_is_refused(tmp_path):
         run_joint(cfg)
 
 
-@pytest.mark.parametrize("grad", ["ift", "onestep"])
-def test_sequential_forward_gives_the_same_solution_and_gradients_as_the_exact_solver(grad):
-    """solver='sequential' (X* by the DDIM loop, cheaper on a CPU) feeds the same gradient modes."""
+@pytest.mark.parametrize("grad,network_lr", [("ift", 1e-5), ("onestep", 1e-5), ("onestep", 0.0)])
+def test_sequential_forward_gives_the_same_solution_and_gradients_as_the_exact_solver(grad, network_lr):
+    """solver='sequential' (X* by the DDIM loop, cheaper on a CPU) feeds the same gradient modes;
+    with the network frozen the 1-step gradient reads the eps that the DDIM loop cached."""
     net = GaussianDataNoise(seed=4, dtype=torch.float64)
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     results = []
     for solver, options in (("sequential", None), ("picard", dict(max_iter=4, tol=0.0))):
         module = JointFineTuneModule(net, ABAR, 2, (1, 8, 8), timesteps=4, grad=grad, solver=solver,
-                                     solver_options=options)
+                                     solver_options=options, network_lr=network_lr)
         x = x_T.clone().requires_grad_(True)
         X, X_star, _, _ = module.solve_chain(x)
         params = [p for p in net.parameters() if p.requires_grad]
