@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from deqlit.diffusion.gaussianity import kurtosis, lag1_autocorrelation
 from deqlit.lit.guards import atomic_torch_save
 
 PART_GLOB = "part-*.pt"
@@ -33,22 +34,6 @@ def part_path(folder: Path, first_index: int) -> Path:
 
 def partial_path(folder: Path, first_index: int) -> Path:
     return folder / f"partial-{int(first_index):08d}.pt"
-
-
-def lag1_autocorrelation(x: torch.Tensor) -> torch.Tensor:
-    """Mean correlation of horizontally and vertically adjacent pixels, (B, C, H, W) -> (B,)."""
-    z = x.double() - x.double().mean(dim=(1, 2, 3), keepdim=True)
-    var = z.pow(2).mean(dim=(1, 2, 3)).clamp(min=1e-30)
-    horizontal = (z[..., :, 1:] * z[..., :, :-1]).mean(dim=(1, 2, 3))
-    vertical = (z[..., 1:, :] * z[..., :-1, :]).mean(dim=(1, 2, 3))
-    return (horizontal + vertical) / 2 / var
-
-
-def kurtosis(x: torch.Tensor) -> torch.Tensor:
-    """E[z^4] / E[z^2]^2 over each image's values (3 for Gaussian noise), (B, ...) -> (B,)."""
-    z = x.double().flatten(1)
-    z = z - z.mean(1, keepdim=True)
-    return z.pow(4).mean(1) / z.pow(2).mean(1).pow(2).clamp(min=1e-30)
 
 
 def per_image_metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
