@@ -264,6 +264,9 @@ class JointFineTuneModule(L.LightningModule):
         return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + 7919 * self.global_step + 1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        sharding = getattr(self, "time_sharding", None)     # --trainer.strategy ddp_time
+        if sharding is not None:                            # (deqlit/lit/joint_sharding.py)
+            return sharding.training_step(self, batch)
         index, x0 = batch["target"]
         prior = batch["prior"][0] if isinstance(batch["prior"], (tuple, list)) else batch["prior"]
         index = index.long()

@@ -30,7 +30,11 @@ from deqlit.diffusion.sequential import ddim_sample
 from deqlit.lit.guards import (RunInterrupted, UserInputError, atomic_torch_save, check_output_dir,
                                interrupts_as_exceptions, refuse_existing_run)
 from deqlit.lit.joint_module import JointFineTuneModule, kurtosis, lag1_autocorrelation, typicality_chi2
+from deqlit.lit.joint_sharding import JointTimeSharding, distribution
+from deqlit.lit.run_inversion import launched_worker
 from deqlit.lit.run_training import ExportEMA, SaveLast, resume_checkpoint
+from deqlit.lit.trainer import build_trainer
+from deqlit.parallel.launch import on_rank_zero
 
 MODULE_KEYS = ("timesteps", "skip", "grad", "tau", "solver", "adjoint", "max_batch", "latent_lr",
                "network_lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "prior_weight",
@@ -193,10 +197,16 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
     out = Path(joint.get("out", "runs/joint"))
     ckpt_dir = out / "checkpoints"
     ckpt_path = resume_checkpoint(resume, ckpt_dir) if resume else None
-    if not resume:
-        refuse_existing_run(out, RUN_MARKERS)
-    check_output_dir(out)
-    save_config(cfg, out / "config.yaml")
+    # --trainer.strategy ddp_time: torchrun / srun's world is joined first, then rank 0 alone
+    # checks and writes the folder (deqlit/lit/joint_sharding.py); else section is {}.
+    launched, section = distribution(cfg)
+
+    def check_folder() -> None:
+        if not resume:
+            refuse_existing_run(out, RUN_MARKERS)
+        check_output_dir(out)
+        save_config(cfg, out / "config.yaml")
+    on_rank_zero(check_folder, launched_worker(), launched)
     L.seed_everything(joint.get("seed", 0), workers=True)
     module, datamodule, targets = build_joint(cfg, ckpt)
     from deqlit.evaluation import denoising_loss
@@ -210,11 +220,13 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
     max_time = joint.get("max_time_s")   # a wall-time budget (benchmarks); None = steps only
     cpu_budget = joint.get("max_process_s")   # a CPU-time budget of this process (benchmarks)
     extra = [] if cpu_budget is None else [ProcessTimeBudget(cpu_budget)]
-    trainer = L.Trainer(max_steps=joint.get("max_steps", 200),
+    trainer = build_trainer(section, cfg.get("parallel"), max_steps=joint.get("max_steps", 200),
                         max_time=None if max_time is None else timedelta(seconds=float(max_time)),
                         accelerator=joint.get("accelerator", "auto"),
                         devices=joint.get("devices", 1), logger=TensorBoardLogger(str(out), name="tb", version=0),
-                        callbacks=[checkpoint, export, SaveLatents(out / "latents.pt"), saver, *extra],
+                        callbacks=[checkpoint, export, SaveLatents(out / "latents.pt"), saver, *extra,
+                                   *([JointTimeSharding()] if section else [])],
+                        use_distributed_sampler=False,    # ddp_time: every process loads the global batch
                         log_every_n_steps=joint.get("log_every_n_steps", 1), fast_dev_run=fast_dev_run,
                         num_sanity_val_steps=0, enable_progress_bar=joint.get("progress_bar", True),
                         enable_model_summary=False)
@@ -230,7 +242,7 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
             raise RunInterrupted(err.signum, "no step had finished, so nothing was saved; run the "
                                  "same command again", resumable=False) from None
         raise RunInterrupted(err.signum, f"the last checkpoint is {ckpt_dir / 'last.ckpt'}") from None
-    if fast_dev_run:
+    if fast_dev_run or not trainer.is_global_zero:
         return module
     write_metrics(module, datamodule, targets, out, time.time() - start, before,
                   process_seconds=time.process_time() - cpu_start)

@@ -1,0 +1,205 @@
+"""Joint fine-tuning under --trainer.strategy ddp_time (deqlit/lit/joint_sharding.py) gives what
+one process gives. The oracle is JointFineTuneModule trained by a one-device Trainer in this
+process (float64); the sharded runs are the same module and Trainer with the DDPTimeStrategy in
+spawned gloo processes (world 2: time 2; world 4: data 2 x time 2). The command tests run
+train.py --task joint under torchrun and under Lightning's own launcher."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
+from deqlit.lit.guards import UserInputError
+from deqlit.lit.joint_module import JointFineTuneModule
+from deqlit.lit.joint_sharding import JointTimeSharding, check_shardable
+from deqlit.lit.run_joint import JointDataModule
+from tests.conftest import REPO, GaussianDataNoise
+
+ABAR = alphas_cumprod(linear_betas())
+T = 5                    # not divisible by 2
+N, BATCH, STEPS = 6, 3, 2   # batches of 3: replicas of 2 and 1 images on the data 2 x time 2 mesh
+
+
+class RecordingModule(JointFineTuneModule):
+    """Records the gradient norms that reach the clipping (after every reduction): Adam is blind
+    to a uniform scale of the gradient, the norms are not."""
+
+    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        net = torch.cat([p.grad.flatten() for p in self.model.parameters()]).norm()
+        latent = self.latents.weight.grad.coalesce().values().norm()
+        self.norms.append((float(net), float(latent)))
+        super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def images(seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (0.6 * torch.randn(N, 1, 8, 8, generator=gen, dtype=torch.float64)).clamp(-1, 1)
+
+
+def train(strategy=None, devices: int = 1) -> dict:
+    """STEPS joint steps (onestep DEQ, AdamW on the network after clipping, RowAdam on the
+    latents) on the N images; the weights, EMA, latents and gradient norms after them."""
+    model = GaussianDataNoise(dtype=torch.float64)
+    module = RecordingModule(model, ABAR, N, (1, 8, 8), timesteps=T, grad="onestep", tau=0.2,
+                             solver="triangular-anderson", solver_options=dict(max_iter=20, tol=1e-4, m=3),
+                             latent_lr=0.05, network_lr=1e-3, grad_clip=0.5, ema_decay=0.9,
+                             image_every=0, compare_every=0, seed=3).double()
+    module.norms = []
+    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=devices, strategy=strategy or "auto",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+                        callbacks=[JointTimeSharding()])
+    trainer.fit(module, datamodule=JointDataModule(images(1), images(2), BATCH, BATCH, seed=5))
+    return dict(params=[p.detach().clone() for p in module.model.parameters()],
+                ema=[p.detach().clone() for p in module.ema.module.parameters()],
+                latents=module.latents.weight.detach().clone(), ready=module.latents.ready.clone(),
+                norms=list(module.norms), step=module.global_step)
+
+
+def worker(rank: int, world: int, port: int, job: str, out_dir: str) -> None:
+    """One process of the world, started like torchrun starts it (the environment Lightning reads)."""
+    from deqlit.lit.time_strategy import DDPTimeStrategy
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), NODE_RANK="0")
+    try:
+        start = time.monotonic()
+        strategy = DDPTimeStrategy(time_shards=2, timeout=timedelta(seconds=180))   # a loaded CPU
+        result = {"cases": train(strategy, world), "seconds": time.monotonic() - start}
+    except Exception as err:      # reported to the test, which decides
+        result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train()
+    finally:
+        torch.set_num_threads(before)
+
+
+def sharded(world: int, folder: Path) -> list[dict]:
+    from tests.test_sharding import launch
+    results = launch(world, f"world{world}", folder, target=worker)
+    for r, res in enumerate(results):
+        assert res is not None and "error" not in res, f"rank {r}: {res and res.get('trace')}"
+    return [res["cases"] for res in results]
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:
+    return a.shape == b.shape and float((a - b).abs().max()) <= tol
+
+
+def check_equal(got: dict, one: dict) -> None:
+    assert got["step"] == one["step"] == STEPS
+    assert all(close(a, b) for a, b in zip(got["params"], one["params"]))
+    assert all(close(a, b) for a, b in zip(got["ema"], one["ema"]))
+    assert close(got["latents"], one["latents"]) and torch.equal(got["ready"], one["ready"])
+    for (net, latent), (net1, latent1) in zip(got["norms"], one["norms"]):
+        assert net == pytest.approx(net1, rel=1e-8) and latent == pytest.approx(latent1, rel=1e-8)
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_joint_steps_under_ddp_time_equal_one_process(one_process, world, tmp_path):
+    """Two steps through the real module and Trainer: world 2 (time 2) and world 4 (data 2 x
+    time 2, replicas of 2 and 1 images) give the weights, EMA, latents table and gradient norms
+    of one process to 1e-6, on every rank."""
+    start = GaussianDataNoise(dtype=torch.float64)
+    moved = max(float((a - b).abs().max()) for a, b in zip(one_process["params"], start.parameters()))
+    assert moved > 1e-4 and len(one_process["norms"]) == STEPS
+    assert one_process["norms"][0][0] > 0.5           # the clipping acts: its input must be right
+    assert bool(one_process["ready"].all())           # both batches' rows were initialized and trained
+    for rank in sharded(world, tmp_path):
+        check_equal(rank, one_process)
+
+
+# ---- refusals: before anything is written -----------------------------------------------------
+def test_what_time_sharding_cannot_do_is_refused_naming_the_fix():
+    with pytest.raises(UserInputError, match="--joint.grad onestep"):
+        check_shardable({"grad": "ift"})
+    with pytest.raises(UserInputError, match="--joint.solver triangular-anderson"):
+        check_shardable({"solver": "sequential"})
+    with pytest.raises(UserInputError, match="network_lr > 0"):
+        check_shardable({"network_lr": 0.0})
+    with pytest.raises(UserInputError, match="--joint.batch_size"):
+        check_shardable({"num_images": 5, "batch_size": 2, "prior_batch_size": 4}, replicas=2)  # last batch: 1
+    check_shardable({"num_images": 6, "batch_size": 3, "prior_batch_size": 3}, replicas=2)
+
+
+def tiny_joint_config(folder: Path, **joint) -> Path:
+    """tests/test_joint's tiny run (float32 UNet, 4 faces at 8x8) with the onestep gradient, a
+    trainer and a parallel section, written as a config file."""
+    from tests.test_joint import tiny_config
+    cfg = tiny_config(folder, "unused", 2)
+    cfg["joint"].update(grad="onestep", solver="triangular-anderson", m=3, max_iter=10, tol=1e-4,
+                        init="gaussian", kid_every=0, image_every=0, compare_every=0, **joint)
+    cfg["trainer"] = {"devices": 1, "strategy": "auto", "num_nodes": 1}
+    cfg["parallel"] = {"time_shards": 1, "timeout_s": 180}
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--joint.grad", "ift"], "--joint.grad onestep"),
+    (["--joint.solver", "sequential"], "--joint.solver triangular-anderson"),
+    (["--trainer.strategy", "ddp"], "ddp_time"),
+])
+def test_train_py_refuses_before_writing_anything(tmp_path, flags, match):
+    from tests.tiny import load_script
+    train_py = load_script("train.py", "train_script")
+    config = tiny_joint_config(tmp_path)
+    argv = ["--task", "joint", "--config", str(config), "--out", str(tmp_path / "run"),
+            "--trainer.strategy", "ddp_time", "--parallel.time_shards", "2", "--trainer.devices", "2"]
+    with pytest.raises(UserInputError, match=match):
+        train_py.main(argv + flags)
+    assert not (tmp_path / "run").exists()
+
+
+# ---- the commands ------------------------------------------------------------------------------
+def command(launcher: list[str], *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *launcher, str(REPO / "train.py"), "--task", "joint", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.slow
+def test_train_py_joint_under_torchrun_and_lightnings_launcher_equals_one_process(tmp_path):
+    """`torchrun --standalone --nproc_per_node 2 train.py --task joint --trainer.strategy ddp_time
+    --parallel.time_shards 2` and `python train.py --task joint --trainer.devices 2 ...`: the EMA
+    weights and latents of one process (float32: a few 1e-5 after Adam's sign-like first steps),
+    one writer."""
+    config = tiny_joint_config(tmp_path)
+    common = ["--config", str(config)]
+    sharding = ["--trainer.strategy", "ddp_time", "--parallel.time_shards", "2"]
+    runs = {"one": command([], *common, "--out", str(tmp_path / "one")),
+            "torchrun": command(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                                *common, "--out", str(tmp_path / "torchrun"), *sharding),
+            "lightning": command([], *common, "--out", str(tmp_path / "lightning"), "--trainer.devices", "2",
+                                 *sharding)}
+    for name, run in runs.items():
+        assert run.returncode == 0, (name, run.stderr[-3000:])
+    one_ema = torch.load(tmp_path / "one" / "ema.pt", weights_only=True)
+    one_lat = torch.load(tmp_path / "one" / "latents.pt", weights_only=True)
+    start = torch.load(tmp_path / "tiny.pt", weights_only=True)
+    assert max(float((one_ema[k] - start[k]).abs().max()) for k in start) > 1e-3      # trained
+    for name in ("torchrun", "lightning"):
+        ema = torch.load(tmp_path / name / "ema.pt", weights_only=True)
+        lat = torch.load(tmp_path / name / "latents.pt", weights_only=True)
+        assert max(float((ema[k] - one_ema[k]).abs().max()) for k in one_ema) < 2e-4, name
+        assert lat["indices"].tolist() == one_lat["indices"].tolist() == [0, 1, 2, 3]
+        assert close(lat["x_T"], one_lat["x_T"], 1e-5), name
+        assert (tmp_path / name / "metrics.json").is_file()
