@@ -110,7 +110,7 @@ def run_method(name: str, args, base: dict, shipped, abar, train: torch.Tensor, 
     joint = cfg["joint"]
     joint.update({"num_images": args.num_images, "batch_size": min(args.num_images, joint.get("batch_size", 16)),
                   "timesteps": args.timesteps, "init": args.init, "max_steps": 10 ** 6,
-                  "max_process_s": args.budget_s, "checkpoint_every": 10 ** 6, "image_every": 0,
+                  "max_process_s": args.budget_s, "max_time_s": args.max_wall_s, "checkpoint_every": 10 ** 6, "image_every": 0,
                   "compare_every": 0, "kid_every": 0, "log_every_n_steps": 10, "progress_bar": False,
                   "out": str(work / name)})
     for item in args.set:
@@ -139,8 +139,8 @@ def run_method(name: str, args, base: dict, shipped, abar, train: torch.Tensor, 
     keys = ("grad", "latent_lr", "network_lr", "warmup_steps", "ema_decay", "prior_weight",
             "typicality_weight", "tau", "solver", "batch_size", "adjoint")
     settings = {k: joint.get(k) for k in keys}
-    (parts / f"{name}.json").write_text(json.dumps({"row": row, "joint": settings,
-                                                    "budget_s": args.budget_s}, indent=2))
+    (parts / f"{name}.json").write_text(json.dumps({"row": row, "joint": settings, "budget_s": args.budget_s,
+                                                    "max_wall_s": args.max_wall_s}, indent=2))
     torch.save(pictures.cpu(), parts / f"{name}.pt")
     print(row, flush=True)
 
@@ -179,6 +179,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-s", type=float, default=1200.0,
                    help="CPU seconds of this process per method, one thread (default 20 min)")
+    p.add_argument("--max-wall-s", type=float, default=None,
+                   help="also stop a method's training after this wall time (a deadline on a busy machine)")
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--timesteps", type=int, default=10)
     p.add_argument("--methods", default="shipped,latents,onestep,ift",

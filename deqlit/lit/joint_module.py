@@ -281,9 +281,11 @@ class JointFineTuneModule(L.LightningModule):
             prior_loss = self.denoising_loss(prior, gen)
             pixels = prior[0].numel()          # per-image sums, the reconstruction's scale
             loss = loss + self.hparams.prior_weight * pixels * prior_loss
-        else:
+        elif self.logged_now():      # frozen network: the curve only, on the steps that are logged
             with torch.no_grad():
                 prior_loss = self.denoising_loss(prior, gen)
+        else:
+            prior_loss = None
         if not bool(torch.isfinite(loss)):
             raise NonFiniteError(f"joint fine-tuning diverged at step {self.global_step + 1}: "
                                  f"the loss is {loss.item()}")
@@ -305,8 +307,8 @@ class JointFineTuneModule(L.LightningModule):
             self.ema.update_parameters(self.model)
         optimizers[0].step()
         self.latents.renormalize(index)
-        self.log_step(x0, X[0].detach(), x_T.detach(), recon.detach(), chi2.detach(), prior_loss.detach(),
-                      stats, index, cosine)
+        self.log_step(x0, X[0].detach(), x_T.detach(), recon.detach(), chi2.detach(),
+                      None if prior_loss is None else prior_loss.detach(), stats, index, cosine)
         return loss.detach()
 
     # ---- logging ------------------------------------------------------------------------
@@ -315,14 +317,14 @@ class JointFineTuneModule(L.LightningModule):
         along_w, along_h = lag1_autocorrelation(x_T)
         rho = (along_w + along_h) / 2
         kurt = kurtosis(x_T)
-        values = {"train/recon_loss": recon.mean(), "train/prior_denoise_mse": prior_loss,
-                  "train/typicality_chi2": chi2.mean(), "latents/autocorr_mean": rho.mean(),
+        values = {"train/recon_loss": recon.mean(), "train/typicality_chi2": chi2.mean(), "latents/autocorr_mean": rho.mean(),
                   "latents/autocorr_max": rho.abs().max(), "latents/kurtosis_mean": kurt.mean(),
                   "latents/kurtosis_maxdev": (kurt - 3).abs().max(),
                   "train/psnr": peak_signal_noise_ratio(x0_hat.clamp(-1, 1), x0, data_range=2.0),
                   "solver/iterations": float(stats.iterations)}
-        every = getattr(self._trainer, "log_every_n_steps", 1) if self._trainer is not None else 1
-        if self.global_step % max(1, every) == 0:   # a network call of its own: only when it is logged
+        if prior_loss is not None:
+            values["train/prior_denoise_mse"] = prior_loss
+        if self.logged_now():      # a network call of its own: only on the steps that are logged
             values["train/target_denoise_mse"] = self.denoising_loss(x0, self.step_generator())
         if self.hparams.grad == "ift" and self.backward_stats is not None:
             values["solver/adjoint_iterations"] = float(self.backward_stats.iterations)
@@ -335,6 +337,11 @@ class JointFineTuneModule(L.LightningModule):
             self.log_images("reconstructions", torch.cat([x0[:8], x0_hat[:8]]), nrow=min(8, len(x0)))
         if self.hparams.kid_every and step % self.hparams.kid_every == 0:
             self.log("eval/kid", self.fresh_sample_kid(), batch_size=1)
+
+    def logged_now(self) -> bool:
+        """Whether this step's values reach the logger (the Trainer's log_every_n_steps)."""
+        every = getattr(self._trainer, "log_every_n_steps", 1) if self._trainer is not None else 1
+        return self.global_step % max(1, every) == 0
 
     def gradient_cosine(self, fmap: FixedPointMap, X_star: torch.Tensor, x_T: torch.Tensor,
                         x0: torch.Tensor) -> torch.Tensor:
