@@ -6,7 +6,8 @@
     python bench/joint.py --methods shipped,latents,onestep; python bench/joint.py --collect
 
 The budget is this process's CPU time (time.process_time) with one thread, so other programs on
-a shared machine do not change how many steps a method gets; wall time is recorded beside it.
+a shared machine do not change how many steps a method gets; wall time is recorded beside it
+(--max-wall-s also stops a method at a wall-clock deadline; its row then shows the CPU it got).
 Each method writes bench/results/joint_parts/METHOD.json (+ .pt, its reconstructions); the
 results are assembled from the parts present.
 
@@ -19,7 +20,8 @@ method, with the EMA weights and the exact (sequential) chain: mean / min PSNR o
 the latents' worst lag-1 autocorrelation and kurtosis deviation, KID of 32 fresh samples (T = 50,
 the x_T of bench/model_quality.py) against the 84 training faces, denoising MSE on the training
 faces relative to the shipped model's, and triangular-Anderson iterations until x0 is within RMSE
-1e-3 of sequential DDIM (fresh x_T and the learned latents). Writes bench/results/joint.csv,
+1e-3 of sequential DDIM (fresh x_T; the learned latents with the fine-tuned and with the shipped
+weights), and which of issue 12's targets each method meets. Writes bench/results/joint.csv,
 joint.json and joint.png (target | one row per method).
 """
 from __future__ import annotations

@@ -272,3 +272,28 @@ def test_exact_init_regenerates_the_images_off_the_sphere():
             x0 = ddim_sample(net, module.latents(torch.tensor([0, 1])), module.chain)
         errors[init] = float((x0 - images).pow(2).sum())
     assert errors["exact"] < 0.05 * errors["ddim-inversion"]
+
+
+def test_bench_collects_the_method_parts_and_scores_the_targets(tmp_path):
+    """bench/joint.py runs methods as separate processes; --collect assembles their parts: the
+    denoising MSE relative to the shipped model's and every target met or missed."""
+    import csv
+    from tests.tiny import load_script
+    bench = load_script("bench/joint.py", "deqlit_bench_joint")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "shipped.json").write_text(json.dumps({"row": {"method": "shipped", "kid": 0.007,
+                                                            "denoise_mse_train": 0.01}}))
+    row = {"method": "onestep", "psnr_mean": 35.5, "autocorr_max": 0.06, "kurtosis_maxdev": 0.2,
+           "kid": 0.01, "denoise_mse_train": 0.016}
+    (parts / "onestep.json").write_text(json.dumps({"row": row, "joint": {}}))
+    torch.save(torch.zeros(2, 1, 8, 8), parts / "onestep.pt")
+    bench.collect(parts, tmp_path / "out", torch.zeros(2, 1, 8, 8))
+    rows = json.loads((tmp_path / "out" / "joint.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["shipped", "onestep"]
+    assert abs(rows[1]["denoise_ratio_vs_shipped"] - 1.6) < 1e-9
+    assert rows[1]["targets_met"] == {"psnr_mean": True, "autocorr_max": False, "kurtosis_maxdev": True,
+                                      "kid": True, "denoise_ratio_vs_shipped": False}
+    with open(tmp_path / "out" / "joint.csv") as fh:
+        assert "autocorr_max=missed" in list(csv.DictReader(fh))[1]["targets_met"]
+    assert (tmp_path / "out" / "joint.png").is_file()
