@@ -327,17 +327,54 @@ def test_a_run_interrupted_on_one_process_resumes_on_two_time_shards(tiny_run):
     assert close(resumed["x_T"], one["x_T"])
 
 
-def test_invert_refuses_exact_per_step_over_time_shards_naming_the_fix(tmp_path):
+def test_exact_per_step_becomes_all_timesteps_over_time_shards_and_the_baseline_is_refused(tmp_path, capsys):
+    """Per step is sequential over time; all-timesteps solves the same fixed point and shards:
+    the switch takes the all-timesteps solver and budget (per step they were chosen for one state),
+    keeps every other exact option and says so in one line naming the options."""
     from deqlit.commands.invert import main
+    from deqlit.lit.run_inversion import check_time_shardable
     from tests.tiny import tiny_setup
+    per_step = InversionSettings(method="exact", init="exact", exact=dict(
+        mode="per-step", solver="anderson", max_iter=20, tol=1e-4)).validate()
+    assert check_time_shardable(per_step, 1) is per_step
+    switched = check_time_shardable(per_step, 2)
+    assert switched.exact == {"mode": "all-timesteps", "solver": "triangular-anderson", "tol": 1e-4,
+                              "max_iter": 50}
+    assert (switched.method, switched.init) == ("exact", "exact")
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "all-timesteps" in out
+    assert "--inversion.exact.mode" in out and "--inversion.exact.solver" in out
+    check_time_shardable(per_step, 2, quiet=True)               # the other ranks: no second line
+    assert capsys.readouterr().out == ""
     config = tiny_setup(tmp_path)
-    with pytest.raises(ValueError, match="per step.*--inversion.exact.mode all-timesteps"):
-        main(["--config", str(config), "--method", "exact", "--inversion.exact.mode", "per-step",
-              "--trainer.strategy", "ddp_time", "--parallel.time_shards", "2", "--out", str(tmp_path / "run")])
-    assert not (tmp_path / "run").exists()                  # refused before anything is written
     with pytest.raises(ValueError, match="baseline.*--method deq"):
         main(["--config", str(config), "--method", "baseline", "--trainer.strategy", "ddp_time",
               "--parallel.time_shards", "2", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()                  # refused before anything is written
+
+
+@pytest.mark.slow
+def test_invert_py_default_exact_per_step_on_two_time_shards_equals_all_timesteps_on_one(tmp_path):
+    """`python invert.py --trainer.devices 2 --trainer.strategy ddp_time --parallel.time_shards 2`
+    with faces.yaml's exact per-step (the shipped model; 2 faces; Lightning starts the processes)
+    gives the latents of one process run over all timesteps with triangular Anderson."""
+    from deqlit.commands.invert import main
+    common = ["--no-progress", "--inversion.num_images", "2", "--inversion.batch_size", "2"]
+    main(common + ["--out", str(tmp_path / "one"), "--inversion.exact.mode", "all-timesteps",
+                   "--inversion.exact.solver", "triangular-anderson", "--inversion.exact.max_iter", "50"])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(REPO / "invert.py"), *common, "--out", str(tmp_path / "two"),
+                          "--trainer.devices", "2", "--trainer.strategy", "ddp_time", "--parallel.time_shards", "2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("solving the same fixed point over all timesteps") == 1   # rank 0 only
+    one = torch.load(tmp_path / "one" / "latents.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "latents.pt", weights_only=True)
+    assert two["indices"].tolist() == one["indices"].tolist() == [0, 1]
+    assert close(two["x_T"], one["x_T"], 1e-4)
+    import json
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["mean_psnr"] > 60                         # the exact inverse chain, solved
 
 
 def test_the_launcher_decides_the_process_counts():
