@@ -179,19 +179,23 @@ def command(launcher: list[str], *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_train_py_joint_under_torchrun_and_lightnings_launcher_equals_one_process(tmp_path):
     """`torchrun --standalone --nproc_per_node 2 train.py --task joint --trainer.strategy ddp_time
-    --parallel.time_shards 2` and `python train.py --task joint --trainer.devices 2 ...`: the EMA
-    weights and latents of one process (float32: a few 1e-5 after Adam's sign-like first steps),
-    one writer."""
+    --parallel.time_shards 2`, and a run of one process resumed by `python train.py --task joint
+    --trainer.devices 2 ...` (Lightning starts the processes): the EMA weights and latents of one
+    uninterrupted process (float32: a few 1e-5 after Adam's sign-like first steps), one writer."""
     config = tiny_joint_config(tmp_path)
     common = ["--config", str(config)]
     sharding = ["--trainer.strategy", "ddp_time", "--parallel.time_shards", "2"]
-    runs = {"one": command([], *common, "--out", str(tmp_path / "one")),
-            "torchrun": command(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    from tests.tiny import load_script
+    train_py = load_script("train.py", "train_script")       # one process: in this one
+    train_py.main(["--task", "joint", *common, "--out", str(tmp_path / "one")])
+    train_py.main(["--task", "joint", *common, "--out", str(tmp_path / "lightning"), "--max-steps", "1"])
+    runs = {"torchrun": command(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
                                 *common, "--out", str(tmp_path / "torchrun"), *sharding),
-            "lightning": command([], *common, "--out", str(tmp_path / "lightning"), "--trainer.devices", "2",
-                                 *sharding)}
+            "lightning": command([], *common, "--out", str(tmp_path / "lightning"), "--resume",
+                                 "--trainer.devices", "2", *sharding)}
     for name, run in runs.items():
         assert run.returncode == 0, (name, run.stderr[-3000:])
+    assert "Restored all states from the checkpoint" in runs["lightning"].stdout + runs["lightning"].stderr
     one_ema = torch.load(tmp_path / "one" / "ema.pt", weights_only=True)
     one_lat = torch.load(tmp_path / "one" / "latents.pt", weights_only=True)
     start = torch.load(tmp_path / "tiny.pt", weights_only=True)
@@ -202,4 +206,6 @@ def test_train_py_joint_under_torchrun_and_lightnings_launcher_equals_one_proces
         assert max(float((ema[k] - one_ema[k]).abs().max()) for k in one_ema) < 2e-4, name
         assert lat["indices"].tolist() == one_lat["indices"].tolist() == [0, 1, 2, 3]
         assert close(lat["x_T"], one_lat["x_T"], 1e-5), name
-        assert (tmp_path / name / "metrics.json").is_file()
+        assert yaml.safe_load((tmp_path / name / "config.yaml").read_text())["joint"]["max_steps"] == 2
+        import json
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["steps"] == 2
