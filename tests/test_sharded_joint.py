@@ -157,6 +157,7 @@ def tiny_joint_config(folder: Path, **joint) -> Path:
     (["--joint.grad", "ift"], "--joint.grad onestep"),
     (["--joint.solver", "sequential"], "--joint.solver triangular-anderson"),
     (["--trainer.strategy", "ddp"], "ddp_time"),
+    (["--trainer.devices", "3"], "--trainer.devices 2"),          # 3 processes for 2 time shards
 ])
 def test_train_py_refuses_before_writing_anything(tmp_path, flags, match):
     from tests.tiny import load_script

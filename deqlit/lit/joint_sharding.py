@@ -89,6 +89,10 @@ def distribution(cfg: dict) -> tuple[Optional[tuple[int, int]], dict[str, Any]]:
         world = int(section.get("devices", 1)) * int(section.get("num_nodes", 1))
     except (TypeError, ValueError):      # 'auto' or a list of devices: checked once the mesh exists
         world = None
+    if world is not None and world % shards:
+        raise UserInputError(f"--parallel.time_shards {shards} needs a multiple of {shards} processes, got "
+                             f"{world}: use --trainer.devices {shards} (Lightning starts them) or torchrun "
+                             f"--nproc_per_node {shards}")
     check_shardable(cfg.get("joint") or {}, None if world is None else max(1, world // shards))
     if launched is not None:
         join_launched_world(cfg, section)
