@@ -60,7 +60,10 @@ def train(strategy=None, devices: int = 1) -> dict:
                         enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
                         callbacks=[JointTimeSharding()])
     trainer.fit(module, datamodule=JointDataModule(images(1), images(2), BATCH, BATCH, seed=5))
-    return dict(params=[p.detach().clone() for p in module.model.parameters()],
+    mesh = getattr(trainer.strategy, "mesh", None)
+    from deqlit.parallel.mesh import group_timeout
+    timeouts = None if mesh is None else [group_timeout(g) for g in (None, mesh.time_group, mesh.data_group)]
+    return dict(timeouts=timeouts, params=[p.detach().clone() for p in module.model.parameters()],
                 ema=[p.detach().clone() for p in module.ema.module.parameters()],
                 latents=module.latents.weight.detach().clone(), ready=module.latents.ready.clone(),
                 norms=list(module.norms), step=module.global_step)
@@ -124,6 +127,16 @@ def test_joint_steps_under_ddp_time_equal_one_process(one_process, world, tmp_pa
     assert bool(one_process["ready"].all())           # both batches' rows were initialized and trained
     for rank in sharded(world, tmp_path):
         check_equal(rank, one_process)
+        # The mesh's groups stop a silent peer after the world's timeout, not torch's 30 minutes.
+        assert rank["timeouts"] == [timedelta(seconds=180)] * 3
+
+
+def test_ddp_time_strategy_takes_parallel_timeout_s():
+    from deqlit.lit.run_inversion import with_timeout
+    section = with_timeout({"strategy": "ddp_time", "devices": 2}, {"parallel": {"time_shards": 2, "timeout_s": 42}})
+    assert section["devices"] == 2 and section["strategy"].time_shards == 2
+    assert section["strategy"]._timeout == timedelta(seconds=42)
+    assert with_timeout({"strategy": "ddp"}, {}) == {"strategy": "ddp"}
 
 
 # ---- refusals: before anything is written -----------------------------------------------------

@@ -67,7 +67,7 @@ def distribution(cfg: dict) -> tuple[Optional[tuple[int, int]], dict[str, Any]]:
     """(the launcher's (processes per node, nodes) or None, the Trainer's strategy / devices /
     num_nodes) for a joint run. Empty options unless the trainer section asks for ddp_time; a
     torchrun / srun start joins the world here, before any process checks or writes the folder."""
-    from deqlit.lit.run_inversion import time_shards_of
+    from deqlit.lit.run_inversion import time_shards_of, with_timeout
     from deqlit.lit.trainer import trainer_kwargs
     from deqlit.parallel.launch import external_launch, join_launched_world, launched_counts
     section = trainer_kwargs(cfg.get("trainer"))
@@ -96,7 +96,7 @@ def distribution(cfg: dict) -> tuple[Optional[tuple[int, int]], dict[str, Any]]:
     check_shardable(cfg.get("joint") or {}, None if world is None else max(1, world // shards))
     if launched is not None:
         join_launched_world(cfg, section)
-    return launched, {k: section[k] for k in ("strategy", "devices", "num_nodes") if k in section}
+    return launched, with_timeout({k: section[k] for k in ("strategy", "devices", "num_nodes") if k in section}, cfg)
 
 
 class JointTimeSharding(Callback):

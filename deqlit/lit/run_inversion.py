@@ -143,6 +143,19 @@ def time_shards_of(cfg: dict, section: dict[str, Any], world: Optional[int] = No
         return 1
 
 
+def with_timeout(section: dict[str, Any], cfg: dict) -> dict[str, Any]:
+    """The trainer section with --trainer.strategy ddp_time as the strategy itself, built with
+    parallel.timeout_s: under Lightning's own launcher it creates the process group, whose timeout
+    (Lightning's default: 30 minutes) bounds how long a silent process holds the others."""
+    if section.get("strategy") != "ddp_time":
+        return section
+    from datetime import timedelta
+    from deqlit.lit.time_strategy import DDPTimeStrategy
+    parallel = cfg.get("parallel") or {}
+    return {**section, "strategy": DDPTimeStrategy(time_shards=parallel.get("time_shards"),
+                                                   timeout=timedelta(seconds=float(parallel.get("timeout_s", 300))))}
+
+
 def check_time_shardable(settings: InversionSettings, shards: int, quiet: bool = False) -> InversionSettings:
     """The settings that `shards` time shards run. The baseline runs the T steps one after another
     (it backpropagates through the sequential chain): refused. Exact inversion per step does too,
@@ -235,7 +248,7 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
                                  log_every=(cfg.get("trainer") or {}).get("log_every_n_steps", 1))
         interrupt = SaveOnInterrupt()
         trainer = build_trainer(
-            section, cfg.get("parallel"), accelerator="auto", devices=1, inference_mode=False,
+            with_timeout(section, cfg), cfg.get("parallel"), accelerator="auto", devices=1, inference_mode=False,
             logger=TensorBoardLogger(str(out), name="tb", version=0),
             callbacks=[InversionWriter(out / "latents", chain.to_dict(), identity["settings"]),
                        interrupt, *(callbacks or [])],

@@ -13,8 +13,10 @@ at once (`replicated_gradient_scale`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from deqlit.parallel.distributed import DistributedReducer
@@ -63,13 +65,32 @@ def build_time_mesh(time_shards: int) -> TimeMesh:
                          f"of --parallel.time_shards")
     data = world // time_shards
     time_group = data_group = None
+    timeout = world_timeout()
     # new_group is collective over the whole world: every rank creates every group, in one order.
     for d in range(data):
-        group = dist.new_group([d * time_shards + t for t in range(time_shards)])
+        group = dist.new_group([d * time_shards + t for t in range(time_shards)], timeout=timeout)
         if rank // time_shards == d:
             time_group = group
     for t in range(time_shards):
-        group = dist.new_group([d * time_shards + t for d in range(data)])
+        group = dist.new_group([d * time_shards + t for d in range(data)], timeout=timeout)
         if rank % time_shards == t:
             data_group = group
     return TimeMesh(data, time_shards, rank, time_group, data_group)
+
+
+def group_timeout(group: Optional[dist.ProcessGroup] = None) -> Optional[timedelta]:
+    """The timeout of a process group's collectives (None: the default group), or None where
+    torch does not expose it."""
+    try:
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        device = torch.device("cuda" if dist.get_backend(group) == "nccl" else "cpu")
+        return pg._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError, ValueError):    # a private API that moved: torch's default
+        return None
+
+
+def world_timeout() -> Optional[timedelta]:
+    """The world's timeout (init_process_group's, i.e. parallel.timeout_s), for the mesh's groups:
+    new_group would take torch's default (30 minutes) and a silent peer would hold the time group
+    that long, while the world's collectives gave up after parallel.timeout_s."""
+    return group_timeout(None)
