@@ -77,7 +77,8 @@ def distribution(cfg: dict) -> tuple[Optional[tuple[int, int]], dict[str, Any]]:
         if str(strategy).split("_")[0] in ITS_OWN_STRATEGIES or str(strategy) in ITS_OWN_STRATEGIES:
             raise UserInputError(f"joint fine-tuning runs on several processes with --trainer.strategy "
                                  f"ddp_time (--parallel.time_shards 1 splits only the images), not "
-                                 f"{strategy!r}: its latents table and losses are reduced by that strategy")
+                                 f"{strategy!r} (ddp_time is what reduces the latents table by row and "
+                                 f"counts the losses once per replica)")
         if shards not in (None, 1):
             raise UserInputError("--parallel.time_shards needs --trainer.strategy ddp_time")
         return None, {}
