@@ -149,7 +149,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
     Ts = sorted({r["T"] for r in rows})
-    fig, axes = plt.subplots(2, len(Ts), figsize=(5 * len(Ts), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(Ts), figsize=(5 * len(Ts), 9.5), squeeze=False)
+    colors: dict[str, tuple] = {}          # one colour per series, the same in every panel
+    palette = plt.get_cmap("tab20").colors
     for col, T in enumerate(Ts):
         groups: dict[str, list[dict]] = {}
         for r in rows:
@@ -160,7 +162,9 @@ def plot(rows: list[dict], path: Path) -> None:
         for key, pts in groups.items():
             for ax, x in ((axes[0, col], "depth"), (axes[1, col], "evals_per_image")):
                 pts = sorted(pts, key=lambda p: p[x])
-                ax.plot([p[x] for p in pts], [p["median_psnr"] for p in pts], "o-", label=key, ms=3)
+                color = colors.setdefault(key, palette[len(colors) % len(palette)])
+                ax.plot([p[x] for p in pts], [p["median_psnr"] for p in pts], "o-", label=key, ms=3,
+                        color=color)
         for ax, x in ((axes[0, col], "sequential depth (batched network calls, start included)"),
                       (axes[1, col], "network evaluations per image")):
             ax.set_xscale("log")
@@ -170,8 +174,9 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_ylabel("median PSNR of the regenerated faces (dB)")
             ax.set_title(f"T = {T}, {next(r['images'] for r in rows if r['T'] == T)} faces")
             ax.grid(alpha=0.3)
-        axes[0, col].legend(fontsize=7)
-    fig.tight_layout()
+    handles = {line.get_label(): line for ax in axes.flat for line in ax.get_lines()}
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
 
 
