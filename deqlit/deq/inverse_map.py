@@ -40,6 +40,7 @@ from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.inverse import (check_noise, contraction_factors, ddim_inversion_states,
                                       extrapolated_inversion_states,
                                       invert_per_step)
+from deqlit.parallel.blocks import Block, block_of
 from deqlit.parallel.reduce import LOCAL, LocalReducer
 
 MODES = ("all-timesteps", "per-step")
@@ -52,56 +53,70 @@ ALL_TIMESTEP_HISTORY = 3
 
 
 class InverseChainMap:
-    """G(X; x_0) of Eq. 3 for one chain and one batch of clean images x0 (B, C, H, W).
+    """G(X; x_0) of Eq. 3 for one chain and one batch of clean images x0 (B, C, H, W), on the rows
+    [start, stop) of X = (x_T, ..., x_1) (global row indices; `block` None: the whole chain).
 
-    X and G(X) are (T, B, C, H, W) with rows x_T, ..., x_1. Counts `calls` (batched network calls)
+    X and G(X) hold the block's rows (rows, B, C, H, W). Counts `calls` (batched network calls)
     and `network_rows` (eps evaluations per image); `row_trace` keeps, per call, the relative
-    residual ||G(X) - X|| / (1e-5 + ||G(X)||) of every (state, image), (T, B) with rows x_1..x_T.
-    `frozen_from = k` (the solvers' freeze option): rows >= k, i.e. x_{T-k}..x_1, reuse the eps of
-    the last call.
+    residual ||G(X) - X|| / (1e-5 + ||G(X)||) of every (state, image) of the block, (rows, B) in
+    natural order. `frozen_from = k` (the solvers' freeze option, global): rows >= k, i.e.
+    x_{T-k}..x_1, reuse the eps of the last call.
+    Sharded over time (deqlit/parallel/inverse_block.py), a block needs the terms of all earlier
+    states, the rows of the later blocks: the reducer's `carry_from_later` of its block total.
+    noise xi holds all T rows x_1..x_T on every shard; each keeps its own.
     """
 
     def __init__(self, model: NoiseModel, chain: Chain, x0: torch.Tensor,
-                 noise: Optional[torch.Tensor] = None, max_batch: Optional[int] = None):
+                 noise: Optional[torch.Tensor] = None, max_batch: Optional[int] = None,
+                 block: Optional[Block] = None, reducer: LocalReducer = LOCAL):
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (rows per network call) or None, got {max_batch}")
+        block = block_of(chain.T, 1, 0) if block is None else block
+        if block.T != chain.T:
+            raise ValueError(f"the block splits a {block.T}-step chain but the chain has T = {chain.T}")
         check_noise(chain, x0, noise)
-        self.model, self.chain, self.max_batch, self.T = model, chain, max_batch, chain.T
+        self.model, self.chain, self.block, self.max_batch = model, chain, block, max_batch
+        self.reducer, self.T = reducer, chain.T
+        # The block's states in natural order: x_{n+1} for n in [T - stop, T - start).
+        self.natural = slice(chain.T - block.stop, chain.T - block.start)
         dtype, device = x0.dtype, x0.device
-        view = (self.T,) + (1,) * x0.dim()
-        scale = chain.abar.sqrt().to(device=device, dtype=dtype)        # (T+1,) of x_0..x_T
-        self._scale = scale[1:].reshape(view)
-        self._c = chain.c.to(device=device, dtype=dtype).reshape(view)
+        view = (block.rows,) + (1,) * x0.dim()
+        scale = chain.abar.sqrt().to(device=device, dtype=dtype)              # (T+1,) of x_0..x_T
+        self._scale = scale[1:][self.natural].reshape(view)
+        self._c = chain.c.to(device=device, dtype=dtype)[self.natural].reshape(view)
         self._y0 = x0 / scale[0]
         self._noise_terms = None
         if noise is not None and chain.eta > 0:
-            self._noise_terms = chain.d.to(device=device, dtype=dtype).reshape(view) * noise
-        self._timesteps = chain.timestep_tensor(device)                 # network time of x_1..x_T
-        self._eps = torch.zeros((self.T,) + tuple(x0.shape), dtype=dtype, device=device)
+            d = chain.d.to(device=device, dtype=dtype)[self.natural].reshape(view)
+            self._noise_terms = d * noise[self.natural]
+        self._timesteps = chain.timestep_tensor(device)[self.natural]       # network time
+        self._eps = torch.zeros((block.rows,) + tuple(x0.shape), dtype=dtype, device=device)
         self.calls, self.network_rows = 0, 0
         self.rows_after_call: list[int] = []
         self.row_trace: list[torch.Tensor] = []
 
     def states_from_eps(self, eps: torch.Tensor) -> torch.Tensor:
-        """eps of x_1..x_T (T, B, ...) -> the states x_1..x_T of Eq. 3 (same shape)."""
+        """eps of the block's states (natural order, (rows, B, ...)) -> its states of Eq. 3."""
         terms = self._c * eps
         if self._noise_terms is not None:
             terms = terms + self._noise_terms
-        return self._scale * (self._y0[None] - terms.cumsum(0))        # inclusive: j <= i
+        carry = self.reducer.carry_from_later(terms.sum(0, keepdim=True))   # all earlier states
+        return self._scale * (self._y0[None] - (terms.cumsum(0) + carry))  # inclusive: j <= i
 
     def __call__(self, X: torch.Tensor, frozen_from: Optional[int] = None) -> torch.Tensor:
-        if X.shape[0] != self.T:
-            raise ValueError(f"X must hold the {self.T} states x_T..x_1, got {X.shape[0]} rows")
-        states = X.flip(0)                                              # x_1..x_T
-        # Rows >= k are x_{T-k}..x_1, the first T - k natural states: they keep their cached eps.
-        kept = 0 if frozen_from is None else self.T - max(0, min(frozen_from, self.T))
+        if X.shape[0] != self.block.rows:
+            raise ValueError(f"X must hold the {self.block.rows} rows {self.block.start}.."
+                             f"{self.block.stop - 1} of the states x_T..x_1, got {X.shape[0]} rows")
+        states = X.flip(0)                                               # natural order
+        # Global rows >= k are the natural states x_1..x_{T-k}: here the first stop - k of the block.
+        kept = 0 if frozen_from is None else max(0, min(self.block.stop - frozen_from, self.block.rows))
         fresh = batched_eps(self.model, states[kept:], self._timesteps[kept:], self.max_batch)
         self._eps[kept:] = fresh
         self.calls += 1
-        self.network_rows += self.T - kept
+        self.network_rows += self.block.rows - kept
         self.rows_after_call.append(self.network_rows)
         out = self.states_from_eps(self._eps)
-        diff = (out - states).double().flatten(2).norm(dim=-1)          # (T, B)
+        diff = (out - states).double().flatten(2).norm(dim=-1)             # (rows, B)
         self.row_trace.append(diff / (1e-5 + out.double().flatten(2).norm(dim=-1)))
         return out.flip(0)
 

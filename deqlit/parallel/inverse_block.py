@@ -17,75 +17,13 @@ from typing import Optional, Union
 
 import torch
 
-from deqlit.deq.fixed_point import NoiseModel, batched_eps
+from deqlit.deq.fixed_point import NoiseModel
 from deqlit.deq.inversion_report import InversionReport
 from deqlit.deq.solvers import solve
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.inverse import InverseStep, check_noise
 from deqlit.parallel.blocks import Block, block_of, time_blocks
-from deqlit.parallel.reduce import LOCAL, LocalReducer
-
-
-class BlockInverseMap:
-    """G(X; x_0) of Eq. 3 on the rows [start, stop) of X = (x_T, ..., x_1), global row indices.
-
-    x0 (B, C, H, W), the same on every shard; noise xi (T, B, C, H, W) with rows x_1..x_T (every
-    shard passes all T rows; it keeps its own). Same protocol as InverseChainMap: call it on the
-    block's rows (rows, B, C, H, W) with an optional global `frozen_from` (rows >= k reuse their
-    eps). `row_trace` holds, per call, the relative residual of this block's states (rows, B), in
-    natural order x_{T-stop+1} .. x_{T-start}.
-    """
-
-    def __init__(self, model: NoiseModel, chain: Chain, x0: torch.Tensor, block: Block,
-                 noise: Optional[torch.Tensor] = None, max_batch: Optional[int] = None,
-                 reducer: LocalReducer = LOCAL):
-        if block.T != chain.T:
-            raise ValueError(f"the block splits a {block.T}-step chain but the chain has T = {chain.T}")
-        check_noise(chain, x0, noise)
-        self.model, self.chain, self.block, self.max_batch = model, chain, block, max_batch
-        self.reducer, self.T = reducer, chain.T
-        # The block's states in natural order: x_{n+1} for n in [T - stop, T - start).
-        self.natural = slice(chain.T - block.stop, chain.T - block.start)
-        dtype, device = x0.dtype, x0.device
-        view = (block.rows,) + (1,) * x0.dim()
-        scale = chain.abar.sqrt().to(device=device, dtype=dtype)              # (T+1,) of x_0..x_T
-        self._scale = scale[1:][self.natural].reshape(view)
-        self._c = chain.c.to(device=device, dtype=dtype)[self.natural].reshape(view)
-        self._y0 = x0 / scale[0]
-        self._noise_terms = None
-        if noise is not None and chain.eta > 0:
-            d = chain.d.to(device=device, dtype=dtype)[self.natural].reshape(view)
-            self._noise_terms = d * noise[self.natural]
-        self._timesteps = chain.timestep_tensor(device)[self.natural]
-        self._eps = torch.zeros((block.rows,) + tuple(x0.shape), dtype=dtype, device=device)
-        self.calls, self.network_rows = 0, 0
-        self.rows_after_call: list[int] = []
-        self.row_trace: list[torch.Tensor] = []
-
-    def states_from_eps(self, eps: torch.Tensor) -> torch.Tensor:
-        """eps of the block's states (natural order, (rows, B, ...)) -> its states of Eq. 3."""
-        terms = self._c * eps
-        if self._noise_terms is not None:
-            terms = terms + self._noise_terms
-        carry = self.reducer.carry_from_later(terms.sum(0, keepdim=True))   # all earlier states
-        return self._scale * (self._y0[None] - (terms.cumsum(0) + carry))
-
-    def __call__(self, X: torch.Tensor, frozen_from: Optional[int] = None) -> torch.Tensor:
-        if X.shape[0] != self.block.rows:
-            raise ValueError(f"X must hold the block's {self.block.rows} rows {self.block.start}.."
-                             f"{self.block.stop - 1} of x_T..x_1, got {X.shape[0]} rows")
-        states = X.flip(0)                                               # natural order
-        # Global rows >= k are the natural states x_1..x_{T-k}: here the first stop - k of the block.
-        kept = 0 if frozen_from is None else max(0, min(self.block.stop - frozen_from, self.block.rows))
-        fresh = batched_eps(self.model, states[kept:], self._timesteps[kept:], self.max_batch)
-        self._eps[kept:] = fresh
-        self.calls += 1
-        self.network_rows += self.block.rows - kept
-        self.rows_after_call.append(self.network_rows)
-        out = self.states_from_eps(self._eps)
-        diff = (out - states).double().flatten(2).norm(dim=-1)             # (rows, B)
-        self.row_trace.append(diff / (1e-5 + out.double().flatten(2).norm(dim=-1)))
-        return out.flip(0)
+from deqlit.parallel.reduce import LocalReducer
 
 
 def natural_rows_of_all_shards(local: torch.Tensor, block: Block, reducer: LocalReducer) -> torch.Tensor:
@@ -123,7 +61,7 @@ def sharded_all_timesteps(model: NoiseModel, x0: torch.Tensor, chain: Chain, sol
     the report of the whole chain, the same on every shard). init as in exact_invert
     (inverse_map.start_states); a tensor may hold all T states x_1..x_T or this block's.
     """
-    from deqlit.deq.inverse_map import chunked, start_states
+    from deqlit.deq.inverse_map import InverseChainMap, chunked, start_states
     T = chain.T
     block = block_of(T, reducer.shards, reducer.shard_index)
     natural = slice(T - block.stop, T - block.start)
@@ -137,7 +75,7 @@ def sharded_all_timesteps(model: NoiseModel, x0: torch.Tensor, chain: Chain, sol
     else:                                              # all T states, as one process; keep ours
         states, start_depth = start_states(model, x0, chain, noise, max_batch, init)
         start = states[natural]
-    G = BlockInverseMap(model, chain, x0, block, noise, max_batch, reducer)
+    G = InverseChainMap(model, chain, x0, noise, max_batch, block=block, reducer=reducer)
     X, stats = solve(solver, G, start.flip(0).contiguous(), reducer=reducer, **options)
     stop = stats.image_iterations                                      # the same on every shard
     B = x0.shape[0]
