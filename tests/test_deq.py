@@ -11,6 +11,7 @@ from deqlit.deq.solvers import SolverDivergedError, solve
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas, timestep_sequence
 from deqlit.diffusion.sequential import ddim_sample
 from tests.conftest import GaussianDataNoise, perturbed_unet
+from tests.tiny import GradRowCounter
 
 ABAR = alphas_cumprod(linear_betas())
 SOLVERS = ["picard", "anderson", "triangular-anderson"]
@@ -132,26 +133,13 @@ def test_stats_report_residual_traces_and_network_rows(net64):
     assert stats.rel_residual[-1] < stats.rel_residual[0]
 
 
-class RowCounter(torch.nn.Module):
-    """Counts the rows that the wrapped noise model evaluates with autograd on."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.rows_with_grad = model, 0
-
-    def forward(self, x, t):
-        if torch.is_grad_enabled():
-            self.rows_with_grad += x.shape[0]
-        return self.model(x, t)
-
-
 def test_frozen_network_one_step_gradient_evaluates_only_x_T_with_autograd():
     """Inversion's case (weights frozen): the layer reuses the solver's eps and evaluates only
     eps(x_T) with autograd, yet gives the same X and the same d loss / d x_T as the full damped
     step (1 - tau) X* + tau h(X*; x_T), recomputed here with a fresh map."""
     T, tau = 8, 0.1
     seq = timestep_sequence(T)
-    net = RowCounter(GaussianDataNoise(seed=3, dtype=torch.float64).requires_grad_(False))
+    net = GradRowCounter(GaussianDataNoise(seed=3, dtype=torch.float64).requires_grad_(False))
     x_T, _ = chain_inputs(T, 0.0, seed=9, batch=2)
     layer = DEQSampler(net, Chain.from_sequence(ABAR, seq, 0.0), "anderson", dict(max_iter=4, tol=0.0), grad="onestep", tau=tau)
     x = x_T.clone().requires_grad_(True)

@@ -12,6 +12,7 @@ from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from deqlit.diffusion.sequential import ddim_sample
 from tests.conftest import GaussianDataNoise
+from tests.tiny import GradRowCounter
 
 ABAR = alphas_cumprod(linear_betas())
 
@@ -114,32 +115,6 @@ def test_every_adjoint_solver_reaches_the_exact_adjoint_within_T_calls(net64, so
     assert (exact - v).abs().max() > 1e-2 * v.abs().max()
 
 
-class RowCounter(torch.nn.Module):
-    """Records the largest batch the network sees while autograd is recording."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.largest_with_grad = model, 0
-
-    def forward(self, x, t):
-        if torch.is_grad_enabled():
-            self.largest_with_grad = max(self.largest_with_grad, x.shape[0])
-        return self.model(x, t)
-
-
-class RowTally(torch.nn.Module):
-    """Counts the network rows evaluated while autograd is recording (products with a graph)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.rows_with_grad = model, 0
-
-    def forward(self, x, t):
-        if torch.is_grad_enabled():
-            self.rows_with_grad += x.shape[0]
-        return self.model(x, t)
-
-
 def test_sweep_adjoint_evaluates_each_state_once_with_the_weights(net64):
     """The sweep's product at state x_j already has x_j's final cotangent, so the weights' products
     ride along: T rows per image with a graph in backward (not T - 1 for the adjoint plus T for the
@@ -149,7 +124,7 @@ def test_sweep_adjoint_evaluates_each_state_once_with_the_weights(net64):
     x_T, _, target = inputs(T, 0.0, seed=9, batch=batch)
     params = list(net64.parameters())
     ref = sequential_grads(net64, x_T, None, target, chain, params)
-    net = RowTally(net64)
+    net = GradRowCounter(net64)
     x = x_T.clone().requires_grad_(True)
     X, _ = DEQSampler(net, chain, "picard", dict(max_iter=T, tol=0.0), grad="ift", max_batch=3,
                       adjoint={"solver": "sweep"})(x)
@@ -161,7 +136,7 @@ def test_sweep_adjoint_evaluates_each_state_once_with_the_weights(net64):
 def test_ift_network_calls_stay_within_max_batch_rows(net64):
     T, batch, max_batch = 6, 3, 4
     chain = Chain.build(ABAR, T)
-    net = RowCounter(net64)
+    net = GradRowCounter(net64)
     x_T, _, target = inputs(T, 0.0, seed=5, batch=batch)
     x = x_T.clone().requires_grad_(True)
     X, _ = DEQSampler(net, chain, "picard", dict(max_iter=T, tol=0.0), grad="ift", max_batch=max_batch)(x)

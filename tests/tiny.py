@@ -43,3 +43,18 @@ def tiny_setup(tmp_path: Path, n_images: int = 5) -> Path:
     return path
 
 
+
+
+class GradRowCounter(torch.nn.Module):
+    """Wraps a noise model and counts what it evaluates while autograd is recording: all rows
+    (`rows_with_grad`) and the largest batch (`largest_with_grad`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows_with_grad, self.largest_with_grad = model, 0, 0
+
+    def forward(self, x, t):
+        if torch.is_grad_enabled():
+            self.rows_with_grad += x.shape[0]
+            self.largest_with_grad = max(self.largest_with_grad, x.shape[0])
+        return self.model(x, t)
