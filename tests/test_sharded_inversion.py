@@ -8,14 +8,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from deqlit.deq.inversion import BatchInverter, InversionSettings
 from deqlit.diffusion.chain import Chain
@@ -162,18 +157,8 @@ def run_job(job: str) -> dict:
 
 
 def worker(rank: int, world: int, port: int, job: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    result: dict = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=180))   # a loaded CPU
-        start = time.monotonic()
-        result = {"cases": run_job(job), "seconds": time.monotonic() - start}
-    except Exception as err:      # reported to the test, which decides
-        result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    if dist.is_initialized() and "error" not in result:
-        dist.destroy_process_group()
+    from tests.test_sharding import run_in_group
+    run_in_group(rank, world, port, out_dir, 180, lambda: run_job(job))   # 180 s: a loaded CPU
 
 
 @pytest.fixture(scope="module")

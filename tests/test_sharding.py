@@ -158,22 +158,27 @@ def run_cases(job: str, reducer) -> dict:
     return out
 
 
-def worker(rank: int, world: int, port: int, job: str, out_dir: str) -> None:
+def run_in_group(rank: int, world: int, port: int, out_dir: str, timeout_s: float, body) -> None:
+    """A spawned test process: join a gloo group, run body() -> cases, and save
+    {"cases", "seconds"} (or the error and its trace) as rank{rank}.pt for the test to judge."""
     torch.set_num_threads(1)
     result: dict = {}
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world,
-                                timeout=timedelta(seconds=STALL_TIMEOUT_S if job == "stall" else 30))
-        from deqlit.parallel.distributed import DistributedReducer
+                                world_size=world, timeout=timedelta(seconds=timeout_s))
         start = time.monotonic()
-        result = {"cases": run_cases(job, DistributedReducer())}
-        result["seconds"] = time.monotonic() - start
+        result = {"cases": body(), "seconds": time.monotonic() - start}
     except Exception as err:      # reported to the test, which decides
         result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     if dist.is_initialized() and "error" not in result:
         dist.destroy_process_group()
+
+
+def worker(rank: int, world: int, port: int, job: str, out_dir: str) -> None:
+    from deqlit.parallel.distributed import DistributedReducer
+    run_in_group(rank, world, port, out_dir, STALL_TIMEOUT_S if job == "stall" else 30,
+                 lambda: run_cases(job, DistributedReducer()))
 
 
 def free_port() -> int:
