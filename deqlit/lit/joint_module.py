@@ -263,6 +263,14 @@ class JointFineTuneModule(L.LightningModule):
     def step_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + 7919 * self.global_step + 1)
 
+    def zeroed_optimizers(self) -> list:
+        """Lightning's optimizers as a list (latents first, then the network), gradients zeroed."""
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        for opt in optimizers:
+            opt.zero_grad()
+        return optimizers
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         sharding = getattr(self, "time_sharding", None)     # --trainer.strategy ddp_time
         if sharding is not None:                            # (deqlit/lit/joint_sharding.py)
@@ -289,10 +297,7 @@ class JointFineTuneModule(L.LightningModule):
         if not bool(torch.isfinite(loss)):
             raise NonFiniteError(f"joint fine-tuning diverged at step {self.global_step + 1}: "
                                  f"the loss is {loss.item()}")
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        for opt in optimizers:
-            opt.zero_grad()
+        optimizers = self.zeroed_optimizers()
         self.manual_backward(loss)
         every = self.hparams.compare_every
         cosine = (self.gradient_cosine(fmap, X_star, x_T.detach(), x0)   # before the weights move

@@ -168,10 +168,7 @@ class JointTimeSharding(Callback):
         if not bool(torch.isfinite(mesh_sum(objective.detach(), mesh))):
             raise NonFiniteError(f"joint fine-tuning diverged at step {module.global_step + 1}: the loss "
                                  f"is not finite")
-        optimizers = module.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        for opt in optimizers:
-            opt.zero_grad()
+        optimizers = module.zeroed_optimizers()
         module.manual_backward(objective)       # the network's gradient: reduced by the DDP hook
         rows = reduce_latent_rows(module.latents.weight, index, mesh)
         net_opt = optimizers[1]
