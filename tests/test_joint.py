@@ -10,8 +10,8 @@ import torch
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from deqlit.diffusion.sequential import ddim_sample
-from deqlit.lit.joint_module import (JointFineTuneModule, RowAdam, gaussian_latent, kurtosis,
-                                     lag1_autocorrelation, to_sphere, typicality_chi2)
+from deqlit.lit.joint_module import (JointFineTuneModule, RowAdam, decay_factor, gaussian_latent,
+                                     kurtosis, lag1_autocorrelation, to_sphere, typicality_chi2)
 from deqlit.lit.run_joint import JointDataModule, run_joint
 from tests.conftest import GaussianDataNoise, perturbed_unet
 
@@ -122,6 +122,54 @@ def test_joint_run_drives_the_reconstruction_loss_far_down_in_a_few_steps():
     assert torch.allclose(norms, torch.full_like(norms, 8.0), atol=1e-4)
     cosine = float(trainer.callback_metrics["grad/cosine_onestep_ift"])
     assert -1.0 <= cosine <= 1.0
+
+
+# ---- learning rates: warmup and decay over the run ---------------------------------------------
+def test_decay_factor_runs_from_one_to_its_final_value():
+    for shape in ("linear", "cosine"):
+        values = [decay_factor(p / 20, shape, 0.1) for p in range(21)]
+        assert values[0] == pytest.approx(1.0) and values[-1] == pytest.approx(0.1)
+        assert all(a > b for a, b in zip(values, values[1:]))          # strictly down
+        assert decay_factor(1.7, shape, 0.1) == pytest.approx(0.1)      # clamped past the end
+    assert decay_factor(0.5, "linear", 0.1) == pytest.approx(0.55)
+    assert decay_factor(0.5, "cosine", 0.1) == pytest.approx(0.55)      # symmetric about the middle
+    assert decay_factor(0.25, "cosine", 0.0) == pytest.approx((1 + 2 ** -0.5) / 2)
+    assert decay_factor(0.9, "none", 0.1) == 1.0
+    with pytest.raises(ValueError, match="lr_decay"):
+        decay_factor(0.5, "step", 0.1)
+
+
+class LearningRates(L.Callback):
+    """The rates the optimizers used at each step (latents, network)."""
+
+    def __init__(self):
+        self.rates = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rates.append(tuple(opt.param_groups[0]["lr"] for opt in pl_module.optimizers()))
+
+
+def test_the_optimizers_step_with_warmup_then_the_decay_over_max_steps():
+    T, steps = 3, 6
+    net, images = generated_images(T, 4)
+    module = JointFineTuneModule(net, ABAR, 4, (1, 8, 8), timesteps=T, solver="sequential",
+                                 latent_lr=0.1, network_lr=1e-3, warmup_steps=2, lr_decay="cosine",
+                                 lr_final=0.2, image_every=0)
+    rec = LearningRates()
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[rec], enable_model_summary=False)
+    trainer.fit(module, datamodule=JointDataModule(images, images, 2, 2))
+    for step, (latent_lr, network_lr) in enumerate(rec.rates):
+        decay = decay_factor(step / steps, "cosine", 0.2)
+        assert latent_lr == pytest.approx(0.1 * decay)
+        assert network_lr == pytest.approx(1e-3 * min(1.0, (step + 1) / 2) * decay)
+    assert module.progress() == pytest.approx(1.0)      # max_steps reached
+    # A budget clock (run_joint's CPU-time budget) counts where it is further than the steps.
+    fresh = JointFineTuneModule(net, ABAR, 4, (1, 8, 8), timesteps=T, latent_lr=0.1, network_lr=1e-3,
+                                warmup_steps=1, lr_decay="linear", lr_final=0.0)
+    assert fresh.learning_rates() == pytest.approx((0.1, 1e-3))
+    fresh.progress_clock = lambda: 0.75
+    assert fresh.learning_rates() == pytest.approx((0.025, 2.5e-4))
 
 
 def test_latents_start_from_per_image_seeds_whatever_the_batch():

@@ -169,13 +169,13 @@ class JointTimeSharding(Callback):
             raise NonFiniteError(f"joint fine-tuning diverged at step {module.global_step + 1}: the loss "
                                  f"is not finite")
         optimizers = module.zeroed_optimizers()
+        module.set_learning_rates(optimizers)
         module.manual_backward(objective)       # the network's gradient: reduced by the DDP hook
         rows = reduce_latent_rows(module.latents.weight, index, mesh)
         net_opt = optimizers[1]
         if hp.grad_clip:
             module.clip_gradients(net_opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
         net_opt.optimizer.step()                # raw: global_step counts the latents' steps only
-        module.lr_schedulers().step()
         module.ema.update_parameters(module.model)
         optimizers[0].step()
         module.latents.renormalize(rows)

@@ -37,9 +37,9 @@ from deqlit.lit.trainer import build_trainer
 from deqlit.parallel.launch import on_rank_zero
 
 MODULE_KEYS = ("timesteps", "skip", "grad", "tau", "solver", "adjoint", "max_batch", "latent_lr",
-               "network_lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "prior_weight",
-               "typicality_weight", "sphere", "init", "seed", "compare_every", "image_every",
-               "kid_every", "kid_samples")
+               "network_lr", "weight_decay", "warmup_steps", "lr_decay", "lr_final", "grad_clip",
+               "ema_decay", "prior_weight", "typicality_weight", "sphere", "init", "seed",
+               "compare_every", "image_every", "kid_every", "kid_samples")
 RUN_MARKERS = ("checkpoints", "ema.pt", "latents.pt")
 
 
@@ -141,6 +141,8 @@ class ProcessTimeBudget(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start = time.process_time()
+        # lr_decay anneals over the budget, whatever the step count it will allow
+        pl_module.progress_clock = lambda: (time.process_time() - self.start) / max(self.seconds, 1e-9)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if time.process_time() - self.start >= self.seconds:
