@@ -43,6 +43,7 @@ from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.sequential import ddim_encode, ddim_sample
 from deqlit.lit.ema import make_ema
 from deqlit.lit.guards import NonFiniteError
+from deqlit.lit.latent_table import LatentTable, RowAdam, to_sphere  # noqa: F401 (re-exported)
 
 INITS = ("gaussian", "ddim-inversion", "exact")
 LR_DECAYS = ("none", "linear", "cosine")
@@ -90,81 +91,10 @@ def typicality_chi2(x: torch.Tensor) -> torch.Tensor:
             + d / 24.0 * (kurtosis(x) - 3.0) ** 2 + d * x.mean(dim=(1, 2, 3)) ** 2)
 
 
-def to_sphere(z: torch.Tensor) -> torch.Tensor:
-    """z (B, D) -> sqrt(D) z / ||z||: the shell where white noise of dimension D concentrates."""
-    return z * (math.sqrt(z.shape[1]) / z.norm(dim=1, keepdim=True).clamp(min=1e-12))
-
-
 def gaussian_latent(index: int, seed: int, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
     """The starting latent of image `index`: its own generator, whatever the batch."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + int(index))
     return torch.randn(shape, generator=gen, dtype=dtype)
-
-
-# ---- latents table and its optimizer ---------------------------------------------------------
-class LatentTable(nn.Module):
-    """Latents of N images, (N, D) rows; `ready` marks the rows initialized so far (saved)."""
-
-    def __init__(self, num_images: int, image_shape: tuple[int, ...], sphere: bool = True):
-        super().__init__()
-        if num_images < 1:
-            raise ValueError(f"joint fine-tuning needs at least one image, got {num_images}")
-        self.image_shape, self.sphere = tuple(image_shape), sphere
-        self.weight = nn.Parameter(torch.zeros(num_images, math.prod(image_shape)))
-        self.register_buffer("ready", torch.zeros(num_images, dtype=torch.bool))
-
-    def forward(self, index: torch.Tensor) -> torch.Tensor:
-        """index (B,) long -> x_T (B, C, H, W), with a sparse gradient to the table's rows."""
-        z = F.embedding(index, self.weight, sparse=True)
-        return (to_sphere(z) if self.sphere else z).reshape(len(index), *self.image_shape)
-
-    @torch.no_grad()
-    def fill(self, index: torch.Tensor, values: torch.Tensor) -> None:
-        self.weight[index] = values.reshape(len(index), -1).to(self.weight)
-        self.ready[index] = True
-        self.renormalize(index)
-
-    @torch.no_grad()
-    def renormalize(self, index: torch.Tensor) -> None:
-        """Keep the rows on the sphere, so the step size of RowAdam means the same all along."""
-        if self.sphere:
-            self.weight[index] = to_sphere(self.weight[index])
-
-
-class RowAdam(torch.optim.Optimizer):
-    """Adam on the rows present in a sparse gradient, with one step count per row."""
-
-    def __init__(self, params, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        if not lr > 0:
-            raise ValueError(f"the latents' learning rate must be > 0, got {lr}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.coalesce() if p.grad.is_sparse else p.grad.to_sparse(1).coalesce()
-                rows, values = grad.indices()[0], grad.values()
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["step"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
-                state["step"][rows] += 1
-                n = state["step"][rows].to(p.dtype)[:, None]
-                m = state["exp_avg"][rows].mul_(b1).add_(values, alpha=1 - b1)
-                v = state["exp_avg_sq"][rows].mul_(b2).addcmul_(values, values, value=1 - b2)
-                state["exp_avg"][rows], state["exp_avg_sq"][rows] = m, v
-                update = (m / (1 - b1 ** n)) / ((v / (1 - b2 ** n)).sqrt() + group["eps"])
-                p[rows] -= group["lr"] * update
-        return loss
 
 
 # ---- the LightningModule ---------------------------------------------------------------------
@@ -184,9 +114,11 @@ class JointFineTuneModule(L.LightningModule):
                  lr_final: float = 0.05, grad_clip: float = 1.0,
                  ema_decay: float = 0.995, prior_weight: float = 1.0, typicality_weight: float = 1.0,
                  sphere: bool = True, init: str = "gaussian", seed: int = 0, compare_every: int = 0,
-                 image_every: int = 50, kid_every: int = 0, kid_samples: int = 32):
+                 image_every: int = 50, kid_every: int = 0, kid_samples: int = 32,
+                 latents_store: Optional[Any] = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "schedule_abar"])
+        # latents_store: latent_store.DiskLatentStore, the table in memory-mapped files (or None)
+        self.save_hyperparameters(ignore=["model", "schedule_abar", "latents_store"])
         if init not in INITS:
             raise ValueError(f"unknown latent init {init!r}; use one of {INITS}")
         if network_lr < 0 or prior_weight < 0 or typicality_weight < 0:
@@ -201,7 +133,7 @@ class JointFineTuneModule(L.LightningModule):
         self.ema = make_ema(self.model, ema_decay)
         self.register_buffer("abar", schedule_abar.detach().to(torch.float64).clone(), persistent=False)
         self.chain = Chain.build(self.abar, timesteps, skip)
-        self.latents = LatentTable(num_images, image_shape, sphere)
+        self.latents = LatentTable(num_images, image_shape, sphere, latents_store)
         if solver != "sequential":
             get_solver(solver)
         check_grad_mode(grad, tau)
@@ -261,7 +193,7 @@ class JointFineTuneModule(L.LightningModule):
     @torch.no_grad()
     def initialize_rows(self, index: torch.Tensor, images: torch.Tensor) -> None:
         """Fill the rows of `index` seen for the first time (Gaussian, DDIM or exact inversion)."""
-        new = ~self.latents.ready[index]
+        new = ~self.latents.is_ready(index)
         if not bool(new.any()):
             return
         idx, x0 = index[new], images[new]
@@ -411,7 +343,7 @@ class JointFineTuneModule(L.LightningModule):
 
     # ---- optimizers ---------------------------------------------------------------------
     def configure_optimizers(self):
-        latent_opt = RowAdam([self.latents.weight], lr=self.hparams.latent_lr)
+        latent_opt = RowAdam([self.latents.weight], lr=self.hparams.latent_lr, store=self.latents.store)
         if not self.train_network:
             return latent_opt
         net_opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.network_lr,
@@ -446,8 +378,24 @@ class JointFineTuneModule(L.LightningModule):
         return {k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()}
 
     def latents_payload(self) -> dict[str, Any]:
-        """What latents.pt holds: x_T of the initialized rows (on the sphere), their indices, chain."""
+        """What latents.pt holds: x_T of the initialized rows (on the sphere), their indices, chain.
+        With the table on disk, no x_T (it would be N x D in memory): 'latents_dir' points to the
+        run's latents/ folder, read by latent_store.read_disk_latents."""
         idx = self.latents.ready.nonzero().flatten()
+        if self.latents.store is not None:
+            return {"indices": idx.cpu(), "chain": self.chain.to_dict(), "latents_dir": "latents",
+                    "sphere": self.latents.sphere, "image_shape": list(self.latents.image_shape)}
         with torch.no_grad():
             x_T = self.latents(idx).detach().cpu()
         return {"x_T": x_T, "indices": idx.cpu(), "chain": self.chain.to_dict()}
+
+    # ---- the on-disk table (latent_store.py) and Lightning checkpoints -------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The files are flushed, and their undo journal restarts, at every checkpoint."""
+        if self.latents.store is not None:
+            self.latents.store.checkpoint(int(checkpoint["global_step"]))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """--resume: the files ran ahead of the checkpoint; put them back to its step."""
+        if self.latents.store is not None:
+            self.latents.store.rollback(int(checkpoint["global_step"]))

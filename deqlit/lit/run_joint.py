@@ -3,6 +3,13 @@
 The run folder gets: ema.pt (the fine-tuned EMA weights, a plain state_dict that load_weights,
 sample.py --ckpt and invert.py --ckpt read), latents.pt ({'x_T', 'indices', 'chain'}), metrics.json,
 config.yaml, TensorBoard curves under tb/, and checkpoints/last.ckpt for --resume.
+
+Any size of fine-tuning set: the images are streamed (joint_data.py); with joint.latents_on_disk
+(auto: when the table and RowAdam's moments, 3 x N x D float32, exceed latents_disk_threshold_gb)
+the latents live in RUN/latents/*.npy (latent_store.py), the checkpoints record only that, and
+latents.pt points to that folder instead of holding x_T. The final evaluation (metrics.json) runs
+in chunks of joint.eval_chunk images; per-image lists (psnr, autocorr, kurtosis) are written up to
+joint.metrics_per_image_limit images, summaries always.
 """
 from __future__ import annotations
 
@@ -18,9 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from deqlit.config import save_config
@@ -29,6 +34,7 @@ from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.sequential import ddim_sample
 from deqlit.lit.guards import (RunInterrupted, UserInputError, atomic_torch_save, check_output_dir,
                                interrupts_as_exceptions, refuse_existing_run)
+from deqlit.lit.joint_data import EpochSampler, IndexedImages, JointDataModule, fine_tuning_count  # noqa: F401
 from deqlit.lit.joint_module import JointFineTuneModule, kurtosis, lag1_autocorrelation, typicality_chi2
 from deqlit.lit.joint_sharding import JointTimeSharding, distribution
 from deqlit.lit.run_inversion import launched_worker
@@ -43,93 +49,62 @@ MODULE_KEYS = ("timesteps", "skip", "grad", "tau", "solver", "adjoint", "max_bat
 RUN_MARKERS = ("checkpoints", "ema.pt", "latents.pt")
 
 
-# ---- data ------------------------------------------------------------------------------------
-class IndexedImages(Dataset):
-    """(index, image) pairs of an image tensor (N, C, H, W): the index names the image's latent."""
-
-    def __init__(self, images: torch.Tensor):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        return i, self.images[i]
-
-
-class EpochSampler(Sampler[int]):
-    """A permutation (or `draws` draws with replacement) seeded by (seed, epoch): the Trainer calls
-    set_epoch, so a resumed run sees the same order as an uninterrupted one. A run resumed in the
-    middle of an epoch gets a fresh iterator, so the sampler skips the batches that the restored
-    global step says were done (`progress()`; one training step per batch)."""
-
-    def __init__(self, size: int, seed: int, draws: Optional[int] = None, per_batch: int = 1,
-                 steps_per_epoch: int = 1, progress: Optional[Callable[[], int]] = None):
-        self.size, self.seed, self.draws, self.epoch = size, seed, draws, 0
-        self.per_batch, self.steps_per_epoch, self.progress = per_batch, steps_per_epoch, progress
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size if self.draws is None else self.draws
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        if self.draws is None:
-            order = torch.randperm(self.size, generator=gen).tolist()
-        else:
-            order = torch.randint(0, self.size, (self.draws,), generator=gen).tolist()
-        done = 0 if self.progress is None else self.progress() - self.epoch * self.steps_per_epoch
-        return iter(order[max(0, done) * self.per_batch:])
-
-
-class JointDataModule(L.LightningDataModule):
-    """{'target': (index, image) batches of the fine-tuning set, 'prior': image batches of the
-    original training data}; one epoch = one pass over the targets."""
-
-    def __init__(self, targets: torch.Tensor, prior: torch.Tensor, batch_size: int,
-                 prior_batch_size: int, seed: int = 0):
-        super().__init__()
-        self.targets, self.prior = targets, prior
-        self.batch_size, self.prior_batch_size, self.seed = min(batch_size, len(targets)), prior_batch_size, seed
-
-    def train_dataloader(self) -> CombinedLoader:
-        steps = math.ceil(len(self.targets) / self.batch_size)
-
-        def progress() -> int:
-            return 0 if self.trainer is None else self.trainer.global_step
-        target = DataLoader(IndexedImages(self.targets), batch_size=self.batch_size,
-                            sampler=EpochSampler(len(self.targets), self.seed, None, self.batch_size,
-                                                 steps, progress))
-        prior = DataLoader(self.prior, batch_size=self.prior_batch_size,
-                           sampler=EpochSampler(len(self.prior), self.seed + 1, steps * self.prior_batch_size,
-                                                self.prior_batch_size, steps, progress))
-        return CombinedLoader({"target": target, "prior": prior}, mode="max_size_cycle")
-
-    def prior_images(self, limit: int = 256) -> torch.Tensor:
-        return self.prior[:limit]
-
-
 # ---- evaluation ------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x_T: torch.Tensor, targets: torch.Tensor, chain: Chain,
-             prior: torch.Tensor, abar: torch.Tensor) -> dict[str, Any]:
-    """Exact (sequential DDIM) reconstructions of `targets` from x_T with `model`, the latents'
-    statistics and the denoising MSE on the prior (training) images and on the targets."""
+def evaluate(models: dict[str, torch.nn.Module], latents: Callable[[torch.Tensor], torch.Tensor],
+             indices: torch.Tensor, images: Callable[[torch.Tensor], torch.Tensor], chain: Chain,
+             prior: torch.Tensor, abar: torch.Tensor, chunk: int = 64, per_image_limit: int = 1000,
+             reference_limit: int = 256) -> dict[str, dict[str, Any]]:
+    """Per model: exact (sequential DDIM) reconstructions of the images of `indices` (n,) from
+    their latents, the latents' statistics, and the denoising MSE on `prior` (a bounded set of
+    training images) and on the first `reference_limit` targets.
+
+    latents(idx) -> x_T (b, C, H, W); images(idx) -> the targets (b, C, H, W). Runs `chunk` images
+    at a time (memory bounded whatever n); per-image lists only when n <= per_image_limit."""
     from deqlit.evaluation import denoising_loss
-    model = model.eval()
-    x0 = ddim_sample(model, x_T, chain)
-    per_image = (x0 - targets).pow(2).flatten(1).sum(1)
-    psnr = [float(peak_signal_noise_ratio(a.clamp(-1, 1), b, data_range=2.0)) for a, b in zip(x0, targets)]
-    along_w, along_h = lag1_autocorrelation(x_T)
-    rho, kurt = (along_w + along_h) / 2, kurtosis(x_T)
-    return {"recon_loss_mean": float(per_image.mean()), "psnr_mean": sum(psnr) / len(psnr),
-            "psnr_min": min(psnr), "psnr": psnr, "autocorr": rho.tolist(), "autocorr_max": float(rho.abs().max()),
-            "kurtosis": kurt.tolist(), "kurtosis_maxdev": float((kurt - 3).abs().max()),
-            "typicality_chi2_mean": float(typicality_chi2(x_T).mean()),
-            "denoise_mse_train": denoising_loss(model, prior, abar),
-            "denoise_mse_targets": denoising_loss(model, targets, abar)}
+    for model in models.values():
+        model.eval()
+    keep = len(indices) <= per_image_limit
+    acc = {name: {"recon": 0.0, "psnr": [], "psnr_sum": 0.0, "psnr_min": math.inf} for name in models}
+    stats = {"autocorr": [], "kurtosis": [], "autocorr_max": 0.0, "kurtosis_maxdev": 0.0, "chi2_sum": 0.0}
+    reference = []
+    for lo in range(0, len(indices), chunk):
+        idx = indices[lo:lo + chunk]
+        x_T = latents(idx).detach().cpu()
+        targets = images(idx).to(x_T)
+        if sum(len(r) for r in reference) < reference_limit:
+            reference.append(targets[:reference_limit - sum(len(r) for r in reference)])
+        along_w, along_h = lag1_autocorrelation(x_T)
+        rho, kurt = (along_w + along_h) / 2, kurtosis(x_T)
+        stats["autocorr_max"] = max(stats["autocorr_max"], float(rho.abs().max()))
+        stats["kurtosis_maxdev"] = max(stats["kurtosis_maxdev"], float((kurt - 3).abs().max()))
+        stats["chi2_sum"] += float(typicality_chi2(x_T).sum())
+        if keep:
+            stats["autocorr"] += rho.tolist()
+            stats["kurtosis"] += kurt.tolist()
+        for name, model in models.items():
+            x0 = ddim_sample(model, x_T, chain)
+            a = acc[name]
+            a["recon"] += float((x0 - targets).pow(2).flatten(1).sum(1).sum())
+            psnr = [float(peak_signal_noise_ratio(u.clamp(-1, 1), v, data_range=2.0)) for u, v in zip(x0, targets)]
+            a["psnr_sum"] += sum(psnr)
+            a["psnr_min"] = min(a["psnr_min"], min(psnr))
+            if keep:
+                a["psnr"] += psnr
+    n = len(indices)
+    reference = torch.cat(reference)
+    out = {}
+    for name, model in models.items():
+        a = acc[name]
+        out[name] = {"recon_loss_mean": a["recon"] / n, "psnr_mean": a["psnr_sum"] / n, "psnr_min": a["psnr_min"],
+                     **({"psnr": a["psnr"], "autocorr": stats["autocorr"]} if keep else {}),
+                     "autocorr_max": stats["autocorr_max"],
+                     **({"kurtosis": stats["kurtosis"]} if keep else {}),
+                     "kurtosis_maxdev": stats["kurtosis_maxdev"],
+                     "typicality_chi2_mean": stats["chi2_sum"] / n,
+                     "denoise_mse_train": denoising_loss(model, prior, abar),
+                     "denoise_mse_targets": denoising_loss(model, reference, abar)}
+    return out
 
 
 class ProcessTimeBudget(Callback):
@@ -156,7 +131,7 @@ class SaveLatents(Callback):
         self.path = path
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero:       # on disk: a pointer to RUN/latents/, no x_T
             atomic_torch_save(pl_module.latents_payload(), self.path)
 
 
@@ -173,24 +148,39 @@ def joint_settings(cfg: dict) -> dict[str, Any]:
     return joint
 
 
-def build_joint(cfg: dict, ckpt: Optional[str] = None) -> tuple[JointFineTuneModule, JointDataModule, torch.Tensor]:
-    """(module, datamodule, the fine-tuning images) from the config; the network from `ckpt`,
-    joint.ckpt or checkpoint.path."""
-    from deqlit.data.registry import load_images
+def build_joint(cfg: dict, ckpt: Optional[str] = None,
+                resume: bool = False) -> tuple[JointFineTuneModule, JointDataModule]:
+    """(module, datamodule) from the config; the network from `ckpt`, joint.ckpt or
+    checkpoint.path. The fine-tuning and prior splits are streamed; the latents table goes to
+    RUN/latents/ when joint.latents_on_disk says so (opened, not created, when `resume`)."""
+    from deqlit.data.streaming import Indexed, split_dataset
+    from deqlit.lit.latent_store import DiskLatentStore, wants_disk
     from deqlit.models.build import build_noise_model
     joint, data = joint_settings(cfg), cfg["data"]
+    name, root = data["name"], data.get("root", "data")
+    split, prior_split = joint.get("split", "test"), joint.get("prior_split", "train")
+    images = split_dataset(name, split, data["resolution"], data["channels"], root)
+    count = fine_tuning_count(len(images), joint.get("num_images"), split, name)
+    prior = split_dataset(name, prior_split, data["resolution"], data["channels"], root)
+    if len(prior) == 0:
+        raise UserInputError(f"the prior split {prior_split!r} of {name!r} holds no images: choose "
+                             f"another --joint.prior_split (the data the model was trained on)")
+    image_shape = tuple(images[0].shape)
+    threshold = float(joint.get("latents_disk_threshold_gb", 2.0)) * 1024 ** 3
+    store = None
+    if wants_disk(joint.get("latents_on_disk", "auto"), count, math.prod(image_shape), threshold):
+        store = DiskLatentStore(Path(joint.get("out", "runs/joint")) / "latents", count,
+                                math.prod(image_shape), create=not resume)
     model, abar, _ = build_noise_model(cfg, ckpt or joint.get("ckpt"))
-    targets = load_images(data["name"], joint.get("split", "test"), data["resolution"], data["channels"],
-                          data.get("root", "data"), limit=joint.get("num_images"))
-    prior = load_images(data["name"], joint.get("prior_split", "train"), data["resolution"],
-                        data["channels"], data.get("root", "data"))
     solver = joint.get("solver", "triangular-anderson")
     options = {} if solver == "sequential" else options_from(solver, joint)
-    module = JointFineTuneModule(model, abar, len(targets), tuple(targets.shape[1:]), solver_options=options,
+    module = JointFineTuneModule(model, abar, count, image_shape, solver_options=options, latents_store=store,
                                  **{k: joint[k] for k in MODULE_KEYS if k in joint})
-    datamodule = JointDataModule(targets, prior, joint.get("batch_size", 16),
-                                 joint.get("prior_batch_size", 16), joint.get("seed", 0))
-    return module, datamodule, targets
+    datamodule = JointDataModule(Indexed(images, range(count)), prior, joint.get("batch_size", 16),
+                                 joint.get("prior_batch_size", 16), joint.get("seed", 0),
+                                 num_workers=joint.get("num_workers", 0),
+                                 reference_images=joint.get("reference_images", 256))
+    return module, datamodule
 
 
 def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = False,
@@ -210,9 +200,13 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
         save_config(cfg, out / "config.yaml")
     on_rank_zero(check_folder, launched_worker(), launched)
     L.seed_everything(joint.get("seed", 0), workers=True)
-    module, datamodule, targets = build_joint(cfg, ckpt)
+    module, datamodule = build_joint(cfg, ckpt, resume=bool(resume))
+    if section and module.latents.store is not None:
+        raise UserInputError("--joint.latents_on_disk (the table in RUN/latents/) is not shared between "
+                             "the processes of --trainer.strategy ddp_time yet: pass "
+                             "--joint.latents_on_disk false (each process keeps the table in memory)")
     from deqlit.evaluation import denoising_loss
-    before = {"denoise_mse_train": denoising_loss(module.model, datamodule.prior, module.abar)}
+    before = {"denoise_mse_train": denoising_loss(module.model, datamodule.prior_images(), module.abar)}
 
     export = ExportEMA(out / "ema.pt")
     saver = SaveLast(ckpt_dir / "last.ckpt", export)
@@ -246,25 +240,30 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
         raise RunInterrupted(err.signum, f"the last checkpoint is {ckpt_dir / 'last.ckpt'}") from None
     if fast_dev_run or not trainer.is_global_zero:
         return module
-    write_metrics(module, datamodule, targets, out, time.time() - start, before,
-                  process_seconds=time.process_time() - cpu_start)
+    write_metrics(module, datamodule, out, time.time() - start, before,
+                  process_seconds=time.process_time() - cpu_start, chunk=joint.get("eval_chunk", 64),
+                  per_image_limit=joint.get("metrics_per_image_limit", 1000))
     return module
 
 
-def write_metrics(module: JointFineTuneModule, datamodule: JointDataModule, targets: torch.Tensor,
-                  out: Path, seconds: float, before: dict[str, float],
-                  process_seconds: Optional[float] = None) -> dict[str, Any]:
-    payload = module.latents_payload()
-    x_T, idx = payload["x_T"], payload["indices"]
-    device_targets = targets[idx].to(x_T)
+def write_metrics(module: JointFineTuneModule, datamodule: JointDataModule, out: Path, seconds: float,
+                  before: dict[str, float], process_seconds: Optional[float] = None, chunk: int = 64,
+                  per_image_limit: int = 1000) -> dict[str, Any]:
+    """RUN/metrics.json: the EMA and the raw network scored on every initialized latent (evaluate,
+    in chunks); 'per_image' says whether the per-image lists are there (n <= per_image_limit)."""
+    if module.latents.store is not None:
+        module.latents.store.flush()
+    idx = module.latents.ready.nonzero().flatten().cpu()
+    with torch.no_grad():
+        scores = evaluate({"ema": module.ema.module.cpu(), "raw": module.model.cpu()}, module.latents, idx,
+                          datamodule.target_images, module.chain, datamodule.prior_images(), module.abar.cpu(),
+                          chunk=chunk, per_image_limit=per_image_limit,
+                          reference_limit=datamodule.reference_images)
     metrics = {"steps": module.global_step, "seconds": round(seconds, 1),
                "process_seconds": None if process_seconds is None else round(process_seconds, 1),
-               "num_images": len(idx),
-               "chain": payload["chain"], "grad": module.hparams.grad,
-               "ema": evaluate(module.ema.module.cpu(), x_T, device_targets, module.chain,
-                               datamodule.prior, module.abar.cpu()),
-               "raw": evaluate(module.model.cpu(), x_T, device_targets, module.chain,
-                               datamodule.prior, module.abar.cpu()),
+               "num_images": len(idx), "per_image": len(idx) <= per_image_limit,
+               "chain": module.chain.to_dict(), "grad": module.hparams.grad,
+               "ema": scores["ema"], "raw": scores["raw"],
                "start_denoise_mse_train": before.get("denoise_mse_train")}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
