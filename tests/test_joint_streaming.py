@@ -232,3 +232,25 @@ def test_a_disk_run_resumed_after_a_crash_equals_an_uninterrupted_one(tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="latents_on_disk true"):
             run_joint(folder_config(tmp_path, "split", 6), resume="last")
+
+
+def test_sample_py_regenerates_from_a_disk_runs_latents_pointer(tmp_path):
+    """latents.pt of an on-disk run holds no x_T; sample.py --latents reads the rows it points to
+    (the first --num-images of them) and regenerates what the in-memory run's latents.pt does."""
+    from deqlit.commands.sample import load_latents, main as sample_main
+    run_joint(folder_config(tmp_path, "memory", 2))
+    run_joint(folder_config(tmp_path, "disk", 2, latents_on_disk=True))
+    memory = load_latents(str(tmp_path / "memory" / "latents.pt"))
+    pointer = load_latents(str(tmp_path / "disk" / "latents.pt"), limit=3)
+    assert pointer["x_T"].shape == (3, 1, 8, 8) and pointer["indices"].tolist() == [0, 1, 2]
+    assert torch.allclose(pointer["x_T"], memory["x_T"][:3], atol=1e-6)
+    outputs = []
+    for run in ("memory", "disk"):
+        argv = ["--ckpt", str(tmp_path / run / "ema.pt"), "--latents", str(tmp_path / run / "latents.pt"),
+                "--num-images", "3", "--out", str(tmp_path / f"samples-{run}"), "--no-progress",
+                "--solver", "sequential", "--model.ch", "8", "--model.ch_mult", "[1,2]",
+                "--model.num_res_blocks", "1", "--model.attn_resolutions", "[4]",
+                "--model.resolution", "8", "--model.norm_groups", "2", "--data.resolution", "8"]
+        sample_main(argv)
+        outputs.append(torch.load(tmp_path / f"samples-{run}" / "samples.pt", weights_only=True)["x0"])
+    assert outputs[1].shape[0] == 3 and torch.allclose(outputs[0][:3], outputs[1], atol=1e-5)

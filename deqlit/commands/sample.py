@@ -62,13 +62,20 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(peak_signal_noise_ratio(a.clamp(-1, 1).double(), b.clamp(-1, 1).double(), data_range=2.0))
 
 
-def load_latents(path: str) -> dict[str, Any]:
+def load_latents(path: str, limit: Optional[int] = None) -> dict[str, Any]:
     """A latents file of invert.py (or of a joint fine-tuning run): x_T, noise, the chain, and the
-    reconstructions they regenerate."""
+    reconstructions they regenerate. A joint run whose table is on disk writes a pointer instead of
+    x_T ('latents_dir'): its first `limit` rows (all without one) are read from the memory-mapped table."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"latents file {path} does not exist; invert.py writes RUN/latents.pt") from None
+    if isinstance(data, dict) and "latents_dir" in data and "x_T" not in data:
+        from deqlit.lit.latent_store import read_disk_latents
+        indices = data["indices"][:limit]
+        data["x_T"] = read_disk_latents(Path(path).parent, indices, data.get("sphere", True),
+                                        tuple(data["image_shape"]))
+        data["indices"] = indices
     if not isinstance(data, dict) or "x_T" not in data:
         raise ValueError(f"{path} is not a latents file from invert.py (expected a dict with 'x_T')")
     if "chain" not in data:
@@ -96,7 +103,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     device, dtype, autocast = placement(cfg.get("trainer"))
     # --trainer.strategy ddp_time under torchrun/srun: a data x time mesh (None: one process).
     mesh = mesh_from_config(cfg, device)
-    saved = load_latents(args.latents) if args.latents else None
+    saved = load_latents(args.latents, args.num_images) if args.latents else None
     model, schedule, ckpt_path = build_noise_model(cfg)
     bad = first_nonfinite(model.state_dict())
     if bad is not None:
