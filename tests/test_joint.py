@@ -254,13 +254,17 @@ def test_resume_equals_an_uninterrupted_run_and_the_weights_load_and_sample(tmp_
     assert (tmp_path / "samples" / "samples.png").exists()
 
 
-def test_a_cpu_time_budget_stops_the_run_and_is_recorded(tmp_path):
-    """max_process_s counts this process's CPU time: a budget of 0 stops after the first step."""
+def test_a_cpu_time_budget_stops_the_run_and_is_recorded(tmp_path, capsys):
+    """max_process_s counts this process's CPU time: a budget of 0 stops after the first step.
+    The run ends with one line naming its files and the EMA weights' PSNR from metrics.json."""
     cfg = tiny_config(tmp_path, "budget", 5)
     cfg["joint"].update(max_process_s=0.0, kid_every=0, image_every=0, compare_every=0)
     run_joint(cfg)
     metrics = json.loads((tmp_path / "budget" / "metrics.json").read_text())
     assert metrics["steps"] == 1 and metrics["process_seconds"] > 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {tmp_path / 'budget' / 'ema.pt'}") and "1 steps" in last
+    assert f"PSNR {metrics['ema']['psnr_mean']:.1f} dB mean" in last
 
 
 def test_a_config_without_a_joint_section_is_refused(tmp_path):
