@@ -10,7 +10,7 @@ from deqlit.deq.layer import DEQSampler
 from deqlit.deq.solvers import SolverDivergedError, solve
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas, timestep_sequence
 from deqlit.diffusion.sequential import ddim_sample
-from tests.conftest import GaussianDataNoise, perturbed_unet
+from tests.conftest import GaussianDataNoise
 from tests.tiny import GradRowCounter
 
 ABAR = alphas_cumprod(linear_betas())

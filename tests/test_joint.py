@@ -10,9 +10,11 @@ import torch
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from deqlit.diffusion.sequential import ddim_sample
-from deqlit.lit.joint_module import (JointFineTuneModule, RowAdam, decay_factor, gaussian_latent,
-                                     kurtosis, lag1_autocorrelation, to_sphere, typicality_chi2)
-from deqlit.lit.run_joint import JointDataModule, run_joint
+from deqlit.lit.joint_module import (JointFineTuneModule, decay_factor, gaussian_latent, kurtosis,
+                                     lag1_autocorrelation, typicality_chi2)
+from deqlit.lit.latent_table import RowAdam, to_sphere
+from deqlit.lit.joint_data import JointDataModule
+from deqlit.lit.run_joint import run_joint
 from tests.conftest import GaussianDataNoise, perturbed_unet
 
 ABAR = alphas_cumprod(linear_betas())

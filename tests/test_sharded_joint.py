@@ -22,7 +22,7 @@ from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from deqlit.lit.guards import UserInputError
 from deqlit.lit.joint_module import JointFineTuneModule
 from deqlit.lit.joint_sharding import JointTimeSharding, check_shardable
-from deqlit.lit.run_joint import JointDataModule
+from deqlit.lit.joint_data import JointDataModule
 from tests.conftest import REPO, GaussianDataNoise
 
 ABAR = alphas_cumprod(linear_betas())

@@ -43,7 +43,7 @@ from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.sequential import ddim_encode, ddim_sample
 from deqlit.lit.ema import make_ema
 from deqlit.lit.guards import NonFiniteError
-from deqlit.lit.latent_table import LatentTable, RowAdam, to_sphere  # noqa: F401 (re-exported)
+from deqlit.lit.latent_table import LatentTable, RowAdam
 
 INITS = ("gaussian", "ddim-inversion", "exact")
 LR_DECAYS = ("none", "linear", "cosine")
@@ -209,12 +209,15 @@ class JointFineTuneModule(L.LightningModule):
         self.latents.fill(idx, values)
 
     # ---- losses -------------------------------------------------------------------------
-    def denoising_loss(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """DDPM's eps loss at random timesteps, drawn from `generator` (same draw on resume)."""
-        t = torch.randint(0, len(self.abar), (x0.shape[0],), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    def denoising_loss(self, x0: torch.Tensor, generator: torch.Generator,
+                       rows: slice = slice(None)) -> torch.Tensor:
+        """DDPM's eps loss at random timesteps, drawn from `generator` (same draw on resume).
+        The timesteps and noise are drawn for all of x0 (B, C, H, W), then the loss is taken on
+        x0[rows]: a data replica's share of a global batch gets the draws one process would."""
+        t = torch.randint(0, len(self.abar), (x0.shape[0],), generator=generator)[rows].to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)[rows].to(x0.device)
         a = self.abar[t].to(x0.dtype)[:, None, None, None]
-        return F.mse_loss(self.model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t), noise)
+        return F.mse_loss(self.model(a.sqrt() * x0[rows] + (1 - a).sqrt() * noise, t), noise)
 
     def step_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + 7919 * self.global_step + 1)

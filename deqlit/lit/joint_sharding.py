@@ -21,7 +21,6 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from deqlit.lit.guards import NonFiniteError, UserInputError
@@ -30,7 +29,7 @@ from deqlit.parallel.mesh import TimeMesh
 
 # The LightningModule's tensors that DDP must not touch: the latents are reduced here, by row.
 DDP_IGNORED = ["latents.weight", "latents.ready"]
-ITS_OWN_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed")
+ITS_OWN_STRATEGIES = ("ddp", "fsdp", "deepspeed")
 
 
 def check_shardable(joint: dict[str, Any], replicas: Optional[int] = None) -> None:
@@ -74,7 +73,7 @@ def distribution(cfg: dict) -> tuple[Optional[tuple[int, int]], dict[str, Any]]:
     strategy = section.get("strategy")
     shards = (cfg.get("parallel") or {}).get("time_shards")
     if strategy != "ddp_time":
-        if str(strategy).split("_")[0] in ITS_OWN_STRATEGIES or str(strategy) in ITS_OWN_STRATEGIES:
+        if str(strategy).split("_")[0] in ITS_OWN_STRATEGIES:      # ddp_spawn, deepspeed_stage_2, ..
             raise UserInputError(f"joint fine-tuning runs on several processes with --trainer.strategy "
                                  f"ddp_time (--parallel.time_shards 1 splits only the images), not "
                                  f"{strategy!r} (ddp_time is what reduces the latents table by row and "
@@ -137,10 +136,6 @@ class JointTimeSharding(Callback):
         module.initialize_rows(index, images)          # all rows of the global batch, everywhere
         mine, pmine = mesh.data_slice(len(index)), mesh.data_slice(len(prior_all))
         idx, x0, prior = index[mine], images[mine], prior_all[pmine]
-        # Draws for the global prior batch (denoising_loss's order: t, then noise), then our share.
-        gen = module.step_generator()
-        t = torch.randint(0, len(module.abar), (len(prior_all),), generator=gen)[pmine].to(prior.device)
-        noise = torch.randn(prior_all.shape, generator=gen, dtype=prior.dtype)[pmine].to(prior.device)
         x_T = module.latents(idx)
         sampler = ShardedDEQSampler(module.model, module.chain, mesh.time_reducer(), hp.solver,
                                     hp.solver_options or {}, grad="onestep", tau=hp.tau, max_batch=hp.max_batch)
@@ -151,9 +146,8 @@ class JointTimeSharding(Callback):
         pixels = prior[0].numel()
         train_prior = hp.prior_weight > 0
 
-        def prior_mse() -> torch.Tensor:
-            a = module.abar[t].to(prior.dtype)[:, None, None, None]
-            return F.mse_loss(module.model(a.sqrt() * prior + (1 - a).sqrt() * noise, t), noise)
+        def prior_mse() -> torch.Tensor:     # draws for the global prior batch, then our share
+            return module.denoising_loss(prior_all, module.step_generator(), pmine)
         terms: dict[str, torch.Tensor] = {}
 
         def loss_of_x0(x0_hat: torch.Tensor) -> torch.Tensor:

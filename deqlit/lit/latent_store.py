@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
+from deqlit.lit.latent_table import to_sphere
+
 TABLES = ("weight", "exp_avg", "exp_avg_sq")
 DEFAULT_THRESHOLD_BYTES = 2 * 1024 ** 3
 
@@ -143,8 +145,7 @@ class DiskLatentStore:
     def checkpoint(self, step: int) -> None:
         """A Lightning checkpoint of global step `step` is being written: flush the arrays and
         start the journal of changes since `step` (the same step again keeps its journal)."""
-        for array in self.arrays.values():
-            array.flush()
+        self.flush()
         if self.since == step:
             return
         self._start_journal(step)
@@ -172,8 +173,7 @@ class DiskLatentStore:
                     self.arrays[name][chunk["row"]] = chunk[name]
             if start != step:
                 journals[start].unlink()
-        for array in self.arrays.values():
-            array.flush()
+        self.flush()
         self._journal_path(step).write_bytes(b"")
         self._start_journal(step)
 
@@ -186,7 +186,6 @@ def read_disk_latents(run_dir: str | Path, indices: torch.Tensor, sphere: bool =
                       image_shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
     """x_T of `indices` (B,) from a run whose table is on disk: (B, D), or (B, *image_shape), on
     the sphere of radius sqrt(D) when the run used it (what the run's latents.pt points to)."""
-    from deqlit.lit.joint_module import to_sphere
     weight = np.load(Path(run_dir) / "latents" / "weight.npy", mmap_mode="r")
     rows = torch.from_numpy(np.ascontiguousarray(weight[indices.long().numpy()]))
     rows = to_sphere(rows) if sphere else rows

@@ -35,7 +35,7 @@ from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.sequential import ddim_sample
 from deqlit.lit.guards import (RunInterrupted, UserInputError, atomic_torch_save, check_output_dir,
                                interrupts_as_exceptions, refuse_existing_run)
-from deqlit.lit.joint_data import EpochSampler, IndexedImages, JointDataModule, fine_tuning_count  # noqa: F401
+from deqlit.lit.joint_data import JointDataModule, fine_tuning_count
 from deqlit.lit.joint_module import JointFineTuneModule, kurtosis, lag1_autocorrelation, typicality_chi2
 from deqlit.lit.joint_sharding import JointTimeSharding, distribution
 from deqlit.lit.run_inversion import launched_worker
@@ -68,13 +68,10 @@ def evaluate(models: dict[str, torch.nn.Module], latents: Callable[[torch.Tensor
     keep = len(indices) <= per_image_limit
     acc = {name: {"recon": 0.0, "psnr": [], "psnr_sum": 0.0, "psnr_min": math.inf} for name in models}
     stats = {"autocorr": [], "kurtosis": [], "autocorr_max": 0.0, "kurtosis_maxdev": 0.0, "chi2_sum": 0.0}
-    reference = []
     for lo in range(0, len(indices), chunk):
         idx = indices[lo:lo + chunk]
         x_T = latents(idx).detach().cpu()
         targets = images(idx).to(x_T)
-        if sum(len(r) for r in reference) < reference_limit:
-            reference.append(targets[:reference_limit - sum(len(r) for r in reference)])
         along_w, along_h = lag1_autocorrelation(x_T)
         rho, kurt = (along_w + along_h) / 2, kurtosis(x_T)
         stats["autocorr_max"] = max(stats["autocorr_max"], float(rho.abs().max()))
@@ -93,7 +90,7 @@ def evaluate(models: dict[str, torch.nn.Module], latents: Callable[[torch.Tensor
             if keep:
                 a["psnr"] += psnr
     n = len(indices)
-    reference = torch.cat(reference)
+    reference = images(indices[:reference_limit]).to(prior)     # the targets' denoising MSE
     out = {}
     for name, model in models.items():
         a = acc[name]
