@@ -141,6 +141,8 @@ def test_ddim_inversion_start_is_ddim_encode(net):
         states = ddim_inversion_states(net, x0, chain)
         assert torch.allclose(states[-1], ddim_encode(net, x0, chain), atol=1e-12)
         assert torch.allclose(states[3], ddim_encode(net, x0, Chain(chain.timesteps[:4], chain.abar[:5])), atol=1e-12)
+        # A time shard's block of rows: the same states, only those kept.
+        assert torch.equal(ddim_inversion_states(net, x0, chain, rows=slice(3, 7)), states[3:7])
 
 
 def test_report_counts_calls_and_evaluations(net):

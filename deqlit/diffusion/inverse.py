@@ -84,16 +84,20 @@ class InverseStep:
 
 
 def ddim_inversion_states(model: NoiseModel, x0: torch.Tensor, chain: Chain,
-                          noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Plain DDIM inversion, all states: x_i = g_i(x_{i-1}) for i = 1..T -> (T, B, C, H, W).
+                          noise: Optional[torch.Tensor] = None, rows: slice = slice(None)) -> torch.Tensor:
+    """Plain DDIM inversion: x_i = g_i(x_{i-1}) for i = 1..T -> the states x_1..x_T, (T, B, C, H, W),
+    or only those of `rows` (a slice of that natural order, e.g. a time shard's block): the loop
+    stops at the last one needed and keeps no others, so memory is the rows'.
 
     With eta = 0 the last row equals sequential.ddim_encode(model, x0, chain). T sequential calls.
     """
     check_noise(chain, x0, noise)
+    start, stop, _ = rows.indices(chain.T)
     states, x = [], x0
-    for i in range(1, chain.T + 1):
+    for i in range(1, stop + 1):
         x = InverseStep(model, chain, i, x, None if noise is None else noise[i - 1]).of_state(x)
-        states.append(x)
+        if i - 1 >= start:
+            states.append(x)
     return torch.stack(states)
 
 

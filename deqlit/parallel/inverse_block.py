@@ -21,7 +21,7 @@ from deqlit.deq.fixed_point import NoiseModel
 from deqlit.deq.inversion_report import InversionReport
 from deqlit.deq.solvers import solve
 from deqlit.diffusion.chain import Chain
-from deqlit.diffusion.inverse import InverseStep, check_noise
+from deqlit.diffusion.inverse import ddim_inversion_states
 from deqlit.parallel.blocks import Block, block_of, time_blocks
 from deqlit.parallel.reduce import LocalReducer
 
@@ -36,19 +36,6 @@ def natural_rows_of_all_shards(local: torch.Tensor, block: Block, reducer: Local
     # Shard K - 1 holds x_1.. (the earliest states): natural order runs over the shards backwards.
     blocks = time_blocks(block.T, reducer.shards)
     return torch.cat([parts[k, :blocks[k].rows] for k in reversed(range(reducer.shards))])
-
-
-def ddim_inversion_rows(model: NoiseModel, x0: torch.Tensor, chain: Chain, noise: Optional[torch.Tensor],
-                        natural: slice) -> torch.Tensor:
-    """diffusion.inverse.ddim_inversion_states, keeping only the states x_{n+1}, n in `natural`
-    ((rows, B, C, H, W)): the same T sequential calls on every shard, block-sized memory."""
-    check_noise(chain, x0, noise)
-    kept, x = [], x0
-    for i in range(1, natural.stop + 1):        # later states are not needed here
-        x = InverseStep(model, chain, i, x, None if noise is None else noise[i - 1]).of_state(x)
-        if i - 1 >= natural.start:
-            kept.append(x)
-    return torch.stack(kept)
 
 
 def sharded_all_timesteps(model: NoiseModel, x0: torch.Tensor, chain: Chain, solver: str,
@@ -71,7 +58,7 @@ def sharded_all_timesteps(model: NoiseModel, x0: torch.Tensor, chain: Chain, sol
                              f"or this block's {block.rows}, got {tuple(init.shape)}")
         start, start_depth = init.to(x0), 0
     elif isinstance(init, str) and init == "ddim":     # block-sized memory
-        start, start_depth = ddim_inversion_rows(chunked(model, max_batch), x0, chain, noise, natural), T
+        start, start_depth = ddim_inversion_states(chunked(model, max_batch), x0, chain, noise, natural), T
     else:                                              # all T states, as one process; keep ours
         states, start_depth = start_states(model, x0, chain, noise, max_batch, init)
         start = states[natural]
