@@ -16,9 +16,9 @@ Methods (same Gaussian start, same typicality constraint: latents on the sphere 
   onestep   network and latents jointly, 1-step gradient
   ift       network and latents jointly, exact implicit gradient
 Each is run by run_joint (the `train.py --task joint` code, configs/faces.yaml's joint section with
-the sequential solver) with a CPU-time budget, over which lr_decay anneals both learning rates. Reported per
-method, with the EMA weights and the exact (sequential) chain: mean / min PSNR of the reconstructions,
-the latents' worst lag-1 autocorrelation and kurtosis deviation, KID of 32 fresh samples (T = 50,
+the sequential solver) with a CPU-time budget, over which lr_decay anneals both learning rates.
+Reported per method, with the EMA weights and the exact (sequential) chain: mean / min PSNR of the
+reconstructions, the latents' worst lag-1 autocorrelation and kurtosis deviation, KID of 32 fresh samples (T = 50,
 the x_T of bench/model_quality.py) against the 84 training faces, denoising MSE on the training
 faces relative to the shipped model's, and triangular-Anderson iterations until x0 is within RMSE
 1e-3 of sequential DDIM (fresh x_T; the learned latents with the fine-tuned and with the shipped
@@ -114,7 +114,8 @@ def run_method(name: str, args, base: dict, shipped, abar, train: torch.Tensor, 
     joint.update({"num_images": args.num_images, "batch_size": min(args.num_images, joint.get("batch_size", 16)),
                   "timesteps": args.timesteps, "init": args.init, "max_steps": 10 ** 6,
                   "solver": "sequential",        # X* by the DDIM loop: the cheapest on one CPU thread
-                  "max_process_s": args.budget_s, "max_time_s": args.max_wall_s, "checkpoint_every": 10 ** 6, "image_every": 0,
+                  "max_process_s": args.budget_s, "max_time_s": args.max_wall_s,
+                  "checkpoint_every": 10 ** 6, "image_every": 0,
                   "compare_every": 0, "kid_every": 0, "log_every_n_steps": 10, "progress_bar": False,
                   "out": str(work / name)})
     for item in args.set:
@@ -140,8 +141,8 @@ def run_method(name: str, args, base: dict, shipped, abar, train: torch.Tensor, 
            "learned_iterations_median": float(torch.tensor(learned_iters, dtype=torch.float).median()),
            "learned_iterations_shipped_median": float(torch.tensor(shipped_iters, dtype=torch.float).median()),
            **model_figures(model, abar, train, args.timesteps, args.kid_timesteps)}
-    keys = ("grad", "latent_lr", "network_lr", "warmup_steps", "lr_decay", "lr_final", "ema_decay", "prior_weight",
-            "typicality_weight", "tau", "solver", "batch_size", "adjoint")
+    keys = ("grad", "latent_lr", "network_lr", "warmup_steps", "lr_decay", "lr_final", "ema_decay",
+            "prior_weight", "typicality_weight", "tau", "solver", "batch_size", "adjoint")
     settings = {k: joint.get(k) for k in keys}
     (parts / f"{name}.json").write_text(json.dumps({"row": row, "joint": settings, "budget_s": args.budget_s,
                                                     "max_wall_s": args.max_wall_s}, indent=2))

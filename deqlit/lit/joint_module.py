@@ -281,7 +281,8 @@ class JointFineTuneModule(L.LightningModule):
         along_w, along_h = lag1_autocorrelation(x_T)
         rho = (along_w + along_h) / 2
         kurt = kurtosis(x_T)
-        values = {"train/recon_loss": recon.mean(), "train/typicality_chi2": chi2.mean(), "latents/autocorr_mean": rho.mean(),
+        values = {"train/recon_loss": recon.mean(), "train/typicality_chi2": chi2.mean(),
+                  "latents/autocorr_mean": rho.mean(),
                   "latents/autocorr_max": rho.abs().max(), "latents/kurtosis_mean": kurt.mean(),
                   "latents/kurtosis_maxdev": (kurt - 3).abs().max(),
                   "train/psnr": peak_signal_noise_ratio(x0_hat.clamp(-1, 1), x0, data_range=2.0),
