@@ -35,7 +35,7 @@ from deqlit.config import find_config, load_config
 from deqlit.diffusion.chain import Chain
 from deqlit.models.build import build_noise_model
 from deqlit.parallel.distributed import DistributedReducer
-from deqlit.parallel.reduce import LOCAL
+from deqlit.deq.reduce import LOCAL
 from deqlit.parallel.sampler import ShardedDEQSampler
 
 RESULTS = Path(__file__).resolve().parent / "results"

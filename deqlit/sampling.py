@@ -9,7 +9,7 @@ from deqlit.deq.layer import DEQSampler
 from deqlit.deq.solvers import SolverStats
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.sequential import ddim_sample
-from deqlit.parallel.reduce import LocalReducer
+from deqlit.deq.reduce import LocalReducer
 
 SAMPLERS = ("sequential", "picard", "anderson", "triangular-anderson")
 

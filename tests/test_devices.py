@@ -20,7 +20,7 @@ from deqlit.deq.warm_start import shifted_warm_start
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from deqlit.diffusion.sequential import ddim_encode, ddim_sample
-from deqlit.parallel.reduce import LOCAL
+from deqlit.deq.reduce import LOCAL
 from tests.conftest import perturbed_unet
 
 META = torch.device("meta")

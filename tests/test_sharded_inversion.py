@@ -49,7 +49,7 @@ EXACT_CASES = {
 
 
 def inverter(case: str, images: torch.Tensor, indices: list[int], reducer=None) -> BatchInverter:
-    from deqlit.parallel.reduce import LOCAL
+    from deqlit.deq.reduce import LOCAL
     eta, settings, _ = {**DEQ_CASES, **EXACT_CASES}[case]
     chain = Chain.build(ABAR, T, eta=eta)
     model = GaussianDataNoise(dtype=torch.float64).requires_grad_(False)

@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 from deqlit.deq.layer import DEQSampler
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
-from deqlit.parallel.blocks import time_blocks
-from deqlit.parallel.reduce import LOCAL
+from deqlit.deq.blocks import time_blocks
+from deqlit.deq.reduce import LOCAL
 from tests.conftest import GaussianDataNoise
 
 ABAR = alphas_cumprod(linear_betas())

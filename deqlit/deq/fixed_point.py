@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from deqlit.diffusion.chain import Chain
-from deqlit.parallel.reduce import LOCAL, LocalReducer
+from deqlit.deq.reduce import LOCAL, LocalReducer
 
 NoiseModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -41,8 +41,8 @@ from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.inverse import (check_noise, contraction_factors, ddim_inversion_states,
                                       extrapolated_inversion_states,
                                       invert_per_step)
-from deqlit.parallel.blocks import Block, block_of
-from deqlit.parallel.reduce import LOCAL, LocalReducer
+from deqlit.deq.blocks import Block, block_of
+from deqlit.deq.reduce import LOCAL, LocalReducer
 
 MODES = ("all-timesteps", "per-step")
 INITS = ("ddim", "extrapolated", "gaussian")

@@ -33,7 +33,7 @@ from deqlit.deq.solvers import get_solver, option_defaults
 from deqlit.deq.warm_start import shifted_warm_start
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.sequential import ddim_encode, ddim_sample
-from deqlit.parallel.reduce import LOCAL, LocalReducer
+from deqlit.deq.reduce import LOCAL, LocalReducer
 
 METHODS = ("deq", "baseline", "exact")
 INITS = ("random", "ddim-inversion", "exact")

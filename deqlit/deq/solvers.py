@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from deqlit.parallel.reduce import LOCAL, LocalReducer
+from deqlit.deq.reduce import LOCAL, LocalReducer
 
 Map = Callable[..., torch.Tensor]
 

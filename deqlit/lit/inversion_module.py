@@ -24,7 +24,7 @@ from deqlit.diffusion.chain import Chain
 from deqlit.lit.guards import atomic_torch_save
 from deqlit.lit.inversion_outputs import make_grid, partial_path
 from deqlit.parallel.mesh import TimeMesh
-from deqlit.parallel.reduce import LOCAL, LocalReducer
+from deqlit.deq.reduce import LOCAL, LocalReducer
 
 
 class InversionModule(L.LightningModule):

@@ -1,12 +1,5 @@
-"""Timestep sharding over torch.distributed (no Lightning here).
-
-reduce.py: the Reducer interface (LocalReducer: one process); distributed.py: DistributedReducer
-over a time group; blocks.py: the split of T rows into K blocks; block_map.py and sampler.py: the
-fixed-point map and the DEQ layer on one block (import them from their modules: they import
-deqlit.deq, which imports this package).
+"""What needs torch.distributed process groups (no Lightning here): the distributed reducer of a
+time group (distributed.py), the time x data mesh (mesh.py) and joining a launched world
+(launch.py). Everything that works on a block of the chain's rows with an injected reducer lives
+in deqlit.deq (reduce.py, blocks.py): one process is the block that holds every row.
 """
-from deqlit.parallel.blocks import Block, block_of, time_blocks
-from deqlit.parallel.distributed import DistributedReducer, init_time_group
-from deqlit.parallel.reduce import LOCAL, LocalReducer
-
-__all__ = ["Block", "block_of", "time_blocks", "DistributedReducer", "init_time_group", "LOCAL", "LocalReducer"]

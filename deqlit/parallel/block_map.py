@@ -21,8 +21,8 @@ import torch
 
 from deqlit.deq.fixed_point import NoiseModel, batched_eps, reverse_cumsum
 from deqlit.diffusion.chain import Chain
-from deqlit.parallel.blocks import Block
-from deqlit.parallel.reduce import LOCAL, LocalReducer
+from deqlit.deq.blocks import Block
+from deqlit.deq.reduce import LOCAL, LocalReducer
 
 
 class BlockMap:

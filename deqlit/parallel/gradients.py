@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from deqlit.parallel.blocks import Block
+from deqlit.deq.blocks import Block
 from deqlit.parallel.mesh import TimeMesh
 
 

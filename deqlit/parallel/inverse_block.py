@@ -22,8 +22,8 @@ from deqlit.deq.inversion_report import InversionReport
 from deqlit.deq.solvers import solve
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.inverse import ddim_inversion_states
-from deqlit.parallel.blocks import Block, block_of, time_blocks
-from deqlit.parallel.reduce import LocalReducer
+from deqlit.deq.blocks import Block, block_of, time_blocks
+from deqlit.deq.reduce import LocalReducer
 
 
 def natural_rows_of_all_shards(local: torch.Tensor, block: Block, reducer: LocalReducer) -> torch.Tensor:

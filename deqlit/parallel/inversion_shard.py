@@ -16,9 +16,9 @@ from typing import Optional
 import torch
 
 from deqlit.deq.warm_start import shifted_warm_start
-from deqlit.parallel.blocks import Block, block_of
+from deqlit.deq.blocks import Block, block_of
 from deqlit.parallel.inverse_block import natural_rows_of_all_shards
-from deqlit.parallel.reduce import LocalReducer
+from deqlit.deq.reduce import LocalReducer
 
 
 def shard_block(T: int, reducer: LocalReducer) -> Block:

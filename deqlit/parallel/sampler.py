@@ -22,8 +22,8 @@ from torch import nn
 from deqlit.deq.solvers import SolverStats, get_solver, solve
 from deqlit.diffusion.chain import Chain
 from deqlit.parallel.block_map import BlockMap
-from deqlit.parallel.blocks import Block, block_of
-from deqlit.parallel.reduce import LocalReducer
+from deqlit.deq.blocks import Block, block_of
+from deqlit.deq.reduce import LocalReducer
 
 SHARDED_GRAD_MODES = ("none", "onestep")
 
