@@ -36,7 +36,7 @@ from deqlit.diffusion.chain import Chain
 from deqlit.models.build import build_noise_model
 from deqlit.parallel.distributed import DistributedReducer
 from deqlit.deq.reduce import LOCAL
-from deqlit.parallel.sampler import ShardedDEQSampler
+from deqlit.deq.layer import DEQSampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -89,7 +89,7 @@ def measure(model, abar, T: int, reducer, solver: str, iters: int) -> dict:
         peaks.append(live_tensor_bytes() - baseline)
         scan_end[0] = time.perf_counter()
 
-    sampler = ShardedDEQSampler(model, chain, reducer, solver, dict(max_iter=iters, tol=0.0, callback=watch))
+    sampler = DEQSampler(model, chain, solver, dict(max_iter=iters, tol=0.0, callback=watch), reducer=reducer)
     sent_before = getattr(reducer, "sent", 0.0)
     with torch.no_grad():
         scan_end[0] = time.perf_counter()

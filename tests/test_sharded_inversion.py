@@ -92,8 +92,9 @@ def joint_step(mesh=None) -> dict:
     import torch.nn.functional as F
     from deqlit.deq.layer import DEQSampler
     from deqlit.lit.joint_module import typicality_chi2
-    from deqlit.parallel.gradients import block_objective, sum_time_mean_data
-    from deqlit.parallel.sampler import ShardedDEQSampler
+    from deqlit.deq.blocks import x0_objective
+    from deqlit.parallel.gradients import sum_time_mean_data
+    from deqlit.deq.layer import DEQSampler
     model = GaussianDataNoise(dtype=torch.float64).requires_grad_(True)
     chain = Chain.build(ABAR, T)
     x0_all = targets()
@@ -117,10 +118,9 @@ def joint_step(mesh=None) -> dict:
         X, _ = DEQSampler(model, chain, "triangular-anderson", options, grad="onestep")(x_T)
         loss_of(X[0]).backward()
     else:
-        sampler = ShardedDEQSampler(model, chain, mesh.time_reducer(), "triangular-anderson", options,
-                                    grad="onestep")
+        sampler = DEQSampler(model, chain, "triangular-anderson", options, grad="onestep", reducer=mesh.time_reducer())
         X, _ = sampler(x_T)
-        block_objective(X, sampler.block, loss_of).backward()
+        x0_objective(X, sampler.block, loss_of).backward()
         sum_time_mean_data([*params, latents], mesh)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     torch.optim.AdamW(params, lr=1e-3).step()

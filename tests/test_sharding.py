@@ -81,7 +81,7 @@ def check_strategy() -> dict:
 
 def run_cases(job: str, reducer) -> dict:
     from deqlit.deq.solvers import SolverDivergedError
-    from deqlit.parallel.sampler import ShardedDEQSampler
+    from deqlit.deq.layer import DEQSampler
     from deqlit.sampling import generate
     net = GaussianDataNoise(dtype=torch.float64)
     out: dict = {}
@@ -92,7 +92,7 @@ def run_cases(job: str, reducer) -> dict:
             rows_seen = []
             opts = dict(options(freeze), callback=lambda n, stats, fx: rows_seen.append(fx.shape[0]))
             with torch.no_grad():
-                sampler = ShardedDEQSampler(net, chain, reducer, solver, opts)
+                sampler = DEQSampler(net, chain, solver, opts, reducer=reducer)
                 X, stats = sampler(x_T, noise)
                 x_0 = None if freeze else generate(net, x_T, chain, solver, noise=noise, reducer=reducer,
                                                    **options(freeze))[0]
@@ -105,7 +105,7 @@ def run_cases(job: str, reducer) -> dict:
             chain = Chain.build(ABAR, T, eta=0.5)
             x_T, noise = inputs(0.5)
             x_T.requires_grad_(True)
-            sampler = ShardedDEQSampler(model, chain, reducer, "anderson", options(False), grad="onestep")
+            sampler = DEQSampler(model, chain, "anderson", options(False), grad="onestep", reducer=reducer)
             X, _ = sampler(x_T, noise)
             (loss_weights()[sampler.block.start:sampler.block.stop] * X).sum().backward()
             params = [p for p in model.parameters() if p.requires_grad]
@@ -121,7 +121,7 @@ def run_cases(job: str, reducer) -> dict:
             x_T, noise = inputs(0.5)
             mine = mesh.data_slice(x_T.shape[0])
             with torch.no_grad():
-                sampler = ShardedDEQSampler(net, chain, time_reducer, solver, options(True))
+                sampler = DEQSampler(net, chain, solver, options(True), reducer=time_reducer)
                 X, stats = sampler(x_T[mine], noise[:, mine])
             out[("mesh", solver)] = dict(X=X, x_0=sampler.first_state(X), images=mine,
                                          image_iterations=stats.image_iterations,
@@ -136,7 +136,7 @@ def run_cases(job: str, reducer) -> dict:
             model = NaNOnShard(net, shard=1, at=4)
             try:
                 with torch.no_grad():
-                    ShardedDEQSampler(model, chain, reducer, solver, dict(max_iter=40, tol=0.0))(x_T)
+                    DEQSampler(model, chain, solver, dict(max_iter=40, tol=0.0), reducer=reducer)(x_T)
                 out[("nan", solver)] = "no error"
             except SolverDivergedError as err:
                 out[("nan", solver)] = str(err)
@@ -147,14 +147,14 @@ def run_cases(job: str, reducer) -> dict:
             time.sleep(STALL_S)           # alive but silent: only the group's timeout ends the wait
             return out
         with torch.no_grad():
-            ShardedDEQSampler(net, chain, reducer, "picard", dict(max_iter=40, tol=0.0))(x_T)
+            DEQSampler(net, chain, "picard", dict(max_iter=40, tol=0.0), reducer=reducer)(x_T)
     elif job == "die":
         chain = Chain.build(ABAR, T)
         x_T, _ = inputs(0.0)
         if reducer.shard_index == 1:
             os._exit(3)                   # a crashed process: no goodbye to the group
         with torch.no_grad():
-            ShardedDEQSampler(net, chain, reducer, "picard", dict(max_iter=40, tol=0.0))(x_T)
+            DEQSampler(net, chain, "picard", dict(max_iter=40, tol=0.0), reducer=reducer)(x_T)
     return out
 
 
@@ -244,13 +244,12 @@ def test_blocks_cover_the_rows_contiguously_with_the_top_block_next_to_x_T():
 
 
 def test_one_shard_is_the_unsharded_sampler_exactly():
-    from deqlit.parallel.sampler import ShardedDEQSampler
+    from deqlit.deq.layer import DEQSampler
     for solver, eta, freeze in CASES[::3]:
         X1, s1 = reference(solver, eta, freeze)
         x_T, noise = inputs(eta)
         with torch.no_grad():
-            X2, s2 = ShardedDEQSampler(GaussianDataNoise(dtype=torch.float64), Chain.build(ABAR, T, eta=eta),
-                                       LOCAL, solver, options(freeze))(x_T, noise)
+            X2, s2 = DEQSampler(GaussianDataNoise(dtype=torch.float64), Chain.build(ABAR, T, eta=eta), solver, options(freeze), reducer=LOCAL)(x_T, noise)
         assert torch.equal(X1, X2) and s1.iterations == s2.iterations and s1.network_rows == s2.network_rows
 
 

@@ -1,12 +1,23 @@
-"""The fixed-point map h(x_{0:T-1}; x_T) of DEQ-DDIM (paper Eq. 10-13).
+"""The fixed-point map h(x_{0:T-1}; x_T) of DEQ-DDIM (paper Eq. 10-13), on any block of its rows.
 
 Chain states x_0 (clean) .. x_T (noise); state x_i (i >= 1) is evaluated by the network at
 timestep s_{i-1}. With y_i = x_i / sqrt(abar_i), one DDIM step is
     y_{i-1} = y_i + c_i eps(x_i, s_{i-1}) + d_i xi_i                      (Eq. 13; d = 0 when eta = 0)
-so every state is x_T plus the reverse cumulative sum of the terms of all later states:
-    x_i = sqrt(abar_i) * ( x_T / sqrt(abar_T) + sum_{j = i+1..T} [c_j eps_j + d_j xi_j] ).
-The unknown X holds rows x_0 .. x_{T-1}, shape (T, B, C, H, W). One evaluation of h runs the network
-once, batched over all (state, image) rows, then does the scaled reverse cumulative sum.
+so every state is x_T plus the reverse cumulative sum of the terms of all later states. Number the
+term by its row q = the state x_{q+1} that makes it (q = 0..T-1):
+    tau_q = c_q eps(x_{q+1}) + d_q xi_q,
+    x_i   = sqrt(abar_i) * ( x_T / sqrt(abar_T) + sum_{q >= i} tau_q ).                  (Eq. 10)
+One evaluation of h runs the network once, batched over all (state, image) rows, then does the
+scaled reverse cumulative sum.
+
+Blocks. The map holds the states x_start..x_{stop-1} of one block (blocks.py): one process holds
+the block of every row; a time shard holds its own. A block evaluates the network on its own states
+only (x_1.. on the first block, which skips x_0; the last block also holds x_T's term, evaluated
+once per solve), so no state crosses a block boundary. Its states need
+    sum_{q >= i} tau_q = (its own terms q in [i, stop - 1]) + (carry: the totals of all later blocks),
+and the carry is the reducer's `carry_from_later` of this block's total (zero in one process; one
+all_gather of K images per evaluation across time shards). The block owns the term rows [q0, q1):
+q0 = max(start, 1) - 1 and q1 = stop - 1, or T on the last block (x_T's term).
 """
 from __future__ import annotations
 
@@ -14,8 +25,9 @@ from typing import Callable, Optional
 
 import torch
 
-from deqlit.diffusion.chain import Chain
+from deqlit.deq.blocks import Block, block_of
 from deqlit.deq.reduce import LOCAL, LocalReducer
+from deqlit.diffusion.chain import Chain
 
 NoiseModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -45,88 +57,127 @@ def batched_eps(model: NoiseModel, states: torch.Tensor, timesteps: torch.Tensor
 
 
 class FixedPointMap:
-    """h(X; x_T) for one chain (all T states in this process).
+    """h(X; x_T) on the rows of one block: X (rows, B, C, H, W) = x_start..x_{stop-1}.
 
-    Build it, call `bind(x_T, noise)` once per solve, then call it on X (T, B, C, H, W).
-    Counts `calls` (batched network calls) and `network_rows` (eps evaluations per image).
-    With `frozen_from = k`, states j >= k reuse their cached eps instead of a new evaluation:
-    the solvers pass it for states whose inputs can no longer change (see solvers.py).
+    block: the rows this map holds; default the block of `reducer` (all T rows in one process).
+    Build it, call `bind(x_T, noise)` once per solve, then call it on X. Counts `calls` (batched
+    network calls) and `network_rows` (this block's eps evaluations per image).
+    Evaluation window (global state indices): states x_k, k >= frozen_from, reuse the eps cached by
+    an earlier call (the solvers pass it for states whose inputs can no longer change, solvers.py);
+    states x_k, k < fresh_from, also reuse theirs (the sequential solver evaluates one state a call).
     """
 
     def __init__(self, model: NoiseModel, chain: Chain, max_batch: Optional[int] = None,
-                 reducer: LocalReducer = LOCAL):
+                 reducer: LocalReducer = LOCAL, block: Optional[Block] = None):
+        block = block if block is not None else block_of(chain.T, reducer.shards, reducer.shard_index)
+        if block.T != chain.T:
+            raise ValueError(f"the block splits a {block.T}-step chain but the chain has T = {chain.T}")
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (rows per network call) or None, got {max_batch}")
-        self.model, self.chain, self.max_batch, self.reducer = model, chain, max_batch, reducer
+        self.model, self.chain, self.block, self.max_batch, self.reducer = model, chain, block, max_batch, reducer
         self.T, self.eta = chain.T, chain.eta
+        self.q0 = max(block.start, 1) - 1                 # first term row owned
+        self.q_states = block.stop - 1                    # term rows [q0, q_states) come from X
+        self.q1 = block.stop if block.is_last else block.stop - 1
         self.x_T: Optional[torch.Tensor] = None
         self.calls = 0
         self.network_rows = 0
 
+    def like(self) -> "FixedPointMap":
+        """A new, unbound map on the same model, chain, block and reducer (for gradient steps)."""
+        return FixedPointMap(self.model, self.chain, self.max_batch, self.reducer, self.block)
+
     # ---- per-solve state ------------------------------------------------------------------
     def bind(self, x_T: torch.Tensor, noise: Optional[torch.Tensor] = None) -> "FixedPointMap":
-        """Fix x_T (B, C, H, W) and the injected noise xi (T, B, C, H, W; needed when eta > 0).
+        """Fix x_T (B, C, H, W) and the injected noise xi (T, B, C, H, W), or only this block's
+        term rows (q1 - q0, B, C, H, W), when eta > 0.
 
-        Evaluates eps(x_T) once: x_T never changes during a solve. Under autograd the graph to
-        x_T and to the network's parameters is kept, which the 1-step gradient needs.
+        Evaluates eps(x_T) once on the last block: x_T never changes during a solve. Under
+        autograd the graph to x_T and to the network's parameters is kept (the gradient steps).
         """
+        own = self.q1 - self.q0
         if self.eta > 0 and noise is None:
             raise ValueError("eta > 0 needs the injected noise xi (T, B, C, H, W); draw it once "
-                             "per sample and pass it so that every solver iteration sees the same")
-        if noise is not None and noise.shape != (self.T,) + tuple(x_T.shape):
-            raise ValueError(f"noise must have shape {(self.T,) + tuple(x_T.shape)}, got {tuple(noise.shape)}")
+                             "per sample (the same on every time shard) and pass it so that every "
+                             "solver iteration sees the same")
+        if noise is not None:
+            if noise.shape[1:] != x_T.shape or noise.shape[0] not in (self.T, own):
+                raise ValueError(f"noise must have shape {(self.T,) + tuple(x_T.shape)} (or this block's "
+                                 f"{own} rows), got {tuple(noise.shape)}")
+            if noise.shape[0] == self.T and own != self.T:
+                noise = noise[self.q0:self.q1]             # the other blocks' rows are not needed
         self.x_T, self.noise = x_T, noise
         # The chain's constants follow x_T's device and dtype, copied once per solve.
         dtype, device = x_T.dtype, x_T.device
-        self._scale = self.chain.abar.sqrt().to(device=device, dtype=dtype)  # (T+1,)
-        self._c = self.chain.c.to(device=device, dtype=dtype)
-        self._d = self.chain.d.to(device=device, dtype=dtype)
-        self._timesteps = self.chain.timestep_tensor(device)             # network time of x_1..x_T
-        self._eps = torch.zeros((self.T - 1,) + tuple(x_T.shape), dtype=dtype, device=device)
-        eps_top = batched_eps(self.model, x_T[None], self._timesteps[-1:], self.max_batch)[0]
-        self._eps_top = eps_top
+        scale = self.chain.abar.sqrt().to(device=device, dtype=dtype)              # (T+1,)
+        self._scale, self._scale_T = scale[self.block.start:self.block.stop], scale[self.T]
+        self._c = self.chain.c[self.q0:self.q1].to(device=device, dtype=dtype)
+        self._d = self.chain.d[self.q0:self.q1].to(device=device, dtype=dtype)
+        self._timesteps = self.chain.timestep_tensor(device)[self.q0:self.q1]    # time of x_{q+1}
+        self._eps = torch.zeros((self.q_states - self.q0,) + tuple(x_T.shape), dtype=dtype, device=device)
+        self._eps_top = None
+        if self.block.is_last:
+            self._eps_top = batched_eps(self.model, x_T[None], self._timesteps[-1:], self.max_batch)[0]
         return self
 
     def cached_eps(self) -> torch.Tensor:
-        """eps of x_1..x_{T-1} from the last evaluation without gradient, (T-1, B, C, H, W)."""
+        """eps of this block's states from the last evaluation without gradient, (q_states - q0, B, ...)."""
         return self._eps
 
-    def top_eps(self) -> torch.Tensor:
-        """eps(x_T) computed by bind (with a graph when x_T requires grad), (B, C, H, W)."""
+    def top_eps(self) -> Optional[torch.Tensor]:
+        """eps(x_T) (B, C, H, W) on the last block (with a graph when x_T requires grad), else None."""
         return self._eps_top
 
     def row_shape(self, view: torch.Tensor) -> torch.Tensor:
         """Broadcast a (R,) coefficient over (R, B, C, H, W)."""
         return view.reshape(-1, *([1] * (self._eps.dim() - 1)))
 
-    # ---- the map --------------------------------------------------------------------------
-    def __call__(self, X: torch.Tensor, frozen_from: Optional[int] = None) -> torch.Tensor:
-        """X (T, B, C, H, W) = x_0..x_{T-1} -> h(X) of the same shape.
+    def rows_held(self) -> int:
+        """Rows of image size that this map keeps between calls (eps cache, noise, eps(x_T))."""
+        noise = 0 if self.noise is None else self.noise.shape[0]
+        return self._eps.shape[0] + noise + (self._eps_top is not None)
 
-        frozen_from = k: states x_k..x_{T-1} reuse the eps cached by an earlier call (no grad).
+    # ---- the map --------------------------------------------------------------------------
+    def __call__(self, X: torch.Tensor, frozen_from: Optional[int] = None,
+                 fresh_from: int = 1) -> torch.Tensor:
+        """X (rows, B, ...) = x_start..x_{stop-1} -> the same rows of h(X).
+
+        States x_k with fresh_from <= k < frozen_from (global) get a new eps; the others reuse
+        the cache (no gradient through those).
         """
         if self.x_T is None:
             raise RuntimeError("call bind(x_T, noise) before evaluating the map")
-        T = self.T
-        if X.shape[0] != T:
-            raise ValueError(f"X must hold the {T} states x_0..x_{T - 1}, got {X.shape[0]} rows")
-        active = T if frozen_from is None else max(1, min(frozen_from, T))
-        # Cache row r holds eps of state x_{r+1}; x_1..x_{active-1} get a fresh evaluation.
-        fresh = batched_eps(self.model, X[1:active], self._timesteps[:active - 1], self.max_batch)
+        if X.shape[0] != self.block.rows:
+            raise ValueError(f"X must hold the block's {self.block.rows} states x_{self.block.start}.."
+                             f"x_{self.block.stop - 1}, got {X.shape[0]} rows")
+        active = self.T if frozen_from is None else max(1, min(frozen_from, self.T))
+        # Term rows q in [lo, hi) get a new eps of x_{q+1} (local row q + 1 - start).
+        lo = min(max(self.q0, fresh_from - 1), self.q_states)
+        hi = max(lo, min(active - 1, self.q_states))
+        first = lo + 1 - self.block.start
+        fresh = batched_eps(self.model, X[first:first + hi - lo], self._timesteps[lo - self.q0:hi - self.q0],
+                            self.max_batch)
         self.calls += 1
-        self.network_rows += active - 1
-        eps_all = torch.cat([fresh, self._eps[active - 1:T - 1], self._eps_top[None]])
+        self.network_rows += hi - lo
+        parts = [self._eps[:lo - self.q0], fresh, self._eps[hi - self.q0:]]
+        if self._eps_top is not None:
+            parts.append(self._eps_top[None])
+        eps_own = torch.cat(parts)
         if not torch.is_grad_enabled():
-            self._eps[:active - 1] = fresh
-        return self.states_from_eps(eps_all)
+            self._eps[lo - self.q0:hi - self.q0] = fresh
+        return self.states_from_eps(eps_own)
 
-    def states_from_eps(self, eps_all: torch.Tensor) -> torch.Tensor:
-        """eps of x_1..x_T (T, B, ...) -> states x_0..x_{T-1} (T, B, ...) by Eq. 10/13."""
-        terms = self.row_shape(self._c) * eps_all              # row r: term of state x_{r+1}
+    def states_from_eps(self, eps_own: torch.Tensor) -> torch.Tensor:
+        """eps of the block's term rows (q1 - q0, B, ...) -> its states (rows, B, ...) by Eq. 10/13."""
+        terms = self.row_shape(self._c) * eps_own
         if self.noise is not None:
             terms = terms + self.row_shape(self._d) * self.noise
-        # x_i needs the terms of x_{i+1}..x_T, i.e. rows r >= i: an inclusive reverse cumsum,
-        # plus the carry of the shards that hold later states (zero in one process).
-        later = reverse_cumsum(terms) + self.reducer.carry_from_later(terms.sum(0, keepdim=True))
-        y_T = self.x_T / self._scale[self.T]
-        return self.row_shape(self._scale[:-1]) * (y_T[None] + later)
+        total = terms.sum(0, keepdim=True)                          # (1, B, ...): zero when empty
+        carry = self.reducer.carry_from_later(total)
+        # State x_i takes the terms q >= i of this block: the inclusive reverse cumsum from term
+        # row i, i.e. local row i - q0 (0 on the first block, 1 on the others), zero past the end.
+        suffix = torch.cat([reverse_cumsum(terms), torch.zeros_like(total)])
+        offset = self.block.start - self.q0
+        later = suffix[offset:offset + self.block.rows] + carry
+        y_T = self.x_T / self._scale_T
+        return self.row_shape(self._scale) * (y_T[None] + later)

@@ -32,6 +32,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from deqlit.deq.fixed_point import FixedPointMap
+from deqlit.deq.reduce import reversed_reducer
 from deqlit.deq.solvers import SolverStats, option_defaults, solve
 
 GRAD_MODES = ("none", "onestep", "ift")
@@ -102,39 +103,51 @@ def eps_vjp(model: nn.Module, states: torch.Tensor, timesteps: torch.Tensor, cot
 
 @dataclass
 class ChainAdjoint:
-    """The map's coefficients at one solution, and the pieces of its transposed Jacobian.
+    """The map's coefficients at one solution, and the pieces of its transposed Jacobian, on the
+    map's block of rows (all T in one process).
 
-    fmap: a bound FixedPointMap (its x_T, noise, coefficients); X_star (T, B, C, H, W).
+    fmap: a bound FixedPointMap (its x_T, noise, coefficients, block, reducer); X_star (rows, B, ...).
     """
     fmap: FixedPointMap
     X_star: torch.Tensor
     cache: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def eps_cotangent(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """g (T, B, ...) -> (u, w), both (T, B, ...): row q belongs to state x_{q+1}."""
+        """g (rows, B, ...) -> (u, w), both (q1 - q0, B, ...) on the block's term rows.
+
+        u_q = sum_{r <= q} s_r g_r: this block's prefix sums plus the carry of the earlier blocks
+        (zero in one process). Term row q0 = start - 1 of a block that does not hold x_0 has no
+        state of its own below it: its u is the carry alone.
+        """
         fm = self.fmap
-        u = (fm.row_shape(fm._scale[:-1]) * g).cumsum(0)
+        weighted = fm.row_shape(fm._scale) * g
+        prefix = weighted.cumsum(0)
+        if not fm.block.is_first:
+            prefix = torch.cat([torch.zeros_like(prefix[:1]), prefix])
+        u = prefix[:fm.q1 - fm.q0] + fm.reducer.carry_from_earlier(weighted.sum(0, keepdim=True))
         return u, fm.row_shape(fm._c) * u
 
     def transposed(self, g: torch.Tensor, first: int = 1, max_batch: Optional[int] = None) -> torch.Tensor:
-        """J^T g (T, B, ...), evaluating the network only for rows j >= first (rows below reuse
-        the cached products of the previous call: their inputs w_{j-1} no longer change)."""
-        fm, T = self.fmap, self.fmap.T
+        """J^T g (rows, B, ...), evaluating the network only for the states x_j, j >= first (global;
+        the states below reuse the cached products of the previous call: their inputs w_{j-1} no
+        longer change)."""
+        fm, start = self.fmap, self.fmap.block.start
         _, w = self.eps_cotangent(g)
-        first = max(1, first)
-        fresh, _ = eps_vjp(fm.model, self.X_star[first:], fm._timesteps[first - 1:T - 1],
-                           w[first - 1:T - 1], max_batch=max_batch)
-        # Row 0 (x_0) is read by no state: its row of J^T g stays zero.
+        lo = max(first, start, 1)                       # global states with a fresh product
+        q = slice(lo - 1 - fm.q0, fm.q_states - fm.q0)  # their term rows
+        fresh, _ = eps_vjp(fm.model, self.X_star[lo - start:], fm._timesteps[q], w[q], max_batch=max_batch)
+        # x_0 is read by no state: its row of J^T g stays zero.
         out = torch.zeros_like(g) if self.cache is None else self.cache.clone()
-        out[first:] = fresh
+        out[lo - start:] = fresh
         self.cache = out
         return out
 
 
 class AdjointMap:
     """G -> flip(v + J^T g) with g = flip(G): the adjoint fixed point in the solvers' row order
-    (row r depends only on rows > r). frozen_from = k reuses the products of the flipped rows
-    >= k, i.e. of the original rows j <= T - 1 - k, which the solvers pass once those are settled."""
+    (row r depends only on rows > r; solved with reversed_reducer across time shards).
+    frozen_from = k (global, flipped) reuses the products of the flipped rows >= k, i.e. of the
+    original states j <= T - 1 - k, which the solvers pass once those are settled."""
 
     def __init__(self, adjoint: ChainAdjoint, v: torch.Tensor, max_batch: Optional[int]):
         self.adjoint, self.v, self.max_batch = adjoint, v, max_batch
@@ -142,29 +155,34 @@ class AdjointMap:
         self.network_rows = 0
 
     def __call__(self, G: torch.Tensor, frozen_from: Optional[int] = None) -> torch.Tensor:
-        T = G.shape[0]
+        fm = self.adjoint.fmap
+        T, start = fm.T, fm.block.start
         first = 1 if frozen_from is None or self.adjoint.cache is None else max(1, T - min(frozen_from, T))
         self.calls += 1
-        self.network_rows += max(0, T - first)
+        self.network_rows += max(0, fm.block.stop - max(first, start, 1))
         return (self.v + self.adjoint.transposed(G.flip(0), first, self.max_batch)).flip(0)
 
 
 def solve_adjoint(fmap: FixedPointMap, X_star: torch.Tensor, v: torch.Tensor,
                   settings: dict[str, Any], max_batch: Optional[int]) -> tuple[torch.Tensor, SolverStats]:
-    """g = J^T g + v at X* (T, B, ...), started at g = v. Returns (g, the adjoint solve's stats)."""
+    """g = J^T g + v at X* (rows, B, ...), started at g = v. Returns (g, the adjoint solve's stats)."""
     if settings["solver"] == SWEEP:
         return sweep_adjoint(fmap, X_star, v, max_batch)
     adjoint_map = AdjointMap(ChainAdjoint(fmap, X_star), v, max_batch)
     options = {k: val for k, val in settings.items() if k != "solver"}
-    options.setdefault("max_iter", fmap.T)
-    G, stats = solve(settings["solver"], adjoint_map, v.flip(0).clone(), **options)
-    stats.network_rows = adjoint_map.network_rows
+    if "max_iter" in option_defaults(settings["solver"]):
+        options.setdefault("max_iter", fmap.T)
+    G, stats = solve(settings["solver"], adjoint_map, v.flip(0).clone(),
+                     reducer=reversed_reducer(fmap.reducer), **options)
+    stats.network_rows = int(fmap.reducer.sum(torch.tensor(float(adjoint_map.network_rows),
+                                                           dtype=torch.float64, device=v.device)))
     return G.flip(0), stats
 
 
 def sweep_adjoint(fmap: FixedPointMap, X_star: torch.Tensor, v: torch.Tensor,
                   max_batch: Optional[int]) -> tuple[torch.Tensor, SolverStats]:
-    """The adjoint by forward substitution: g_0 = v_0, then g_j = v_j + (J^T g)_j from rows < j."""
+    """The adjoint by forward substitution: g_0 = v_0, then g_j = v_j + (J^T g)_j from rows < j.
+    One process only (check_sweep)."""
     fm, T = fmap, fmap.T
     g = v.clone()
     u = torch.zeros_like(v[0])                       # running sum_{r < j} s_r g_r
@@ -187,6 +205,7 @@ def sweep_gradients(fmap: FixedPointMap, X_star: torch.Tensor, v: torch.Tensor,
     state. So one network vector-Jacobian product per state, to the state and to the weights
     together, replaces the sweep's products to the states followed by chain_vjp's second pass over
     the same states: T network rows per image with weight gradients instead of 2T - 1.
+    One process only (check_sweep).
     """
     fm, T = fmap, fmap.T
     g = v.clone()
@@ -204,21 +223,36 @@ def sweep_gradients(fmap: FixedPointMap, X_star: torch.Tensor, v: torch.Tensor,
         if j < T:
             g[j] = v[j] + grad[0]
         else:
-            grad_x_T = u[T - 1] / fm._scale[T] + grad[0]
+            grad_x_T = u[T - 1] / fm._scale_T + grad[0]
     grad_noise = None if fm.noise is None else fm.row_shape(fm._d) * u
     return g, SolverStats(iterations=T - 1, converged=True, network_rows=T), grad_x_T, grad_noise, grad_params
+
+
+def check_sweep(settings: dict[str, Any], fmap: FixedPointMap) -> None:
+    if settings["solver"] == SWEEP and fmap.reducer.shards > 1:
+        raise ValueError("the adjoint 'sweep' solves the rows one after another and cannot be split "
+                         "over time shards: use the default adjoint (picard, tol 0), whose T calls "
+                         "each evaluate all shards at once")
 
 
 def chain_vjp(fmap: FixedPointMap, X_star: torch.Tensor, g: torch.Tensor,
               params: Sequence[torch.Tensor], max_batch: Optional[int]
               ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[Optional[torch.Tensor]]]:
-    """(dh/dx_T)^T g, (dh/dxi)^T g (None without noise) and (dh/dtheta)^T g at X*, by the formulas
-    of the module header; the network's products over the states x_1..x_T in row chunks."""
-    fm, T = fmap, fmap.T
+    """(dh/dx_T)^T g, (dh/dxi)^T g (None without noise; the block's term rows) and (dh/dtheta)^T g
+    at X*, by the formulas of the module header; the network's products over the block's states
+    (x_T on the last block) in row chunks. Across time shards each is this block's part: sum them
+    over the shards (x_T's is zero but for its u-term on the last block)."""
+    fm = fmap
     u, w = ChainAdjoint(fmap, X_star).eps_cotangent(g)
-    states = torch.cat([X_star[1:], fm.x_T[None]])
+    start = fm.block.start
+    states = X_star[fm.q0 + 1 - start:fm.q_states + 1 - start]
+    if fm.block.is_last:
+        states = torch.cat([states, fm.x_T[None]])
     grad_states, grad_params = eps_vjp(fm.model, states, fm._timesteps, w, params, max_batch)
-    grad_x_T = u[T - 1] / fm._scale[T] + grad_states[T - 1]
+    if fm.block.is_last:
+        grad_x_T = u[-1] / fm._scale_T + grad_states[-1]
+    else:
+        grad_x_T = torch.zeros_like(fm.x_T)
     grad_noise = None if fm.noise is None else fm.row_shape(fm._d) * u
     return grad_x_T, grad_noise, grad_params
 
@@ -236,6 +270,7 @@ class _ImplicitChain(torch.autograd.Function):
                 noise: Optional[torch.Tensor], *params: torch.Tensor) -> torch.Tensor:
         ctx.spec = spec
         ctx.has_noise = noise is not None
+        ctx.noise_rows = None if noise is None else noise.shape[0]
         ctx.save_for_backward(X_star)
         ctx.params = params
         return X_star.clone()
@@ -258,47 +293,49 @@ class _ImplicitChain(torch.autograd.Function):
             grad_x_T = None
         if not ctx.has_noise or not ctx.needs_input_grad[3]:
             grad_noise = None
+        elif ctx.noise_rows != grad_noise.shape[0]:      # all T rows given, this block's rows used
+            full = grad_noise.new_zeros((ctx.noise_rows,) + tuple(grad_noise.shape[1:]))
+            full[fmap.q0:fmap.q1] = grad_noise
+            grad_noise = full
         return (None, None, grad_x_T, grad_noise, *grad_params)
 
 
 def ift_gradient(fmap: FixedPointMap, X_star: torch.Tensor, x_T: torch.Tensor,
                  noise: Optional[torch.Tensor], adjoint: Optional[dict[str, Any]] = None,
                  on_backward: Optional[Callable[[SolverStats], None]] = None) -> torch.Tensor:
-    """X* (T, B, ...) with the exact implicit gradient attached (to x_T, noise, trainable weights).
+    """X* (rows, B, ...) with the exact implicit gradient attached (to x_T, noise, trainable weights).
 
-    on_backward(stats) receives the adjoint solve's statistics when backward runs.
+    on_backward(stats) receives the adjoint solve's statistics when backward runs. Across time
+    shards the adjoint is solved over all shards (a collective in backward: every shard must call
+    backward); the gradients of x_T and of the weights are then this shard's parts (summed over
+    the shards as for onestep).
     """
     params = [p for p in fmap.model.parameters() if p.requires_grad]
-    spec = {"fmap": fmap, "max_batch": fmap.max_batch,
-            "adjoint": adjoint_settings(adjoint), "on_backward": on_backward}
+    settings = adjoint_settings(adjoint)
+    check_sweep(settings, fmap)
+    spec = {"fmap": fmap, "max_batch": fmap.max_batch, "adjoint": settings, "on_backward": on_backward}
     return _ImplicitChain.apply(spec, X_star.detach(), x_T, noise, *params)
 
 
 def onestep_gradient(fmap: FixedPointMap, X_star: torch.Tensor, x_T: torch.Tensor,
                      noise: Optional[torch.Tensor], tau: float) -> torch.Tensor:
-    """The paper's 1-step gradient: (1 - tau) X* + tau h(X*; x_T), X* held fixed (T, B, ...).
+    """The paper's 1-step gradient: (1 - tau) X* + tau h(X*; x_T), X* held fixed (rows, B, ...).
 
-    With trainable weights every state's eps carries a gradient; with the network frozen only
-    eps(x_T) does, so the solver's cached eps are reused (latent_only_step).
+    Trainable weights: every state's eps carries a gradient (one batched call with a graph).
+    Frozen weights (inversion): the eps of x_1..x_{T-1} carry none with X* detached, so the
+    solver's last cached eps are reused and only eps(x_T) is evaluated with autograd: one network
+    row per image instead of T; across time shards the carry passes its gradient to the other
+    blocks. The value is then f(X_last), which is what the solver returned.
+    fmap: the map the solver used (bound, cache filled).
     """
     X_star = X_star.detach()
+    grad_map = fmap.like().bind(x_T, noise)
     if any(p.requires_grad for p in fmap.model.parameters()):
-        grad_map = FixedPointMap(fmap.model, fmap.chain, fmap.max_batch, fmap.reducer).bind(x_T, noise)
-        return (1 - tau) * X_star + tau * grad_map(X_star)
-    return (1 - tau) * X_star + tau * latent_only_step(fmap, x_T, noise)
-
-
-def latent_only_step(fmap: FixedPointMap, x_T: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
-    """h(X*; x_T) with a graph to x_T (and noise) only, for a frozen network (inversion).
-
-    With the weights frozen and X* detached, the eps of the states x_1..x_{T-1} carry no gradient,
-    so the solver's last cached eps are reused and only eps(x_T) is evaluated with autograd: one
-    network row per image instead of T. The value is f(X_last), which is what the solver returned.
-    fmap: the map the solver used (bound, cache filled). x_T (B, C, H, W) -> (T, B, C, H, W).
-    """
-    grad_map = FixedPointMap(fmap.model, fmap.chain, fmap.max_batch, fmap.reducer)
-    grad_map.bind(x_T, noise)
-    return grad_map.states_from_eps(torch.cat([fmap.cached_eps(), grad_map.top_eps()[None]]))
+        h = grad_map(X_star)
+    else:
+        top = [] if grad_map.top_eps() is None else [grad_map.top_eps()[None]]
+        h = grad_map.states_from_eps(torch.cat([fmap.cached_eps(), *top]))
+    return (1 - tau) * X_star + tau * h
 
 
 def attach_gradient(grad: str, fmap: FixedPointMap, X_star: torch.Tensor, x_T: torch.Tensor,

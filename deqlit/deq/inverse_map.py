@@ -41,7 +41,7 @@ from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.inverse import (check_noise, contraction_factors, ddim_inversion_states,
                                       extrapolated_inversion_states,
                                       invert_per_step)
-from deqlit.deq.blocks import Block, block_of
+from deqlit.deq.blocks import Block, all_rows, block_of
 from deqlit.deq.reduce import LOCAL, LocalReducer
 
 MODES = ("all-timesteps", "per-step")
@@ -62,7 +62,7 @@ class InverseChainMap:
     residual ||G(X) - X|| / (1e-5 + ||G(X)||) of every (state, image) of the block, (rows, B) in
     natural order. `frozen_from = k` (the solvers' freeze option, global): rows >= k, i.e.
     x_{T-k}..x_1, reuse the eps of the last call.
-    Sharded over time (deqlit/parallel/inverse_block.py), a block needs the terms of all earlier
+    On a time shard's block, a block needs the terms of all earlier
     states, the rows of the later blocks: the reducer's `carry_from_later` of its block total.
     noise xi holds all T rows x_1..x_T on every shard; each keeps its own.
     """
@@ -186,13 +186,10 @@ def exact_invert(model: NoiseModel, x0: torch.Tensor, chain: Chain, *, mode: str
         with torch.no_grad():
             if mode == "per-step":
                 states, report = _per_step(model, x0, chain, solver, options, noise, max_batch)
-            elif reducer.shards > 1:
-                from deqlit.parallel.inverse_block import sharded_all_timesteps
-                x_T, states, report = sharded_all_timesteps(model, x0, chain, solver, options, noise,
-                                                            max_batch, init, reducer)
+                x_T = states[-1]
             else:
-                states, report = _all_timesteps(model, x0, chain, solver, options, noise,
-                                                max_batch, init)
+                x_T, states, report = _all_timesteps(model, x0, chain, solver, options, noise,
+                                                     max_batch, init, reducer)
     except SolverDivergedError as err:
         raise SolverDivergedError(f"exact inversion ({mode}): {err}. {condition_text(chain)}") from err
     report.mode, report.solver, report.tol, report.contraction = mode, solver, tol, factors
@@ -200,7 +197,7 @@ def exact_invert(model: NoiseModel, x0: torch.Tensor, chain: Chain, *, mode: str
     report.finalize(tol)
     if not report.converged and on_fail == "raise":
         raise InversionNotConverged(failure_message(report, max_iter), report)
-    return (states[-1] if reducer.shards == 1 else x_T), states, report
+    return x_T, states, report
 
 
 def _per_step(model, x0, chain, solver, options, noise, max_batch):
@@ -239,17 +236,45 @@ def start_states(model: NoiseModel, x0: torch.Tensor, chain: Chain, noise: Optio
                      f"states x_1..x_T as a tensor")
 
 
-def _all_timesteps(model, x0, chain, solver, options, noise, max_batch, init):
+def _all_timesteps(model: NoiseModel, x0: torch.Tensor, chain: Chain, solver: str, options: dict,
+                   noise: Optional[torch.Tensor], max_batch: Optional[int],
+                   init: Union[str, torch.Tensor], reducer: LocalReducer
+                   ) -> tuple[torch.Tensor, torch.Tensor, InversionReport]:
+    """Eq. 3 solved on the reducer's block of rows (all T in one process; x0 and noise the same on
+    every shard).
+
+    Returns (x_T (B, C, H, W) on every shard, this block's states in natural order (rows, B, ...),
+    the report of the whole chain, the same on every shard). init as in start_states; a tensor may
+    hold all T states x_1..x_T or this block's.
+    """
     T = chain.T
-    start, start_depth = start_states(model, x0, chain, noise, max_batch, init)
-    G = InverseChainMap(model, chain, x0, noise, max_batch)
-    X, stats = solve(solver, G, start.flip(0), **options)
-    stop = stats.image_iterations                                     # per image, 1-based call
+    block = block_of(T, reducer.shards, reducer.shard_index)
+    natural = slice(T - block.stop, T - block.start)
+    if isinstance(init, torch.Tensor) and init.shape[0] == block.rows and block.rows != T:
+        if tuple(init.shape) != (block.rows,) + tuple(x0.shape):
+            raise ValueError(f"init must hold the states x_1..x_T, shape {(T,) + tuple(x0.shape)}, "
+                             f"or this block's {block.rows}, got {tuple(init.shape)}")
+        start, start_depth = init.to(x0), 0
+    elif isinstance(init, str) and init == "ddim":     # block-sized memory
+        start, start_depth = ddim_inversion_states(chunked(model, max_batch), x0, chain, noise, natural), T
+    else:                                              # all T states; keep this block's
+        states, start_depth = start_states(model, x0, chain, noise, max_batch, init)
+        start = states[natural]
+    G = InverseChainMap(model, chain, x0, noise, max_batch, block=block, reducer=reducer)
+    X, stats = solve(solver, G, start.flip(0).contiguous(), reducer=reducer, **options)
+    stop = stats.image_iterations                                      # the same on every shard
     B = x0.shape[0]
+    at_stop = torch.stack([G.row_trace[stop[b] - 1][:, b] for b in range(B)], dim=1)   # (rows, B)
+    # Solver order (x_T..x_1) is the shard order; the report's rows are natural (x_1..x_T).
+    rows = all_rows(at_stop.flip(0), T, reducer).flip(0)                             # (T, B)
+    evals = reducer.sum(torch.tensor([float(G.rows_after_call[stop[b] - 1]) for b in range(B)],
+                                     dtype=torch.float64, device=x0.device))
     report = InversionReport(
-        row_residual=[[float(G.row_trace[stop[b] - 1][i, b]) for b in range(B)] for i in range(T)],
+        row_residual=rows.tolist(),
         image_residual=list(stats.image_residual),
         image_iterations=list(stop),
-        network_evals=[start_depth + G.rows_after_call[stop[b] - 1] for b in range(B)],
+        network_evals=[start_depth + int(round(float(e))) for e in evals],
         depth=start_depth + stats.iterations, start_depth=start_depth)
-    return X.flip(0), report
+    # Row 0 of X is x_T, on the first block.
+    x_T = reducer.broadcast_from(X[0] if block.is_first else torch.empty_like(X[0]), 0)
+    return x_T, X.flip(0), report

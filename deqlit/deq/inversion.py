@@ -28,6 +28,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from deqlit.deq.blocks import all_rows, x0_objective
 from deqlit.deq.layer import DEQSampler
 from deqlit.deq.solvers import get_solver, option_defaults
 from deqlit.deq.warm_start import shifted_warm_start
@@ -176,7 +177,7 @@ class BatchInverter:
         self.seconds_before = 0.0             # time spent before a resume
         B = targets.shape[0]
         # reducer: a time group's (deqlit/parallel): its processes hold the same images and latents
-        # and split the T chain rows (parallel/inversion_shard.py); LOCAL: all rows here.
+        # and split the T chain rows (each holds its block); LOCAL: the block of all rows.
         self.reducer = reducer
         x_T, noise, self.exact_report = draw_start(model, chain, targets, self.indices, settings,
                                                    max_batch, reducer)
@@ -190,17 +191,12 @@ class BatchInverter:
             self.noise = noise.detach().clone().requires_grad_(True)
             params.append(self.noise)
         self.optimizer = torch.optim.Adam(params, lr=settings.lr)
-        self.deq = DEQSampler(model, chain, settings.solver, settings.solver_options, grad="onestep",
-                              tau=settings.tau, max_batch=max_batch)
-        self.block = None                                 # this shard's rows when sharded
         if reducer.shards > 1 and settings.method == "baseline":
             raise ValueError("the baseline backpropagates through the sequential chain, which time "
                              "shards cannot split: use --parallel.time_shards 1 (or --method deq)")
-        if reducer.shards > 1 and settings.method == "deq":
-            from deqlit.parallel.sampler import ShardedDEQSampler
-            self.deq = ShardedDEQSampler(model, chain, reducer, settings.solver, settings.solver_options,
-                                         grad="onestep", tau=settings.tau, max_batch=max_batch)
-            self.block = self.deq.block
+        self.deq = DEQSampler(model, chain, settings.solver, settings.solver_options, grad="onestep",
+                              tau=settings.tau, max_batch=max_batch, reducer=reducer)
+        self.block = self.deq.block                       # the rows of X this process holds
         device = targets.device
         self.step_index = 0
         self.loss_history = torch.full((B, settings.max_steps), math.nan, device=device)
@@ -216,26 +212,22 @@ class BatchInverter:
         self.all_stopped = settings.method == "exact"
 
     # ---- the forward models ---------------------------------------------------------------
-    def predict_x0(self, x_T: torch.Tensor, noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_0 with a graph back to x_T (and noise); returns (x_0, solver iterations per image (B,))."""
+    def predict_states(self, x_T: torch.Tensor, noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's chain states (rows, B, ...) with a graph back to x_T (and noise), row 0 = x_0
+        on the block that holds it; returns (states, solver iterations per image (B,)).
+        The baseline's "states" are x_0 alone (one process: the block of all rows holds it)."""
         if self.settings.method == "baseline":
             x0 = sequential_x0(self.model, x_T, self.chain, noise, self.settings.grad_checkpointing)
-            return x0, torch.full((x_T.shape[0],), float(self.chain.T), device=x_T.device)
+            return x0[None], torch.full((x_T.shape[0],), float(self.chain.T), device=x_T.device)
         # Warm start: the previous solution moved along the Gaussian-data flow map to the new x_T
         # (deq/warm_start.py). Reused unmoved it starts as far off in residual as a cold start.
         init = None
-        if self.settings.warm_start and self.warm is not None and self.block is not None:
-            from deqlit.parallel.inversion_shard import block_warm_start
-            init = block_warm_start(self.warm, self.warm_x_T, x_T.detach(), self.chain.abar,
-                                    self.data_var, self.block)
-        elif self.settings.warm_start and self.warm is not None:
+        if self.settings.warm_start and self.warm is not None:
             init = shifted_warm_start(self.warm, self.warm_x_T, x_T.detach(), self.chain.abar,
-                                      self.data_var)
+                                      self.data_var, self.block)
         X, stats = self.deq(x_T, noise, init=init)
         self.warm, self.warm_x_T = X.detach(), x_T.detach().clone()
-        if self.block is not None:          # the shard's block; its row 0 is x_0 on shard 0 only
-            return X, torch.tensor(stats.image_iterations, dtype=torch.float32, device=x_T.device)
-        return X[0], torch.tensor(stats.image_iterations, dtype=torch.float32, device=x_T.device)
+        return X, torch.tensor(stats.image_iterations, dtype=torch.float32, device=x_T.device)
 
     @torch.no_grad()
     def exact_x0(self, x_T: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
@@ -253,21 +245,25 @@ class BatchInverter:
         s, k = self.settings, self.step_index
         x_T, noise = self.latents, self.noise
         with torch.enable_grad():
-            x0_hat, iterations = self.predict_x0(x_T, noise)
-            if self.block is not None:
-                from deqlit.parallel.inversion_shard import loss_objective
-                per_image, self.active, objective = loss_objective(
-                    x0_hat, self.targets, self.active, k, s.early_stop_loss, self.block, self.reducer)
-            else:
-                per_image = frobenius_loss(x0_hat, self.targets)
+            X, iterations = self.predict_states(x_T, noise)
+            losses: dict[str, torch.Tensor] = {}
+
+            def loss_of_x0(x0_hat: torch.Tensor) -> torch.Tensor:
+                losses["per_image"] = frobenius_loss(x0_hat, self.targets)
+                # Early stopping decides on the loss before this step (the first step: all active).
                 if k > 0:
-                    self.active = per_image.detach() >= s.early_stop_loss
-                objective = (per_image * self.active).sum()
+                    losses["active"] = losses["per_image"].detach() >= s.early_stop_loss
+                return (losses["per_image"] * losses.get("active", self.active)).sum()
+            objective = x0_objective(X, self.block, loss_of_x0)
+            # The block that holds x_0 tells the others the loss (one process: the loss itself).
+            held = losses["per_image"].detach() if "per_image" in losses else X.new_zeros(X.shape[1])
+            loss = self.reducer.broadcast_from(held, 0)
+            if k > 0:
+                self.active = loss >= s.early_stop_loss
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
-            if self.block is not None:      # each shard's gradient is partial: sum them
-                self.reducer.sum_gradients(self.optimizer.param_groups[0]["params"])
-        loss = per_image.detach()
+            # Each shard's gradient of the replicated latents is partial: sum them.
+            self.reducer.sum_gradients(self.optimizer.param_groups[0]["params"])
         # The loss belongs to the latents before this update: record them, then step.
         self.loss_history[:, k] = loss
         self.iterations_history[:, k] = iterations
@@ -323,13 +319,10 @@ class BatchInverter:
 
     # ---- resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Sharded over time: a collective (every shard calls it) that joins the warm start's T rows."""
+        """A collective across time shards (every shard calls it): joins the warm start's T rows."""
         def cpu(t):
             return None if t is None else t.detach().cpu().clone()
-        warm = self.warm
-        if self.block is not None and warm is not None:
-            from deqlit.parallel.inversion_shard import gather_rows
-            warm = gather_rows(warm, self.chain.T, self.reducer)
+        warm = None if self.warm is None else all_rows(self.warm, self.chain.T, self.reducer)
         return {"indices": list(self.indices), "step": self.step_index, "latents": cpu(self.latents),
                 "noise": cpu(self.noise), "start_latents": cpu(self.start_latents),
                 "loss_history": cpu(self.loss_history), "iterations": cpu(self.iterations_history),
@@ -356,9 +349,8 @@ class BatchInverter:
         self.best_loss, self.best_latents = dev(state["best_loss"]), dev(state["best_latents"])
         self.best_noise, self.last_loss = dev(state["best_noise"]), dev(state["last_loss"])
         self.active, self.warm, self.warm_x_T = dev(state["active"]), dev(state["warm"]), dev(state["warm_x_T"])
-        if self.block is not None and self.warm is not None:   # saved with all T rows: keep ours
-            from deqlit.parallel.inversion_shard import own_rows
-            self.warm = own_rows(self.warm, self.block).clone()
+        if self.warm is not None:                 # saved with all T rows: keep this block's
+            self.warm = self.deq.own_rows(self.warm).clone()
         self.optimizer.load_state_dict(state["optimizer"])   # moves Adam's moments to the params' device
         self.all_stopped = bool(state["all_stopped"])
         self.seconds_before, self.started = float(state["seconds"]), time.perf_counter()

@@ -304,7 +304,42 @@ def triangular_anderson(f: Map, x0: torch.Tensor, *, max_iter: int = 50, tol: fl
                 freeze=freeze, reducer=reducer, triangular=triangular, callback=callback)
 
 
+def sequential(f: Map, x0: torch.Tensor, *, reducer: LocalReducer = LOCAL, triangular: bool = True,
+               callback=None) -> tuple[torch.Tensor, SolverStats]:
+    """DDIM's chain one state after another, through the same map: call n evaluates the network on
+    the state x_{T-n+1} only (made exact by call n - 1; x_T's eps comes with bind), so the rows
+    >= T - n are exact after it, as under plain iteration, but each call costs one network row per
+    image instead of all: T - 1 rows in all. The cheapest where network calls do not run in
+    parallel (a CPU); it takes no options. Needs the forward map's `fresh_from` window.
+    """
+    if not triangular:
+        raise ValueError("the sequential solver runs a triangular chain (the forward DDIM chain); "
+                         "use picard, anderson or triangular-anderson here")
+    _, T, _ = shard_layout(x0, "sequential", reducer)
+    stats = SolverStats()
+    x = x0
+    row_rel = None
+    for n in range(1, T + 1):
+        state = T - n + 1                          # its eps is new in this call (x_T's: from bind)
+        fx = f(x, frozen_from=state + 1, fresh_from=state)
+        abs_res, rel_res, row_rel = residuals(fx, x, reducer)
+        stats.iterations = n
+        stats.abs_trace.append(abs_res)
+        stats.rel_trace.append(rel_res)
+        if not all(flag[0] for flag in reducer.gather(torch.isfinite(fx).all().double()[None]).tolist()):
+            raise SolverDivergedError(divergence_message("sequential", n))
+        if callback is not None:
+            callback(n, stats, fx)
+        x = fx
+    stats.converged = True
+    B = x0.shape[1]
+    stats.finish(row_rel, torch.zeros(B, dtype=torch.float64, device=x0.device),
+                 torch.full((B,), T, dtype=torch.long, device=x0.device))
+    return x, stats
+
+
 SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, SolverStats]]] = {
+    "sequential": sequential,
     "picard": picard,
     "anderson": anderson,
     "triangular-anderson": triangular_anderson,

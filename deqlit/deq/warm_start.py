@@ -12,7 +12,11 @@ On the faces model it cut the first residual to ~0.1 and the iterations per step
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from deqlit.deq.blocks import Block
 
 
 def flow_ratios(chain_abar: torch.Tensor, data_var: float | torch.Tensor) -> torch.Tensor:
@@ -27,13 +31,17 @@ def flow_ratios(chain_abar: torch.Tensor, data_var: float | torch.Tensor) -> tor
 
 
 def shifted_warm_start(X_prev: torch.Tensor, x_T_prev: torch.Tensor, x_T: torch.Tensor,
-                       chain_abar: torch.Tensor, data_var: float | torch.Tensor) -> torch.Tensor:
+                       chain_abar: torch.Tensor, data_var: float | torch.Tensor,
+                       block: Optional[Block] = None) -> torch.Tensor:
     """The previous solution moved along the Gaussian flow map to the new x_T.
 
-    X_prev (T, B, C, H, W) solved for x_T_prev (B, C, H, W); x_T (B, C, H, W) -> (T, B, C, H, W).
+    X_prev (rows, B, C, H, W) solved for x_T_prev (B, C, H, W); x_T (B, C, H, W) -> (rows, B, C, H, W).
+    chain_abar (T+1,) of x_0..x_T; block: the rows that X_prev holds (None: all T).
     data_var: the per-pixel variance s^2 of the data in the model's scale ([-1, 1] images: ~0.25),
     a number or one per image (B,) (then each image's shift depends on that image alone).
     """
+    if block is not None:
+        chain_abar = torch.cat([chain_abar[block.start:block.stop], chain_abar[-1:]])
     ratio = flow_ratios(chain_abar, data_var).to(X_prev)
     ratio = ratio.reshape(ratio.shape + (1,) * (X_prev.dim() - ratio.dim()))
     return X_prev + ratio * (x_T - x_T_prev)[None]

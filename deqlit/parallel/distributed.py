@@ -95,6 +95,11 @@ class DistributedReducer:
         totals = self.all_totals(local_total)
         return totals[self.shard_index + 1:].sum(0)
 
+    def carry_from_earlier(self, local_total: torch.Tensor) -> torch.Tensor:
+        """Sum of the totals of the shards k' < k (zero on the first shard), same shape as the total."""
+        totals = self.all_totals(local_total)
+        return totals[:self.shard_index].sum(0)
+
     def gather(self, value: torch.Tensor) -> torch.Tensor:
         """Every shard's `value` stacked in shard order, (K, ...). No gradient (flags, sizes)."""
         value = value.detach().contiguous()

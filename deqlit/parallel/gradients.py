@@ -4,28 +4,18 @@ The rule (mesh.py): differentiate the SUM over the time shards of per-shard obje
 MEAN over the data replicas. So a term that every time shard could compute (the reconstruction of
 x_0, a prior or typicality loss, anything of the latents or weights alone) is counted on one shard
 only, shard 0, which holds x_0; every other shard still calls backward (the carry's backward is a
-collective) on 0 * sum(X). Gradients of what every process holds a copy of (weights, a latents
+collective) on 0 * sum(X): deq.blocks.x0_objective. Gradients of what every process holds a copy of (weights, a latents
 table) are then all_reduced over the world and divided by the number of data replicas: what the
 ddp_time strategy's DDP hook does, here for code that runs without DDP.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
 
-from deqlit.deq.blocks import Block
 from deqlit.parallel.mesh import TimeMesh
-
-
-def block_objective(X: torch.Tensor, block: Block, loss_of_x0: Callable[[torch.Tensor], torch.Tensor]
-                    ) -> torch.Tensor:
-    """What this shard calls backward on: loss_of_x0(x_0) (a scalar; add the shard-independent
-    terms inside it) on the block that holds x_0, 0 * sum(X) elsewhere. X (block rows, B, ...)."""
-    if block.is_first:
-        return loss_of_x0(X[0])
-    return 0.0 * X.sum()
 
 
 def sum_time_mean_data(params: Iterable[torch.Tensor], mesh: TimeMesh) -> None:
