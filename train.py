@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from deqlit.cli import parse, positive_int, run_main
-from deqlit.lit.run_training import run_training
+from deqlit.runs.training import run_training
 
 # --task joint: the shared flags set keys of the joint section (--lr is the network's lr there).
 JOINT_FLAGS = {"max_steps": "joint.max_steps", "lr": "joint.network_lr", "batch_size": "joint.batch_size",
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": "train.seed", "out": "train.out", "init": "train.init"}
     args, cfg = parse(parser, argv, flags)
     if task == "joint":
-        from deqlit.lit.run_joint import run_joint
+        from deqlit.runs.joint import run_joint
         run_joint(cfg, resume=args.resume, fast_dev_run=args.fast_dev_run, ckpt=args.ckpt)
         return
     run_training(cfg, resume=args.resume, fast_dev_run=args.fast_dev_run)

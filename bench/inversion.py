@@ -31,7 +31,7 @@ from deqlit.data.registry import load_images
 from deqlit.deq.inversion import BatchInverter, frobenius_loss
 from deqlit.diffusion.chain import Chain
 from deqlit.lit.inversion_outputs import per_image_metrics
-from deqlit.lit.run_inversion import settings_from
+from deqlit.runs.inversion import settings_from
 from deqlit.models.build import build_noise_model
 
 RESULTS = Path(__file__).resolve().parent / "results"

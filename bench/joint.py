@@ -102,7 +102,7 @@ def targets_met(row: dict) -> dict[str, bool]:
 
 def run_method(name: str, args, base: dict, shipped, abar, train: torch.Tensor, parts: Path) -> None:
     """One method end to end: run_joint under the CPU budget, then its figures into parts/NAME.*"""
-    from deqlit.lit.run_joint import run_joint
+    from deqlit.runs.joint import run_joint
     if name == "shipped":
         row = {"method": name, **model_figures(shipped, abar, train, args.timesteps, args.kid_timesteps)}
         (parts / "shipped.json").write_text(json.dumps({"row": row}, indent=2))

@@ -65,7 +65,7 @@ def describe_error(err: BaseException) -> tuple[str, int] | None:
     """
     from deqlit.config import ConfigError
     from deqlit.deq.solvers import SolverDivergedError
-    from deqlit.lit.guards import NonFiniteError, UserInputError, find_enospc
+    from deqlit.guards import NonFiniteError, UserInputError, find_enospc
 
     full = find_enospc(err)
     if full is not None:
@@ -104,7 +104,8 @@ def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
     RunInterrupted (guards.interrupts_as_exceptions) prints what was saved and the --resume
     command, and exits 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
     """
-    from deqlit.lit.guards import RunInterrupted, quiet_lightning_tips
+    from deqlit.guards import RunInterrupted
+    from deqlit.runs.guards import quiet_lightning_tips
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DEQLIT_DEBUG", "0") not in ("", "0")

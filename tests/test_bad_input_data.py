@@ -236,7 +236,7 @@ def test_digits_config_builds_its_model_and_data():
 
 
 def test_digits_missing_checkpoint_says_how_to_make_it(tmp_path):
-    from deqlit.lit.run_inversion import MissingInputsError, check_inputs
+    from deqlit.runs.inversion import MissingInputsError, check_inputs
     cfg = digits_config()
     assert cfg["checkpoint"]["path"] == "runs/train-digits/ema.pt" == cfg["train"]["out"] + "/ema.pt"
     with pytest.raises(MissingInputsError, match=r"(?s)missing\.pt does not exist.*"

@@ -25,9 +25,9 @@ import torch
 from tests.tiny import load_script
 
 from deqlit.cli import run_main
-from deqlit.lit import guards
-from deqlit.lit.guards import NonFiniteError
-from deqlit.lit.run_training import ExportEMA
+from deqlit import guards
+from deqlit.guards import NonFiniteError
+from deqlit.runs.training import ExportEMA
 
 REPO = Path(__file__).resolve().parent.parent
 

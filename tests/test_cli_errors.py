@@ -21,7 +21,8 @@ import torch
 from deqlit.cli import describe_error, positive_int, resume_command, run_main
 from deqlit.config import ConfigError
 from deqlit.deq.solvers import SolverDivergedError
-from deqlit.lit.guards import RunInterrupted, quiet_lightning_tips
+from deqlit.guards import RunInterrupted
+from deqlit.runs.guards import quiet_lightning_tips
 from deqlit.models.loading import CheckpointFormatError, read_state_dict
 
 REPO = Path(__file__).resolve().parent.parent

@@ -203,7 +203,7 @@ def test_training_logs_random_feature_metrics_every_n_steps(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from deqlit.lit.metrics_callback import SampleMetrics, metrics_callbacks
-    from deqlit.lit.run_training import run_training
+    from deqlit.runs.training import run_training
     torch.set_num_threads(1)
     cfg = _tiny_train_cfg(tmp_path)
     module = run_training(cfg)

@@ -216,7 +216,7 @@ def test_streamed_run_writes_parts_merges_and_resumes_after_an_interrupt(tmp_pat
     # Streamed through the Trainer and DataModule = the same batch inverted in memory. (Other
     # batchings agree to float rounding: exactly in float64, see the batch test above.)
     from deqlit.data.registry import load_images
-    from deqlit.lit.run_inversion import settings_from
+    from deqlit.runs.inversion import settings_from
     from deqlit.models.build import build_noise_model
     cfg = yaml.safe_load(config.read_text())
     model, schedule, _ = build_noise_model(cfg)
@@ -228,7 +228,7 @@ def test_streamed_run_writes_parts_merges_and_resumes_after_an_interrupt(tmp_pat
     # Interrupted in the middle of the second batch (step 2 of 3), then resumed.
     from deqlit.cli import parse
     from deqlit.commands.invert import build_parser
-    from deqlit.lit.run_inversion import run_inversion
+    from deqlit.runs.inversion import run_inversion
     out2 = tmp_path / "run2"
     _, cfg = parse(build_parser(), ["--config", str(config), "--out", str(out2)], {"out": "inversion.out"})
     with pytest.raises(BaseException):
@@ -277,8 +277,8 @@ def test_two_processes_give_the_latents_of_one(tmp_path):
 
 
 def test_a_second_process_on_the_same_folder_is_refused(tmp_path):
-    from deqlit.lit.folder_lock import folder_lock
-    from deqlit.lit.guards import OutputFolderError
+    from deqlit.runs.folder_lock import folder_lock
+    from deqlit.guards import OutputFolderError
     with folder_lock(tmp_path, "invert.py"):
         with pytest.raises(OutputFolderError, match="in use by invert.py"):
             with folder_lock(tmp_path, "invert.py"):
@@ -289,7 +289,7 @@ def test_a_second_process_on_the_same_folder_is_refused(tmp_path):
 
 def test_invert_celeba_without_data_or_checkpoint_names_both(tmp_path):
     from deqlit.commands.invert import main
-    from deqlit.lit.run_inversion import MissingInputsError
+    from deqlit.runs.inversion import MissingInputsError
     with pytest.raises(MissingInputsError) as err:
         main(["--data", "celeba", "--data.root", str(tmp_path / "data"),
               "--ckpt", str(tmp_path / "ckpt.pth"), "--out", str(tmp_path / "run")])

@@ -14,7 +14,7 @@ from deqlit.lit.joint_module import (JointFineTuneModule, decay_factor, gaussian
                                      lag1_autocorrelation, typicality_chi2)
 from deqlit.lit.latent_table import RowAdam, to_sphere
 from deqlit.lit.joint_data import JointDataModule
-from deqlit.lit.run_joint import run_joint
+from deqlit.runs.joint import run_joint
 from tests.conftest import GaussianDataNoise, perturbed_unet
 
 ABAR = alphas_cumprod(linear_betas())
@@ -270,7 +270,7 @@ def test_a_cpu_time_budget_stops_the_run_and_is_recorded(tmp_path, capsys):
 
 
 def test_a_config_without_a_joint_section_is_refused(tmp_path):
-    from deqlit.lit.guards import UserInputError
+    from deqlit.guards import UserInputError
     cfg = tiny_config(tmp_path, "x", 1)
     del cfg["joint"]
     with pytest.raises(UserInputError, match="joint"):

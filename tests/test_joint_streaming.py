@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 from deqlit.data.registry import load_images
-from deqlit.lit.guards import UserInputError
+from deqlit.guards import UserInputError
 from deqlit.lit.joint_module import JointFineTuneModule
 from deqlit.lit.latent_store import DiskLatentStore, read_disk_latents, table_bytes, wants_disk
 from deqlit.lit.latent_table import LatentTable, RowAdam
 from deqlit.lit.joint_data import JointDataModule
-from deqlit.lit.run_joint import evaluate, run_joint
+from deqlit.runs.joint import evaluate, run_joint
 from deqlit.models.build import build_noise_model
 from tests.conftest import perturbed_unet
 from tests.test_joint import TINY_MODEL

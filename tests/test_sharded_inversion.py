@@ -294,7 +294,7 @@ def test_a_run_interrupted_on_one_process_resumes_on_two_time_shards(tiny_run):
     rows), resumed by torchrun with 2 time shards: the latents of the uninterrupted run."""
     from deqlit.cli import parse
     from deqlit.commands.invert import build_parser
-    from deqlit.lit.run_inversion import run_inversion
+    from deqlit.runs.inversion import run_inversion
     from tests.test_inversion import StopAfter
     common, one, folder = tiny_run
     out = folder / "resumed"
@@ -317,7 +317,7 @@ def test_exact_per_step_becomes_all_timesteps_over_time_shards_and_the_baseline_
     the switch takes the all-timesteps solver and budget (per step they were chosen for one state),
     keeps every other exact option and says so in one line naming the options."""
     from deqlit.commands.invert import main
-    from deqlit.lit.run_inversion import check_time_shardable
+    from deqlit.runs.inversion import check_time_shardable
     from tests.tiny import tiny_setup
     per_step = InversionSettings(method="exact", init="exact", exact=dict(
         mode="per-step", solver="anderson", max_iter=20, tol=1e-4)).validate()

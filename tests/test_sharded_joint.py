@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
-from deqlit.lit.guards import UserInputError
+from deqlit.guards import UserInputError
 from deqlit.lit.joint_module import JointFineTuneModule
 from deqlit.lit.joint_sharding import JointTimeSharding, check_shardable
 from deqlit.lit.joint_data import JointDataModule
@@ -132,7 +132,7 @@ def test_joint_steps_under_ddp_time_equal_one_process(one_process, world, tmp_pa
 
 
 def test_ddp_time_strategy_takes_parallel_timeout_s():
-    from deqlit.lit.run_inversion import with_timeout
+    from deqlit.runs.inversion import with_timeout
     section = with_timeout({"strategy": "ddp_time", "devices": 2}, {"parallel": {"time_shards": 2, "timeout_s": 42}})
     assert section["devices"] == 2 and section["strategy"].time_shards == 2
     assert section["strategy"]._timeout == timedelta(seconds=42)

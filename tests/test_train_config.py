@@ -25,7 +25,7 @@ from deqlit.data import folders
 from deqlit.data.streaming import TensorImages
 from deqlit.lit.datamodule import ImageDataModule
 from deqlit.lit.ema import make_ema
-from deqlit.lit.run_training import prepare_training
+from deqlit.runs.training import prepare_training
 from deqlit.lit.train_module import DiffusionTrainModule
 
 REPO = Path(__file__).resolve().parent.parent

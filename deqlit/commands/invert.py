@@ -6,7 +6,7 @@ from typing import Optional
 
 from deqlit.cli import parse, positive_int
 from deqlit.deq.inversion import INITS, METHODS
-from deqlit.lit.run_inversion import run_inversion
+from deqlit.runs.inversion import run_inversion
 
 FLAGS = {"method": "inversion.method", "timesteps": "inversion.timesteps", "skip": "inversion.skip",
          "eta": "inversion.eta", "num_images": "inversion.num_images",

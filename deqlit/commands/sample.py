@@ -18,7 +18,8 @@ from deqlit.deq.solvers import options_from
 from deqlit.devices import placement
 from deqlit.diffusion.chain import Chain
 from deqlit.evaluation import DatasetMetrics, format_metrics
-from deqlit.lit.guards import NonFiniteError, check_output_dir, first_nonfinite
+from deqlit.guards import NonFiniteError, first_nonfinite
+from deqlit.runs.guards import check_output_dir
 from deqlit.models.build import build_noise_model
 from deqlit.parallel.launch import gather_over_data, mesh_from_config
 from deqlit.sampling import SAMPLERS, draw_noise, generate

@@ -21,7 +21,7 @@ from torch import nn
 
 from deqlit.deq.inversion import BatchInverter, InversionSettings
 from deqlit.diffusion.chain import Chain
-from deqlit.lit.guards import atomic_torch_save
+from deqlit.guards import atomic_torch_save
 from deqlit.lit.inversion_outputs import make_grid, partial_path
 from deqlit.parallel.mesh import TimeMesh
 from deqlit.deq.reduce import LOCAL, LocalReducer

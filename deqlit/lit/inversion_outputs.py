@@ -23,7 +23,7 @@ from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from deqlit.diffusion.gaussianity import kurtosis, lag1_autocorrelation
-from deqlit.lit.guards import atomic_torch_save
+from deqlit.guards import atomic_torch_save
 
 PART_GLOB = "part-*.pt"
 
@@ -100,7 +100,7 @@ def read_result(path: Path) -> dict[str, Any]:
             raise ValueError("not a batch result")
         return data
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError... by cause
-        from deqlit.lit.guards import CorruptCheckpointError
+        from deqlit.guards import CorruptCheckpointError
         raise CorruptCheckpointError(
             f"cannot resume: {path} is corrupt or truncated ({type(err).__name__}). Delete it and "
             f"run --resume again: only its batch is computed again") from err

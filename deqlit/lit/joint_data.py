@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deqlit.data.streaming import Indexed, TensorImages
-from deqlit.lit.guards import UserInputError
+from deqlit.guards import UserInputError
 
 
 class IndexedImages(Indexed):

@@ -42,7 +42,7 @@ from deqlit.deq.solvers import SolverStats, get_solver, solve
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.sequential import ddim_encode, ddim_sample
 from deqlit.lit.ema import make_ema
-from deqlit.lit.guards import NonFiniteError
+from deqlit.guards import NonFiniteError
 from deqlit.lit.latent_table import LatentTable, RowAdam
 
 INITS = ("gaussian", "ddim-inversion", "exact")

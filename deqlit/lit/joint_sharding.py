@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from deqlit.lit.guards import NonFiniteError, UserInputError
+from deqlit.guards import NonFiniteError, UserInputError
 from deqlit.parallel.gradients import block_objective
 from deqlit.parallel.mesh import TimeMesh
 
@@ -66,8 +66,8 @@ def distribution(cfg: dict) -> tuple[Optional[tuple[int, int]], dict[str, Any]]:
     """(the launcher's (processes per node, nodes) or None, the Trainer's strategy / devices /
     num_nodes) for a joint run. Empty options unless the trainer section asks for ddp_time; a
     torchrun / srun start joins the world here, before any process checks or writes the folder."""
-    from deqlit.lit.run_inversion import time_shards_of, with_timeout
-    from deqlit.lit.trainer import trainer_kwargs
+    from deqlit.runs.inversion import time_shards_of, with_timeout
+    from deqlit.runs.trainer import trainer_kwargs
     from deqlit.parallel.launch import external_launch, join_launched_world, launched_counts
     section = trainer_kwargs(cfg.get("trainer"))
     strategy = section.get("strategy")

@@ -11,7 +11,7 @@ import torchvision
 
 from deqlit.diffusion.schedule import alphas_cumprod, make_betas
 from deqlit.lit.ema import make_ema
-from deqlit.lit.guards import NonFiniteError
+from deqlit.guards import NonFiniteError
 from deqlit.models.unet import DDIMUNet
 
 

@@ -22,12 +22,13 @@ from deqlit.config import save_config
 from deqlit.deq.inversion import InversionSettings
 from deqlit.deq.solvers import options_from
 from deqlit.diffusion.chain import Chain
-from deqlit.lit.folder_lock import folder_lock
-from deqlit.lit.guards import OutputFolderError, check_output_dir, interrupts_as_exceptions
+from deqlit.runs.folder_lock import folder_lock
+from deqlit.guards import OutputFolderError
+from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions
 from deqlit.lit.inversion_data import InversionDataModule
 from deqlit.lit.inversion_module import InversionModule
 from deqlit.lit.inversion_outputs import InversionWriter, finished_indices, merge_outputs
-from deqlit.lit.trainer import build_trainer, trainer_kwargs
+from deqlit.runs.trainer import build_trainer, trainer_kwargs
 from deqlit.models.build import build_noise_model, resolve_checkpoint, schedule_from_config
 from deqlit.parallel.launch import external_launch, join_launched_world, launched_counts, on_rank_zero
 

@@ -1,6 +1,6 @@
 """Builds the Trainer for train.py from a resolved config, and guards the run.
 
-The Trainer comes from the config's `trainer:` section (deqlit.lit.trainer.build_trainer; any
+The Trainer comes from the config's `trainer:` section (deqlit.runs.trainer.build_trainer; any
 Trainer argument, overridable as --trainer.KEY VALUE), plus what `train:` owns: max_steps,
 log_every_n_steps and grad_clip (the Trainer's gradient_clip_val, by norm).
 
@@ -28,13 +28,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from deqlit.config import save_config
 from deqlit.lit.datamodule import ImageDataModule
 from deqlit.lit.metrics_callback import metrics_callbacks
-from deqlit.lit.guards import (DiskFullError, NonFiniteError, RunInterrupted, UserInputError,
-                               atomic_torch_save, check_checkpoint_readable, check_output_dir,
-                               find_enospc, first_nonfinite, interrupts_as_exceptions,
-                               refuse_existing_run)
+from deqlit.guards import (DiskFullError, NonFiniteError, RunInterrupted, UserInputError,
+                           atomic_torch_save, check_checkpoint_readable, find_enospc, first_nonfinite)
+from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions, refuse_existing_run
 from deqlit.lit.train_module import DiffusionTrainModule
-from deqlit.lit.train_resume import check_resume, record_resume
-from deqlit.lit.trainer import build_trainer, trainer_kwargs
+from deqlit.runs.resume import check_resume, record_resume
+from deqlit.runs.trainer import build_trainer, trainer_kwargs
 
 TRAIN_MODULE_KEYS = ("lr", "weight_decay", "warmup_steps", "ema_decay", "hflip",
                      "sample_every", "sample_count", "sample_timesteps", "sample_solver", "seed")

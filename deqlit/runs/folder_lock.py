@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from deqlit.lit.guards import OutputFolderError
+from deqlit.guards import OutputFolderError
 
 LOCK_NAME = ".lock"
 

@@ -33,14 +33,14 @@ from deqlit.config import save_config
 from deqlit.deq.solvers import options_from
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.sequential import ddim_sample
-from deqlit.lit.guards import (RunInterrupted, UserInputError, atomic_torch_save, check_output_dir,
-                               interrupts_as_exceptions, refuse_existing_run)
+from deqlit.guards import RunInterrupted, UserInputError, atomic_torch_save
+from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions, refuse_existing_run
 from deqlit.lit.joint_data import JointDataModule, fine_tuning_count
 from deqlit.lit.joint_module import JointFineTuneModule, kurtosis, lag1_autocorrelation, typicality_chi2
 from deqlit.lit.joint_sharding import JointTimeSharding, distribution
-from deqlit.lit.run_inversion import launched_worker
-from deqlit.lit.run_training import ExportEMA, SaveLast, resume_checkpoint
-from deqlit.lit.trainer import build_trainer
+from deqlit.runs.inversion import launched_worker
+from deqlit.runs.training import ExportEMA, SaveLast, resume_checkpoint
+from deqlit.runs.trainer import build_trainer
 from deqlit.parallel.launch import on_rank_zero
 
 MODULE_KEYS = ("timesteps", "skip", "grad", "tau", "solver", "adjoint", "max_batch", "latent_lr",

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from deqlit.config import load_config
-from deqlit.lit.guards import UserInputError
+from deqlit.guards import UserInputError
 
 # The sections train.py reads; others (sampling, inversion, ...) belong to other commands.
 RESULT_SECTIONS = ("data", "model", "diffusion", "train", "trainer")
