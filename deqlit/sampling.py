@@ -23,7 +23,7 @@ def draw_noise(shape: tuple[int, ...], seq_len: int, eta: float, generator: torc
 
 def generate(model, x_T: torch.Tensor, chain: Chain, solver: str = "sequential",
              noise: Optional[torch.Tensor] = None, max_batch: Optional[int] = None,
-             reducer: LocalReducer = LOCAL,
+             reducer: Optional[LocalReducer] = None,
              **solver_options: Any) -> tuple[torch.Tensor, SolverStats]:
     """x_T (B, C, H, W) -> (x_0 (B, C, H, W), stats) with any registered solver ('sequential'
     included: the chain one state per call through the same map).
@@ -32,7 +32,9 @@ def generate(model, x_T: torch.Tensor, chain: Chain, solver: str = "sequential",
     process; across time shards every process must pass the same, e.g. from draw_noise).
     reducer: a time group (deqlit.parallel.distributed.DistributedReducer) to shard the chain's
     rows over its processes; every process passes the same x_T and noise and gets the same x_0.
+    None: one process.
     """
+    reducer = LOCAL if reducer is None else reducer
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if chain.eta > 0 and noise is None:

@@ -21,7 +21,7 @@ import yaml
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from deqlit.guards import UserInputError
 from deqlit.lit.joint_module import JointFineTuneModule
-from deqlit.lit.joint_sharding import JointTimeSharding, check_shardable
+from deqlit.lit.joint_sharding import check_shardable
 from deqlit.lit.joint_data import JointDataModule
 from tests.conftest import REPO, GaussianDataNoise
 
@@ -46,19 +46,40 @@ def images(seed: int) -> torch.Tensor:
     return (0.6 * torch.randn(N, 1, 8, 8, generator=gen, dtype=torch.float64)).clamp(-1, 1)
 
 
+# What the one training step must give under time shards as in one process: the onestep gradient,
+# the exact implicit (ift) gradient with its adjoint solved across the shards, the sequential
+# solver, and the latents alone (the network frozen: nothing for DDP to reduce).
+CASES = {
+    "onestep": {},
+    "ift": dict(grad="ift"),
+    "sequential": dict(solver="sequential", solver_options=None),
+    "latents-only": dict(network_lr=0.0),
+}
+
+
 def train(strategy=None, devices: int = 1) -> dict:
-    """STEPS joint steps (onestep DEQ, AdamW on the network after clipping, RowAdam on the
-    latents) on the N images; the weights, EMA, latents and gradient norms after them."""
+    """STEPS joint steps of every case of CASES; the weights, EMA, latents and gradient norms after them."""
+    return {name: train_case(strategy, devices, **case) for name, case in CASES.items()}
+
+
+def train_case(strategy=None, devices: int = 1, **case) -> dict:
+    """STEPS joint steps (onestep DEQ unless `case` says otherwise, AdamW on the network after
+    clipping, RowAdam on the latents) on the N images; the weights, EMA, latents and gradient
+    norms after them."""
+    from deqlit.lit.time_strategy import DDPTimeStrategy
+    if isinstance(strategy, DDPTimeStrategy):        # a Trainer takes a strategy object once
+        strategy = DDPTimeStrategy(time_shards=strategy.time_shards, timeout=strategy._timeout)
     model = GaussianDataNoise(dtype=torch.float64)
-    module = RecordingModule(model, ABAR, N, (1, 8, 8), timesteps=T, grad="onestep", tau=0.2,
-                             solver="triangular-anderson", solver_options=dict(max_iter=20, tol=1e-4, m=3),
-                             latent_lr=0.05, network_lr=1e-3, grad_clip=0.5, ema_decay=0.9,
-                             image_every=0, compare_every=0, seed=3).double()
+    settings = dict(grad="onestep", solver="triangular-anderson", solver_options=dict(max_iter=20, tol=1e-4, m=3),
+                    network_lr=1e-3)
+    settings.update(case)
+    module = RecordingModule(model, ABAR, N, (1, 8, 8), timesteps=T, tau=0.2, latent_lr=0.05,
+                             grad_clip=0.5, ema_decay=0.9, image_every=0, compare_every=0, seed=3,
+                             **settings).double()
     module.norms = []
     trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=devices, strategy=strategy or "auto",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
-                        callbacks=[JointTimeSharding()])
+                        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False)
     trainer.fit(module, datamodule=JointDataModule(images(1), images(2), BATCH, BATCH, seed=5))
     mesh = getattr(trainer.strategy, "mesh", None)
     from deqlit.parallel.mesh import group_timeout
@@ -107,6 +128,12 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:
 
 
 def check_equal(got: dict, one: dict) -> None:
+    assert got.keys() == one.keys() == CASES.keys()
+    for case in CASES:
+        check_case(got[case], one[case])
+
+
+def check_case(got: dict, one: dict) -> None:
     assert got["step"] == one["step"] == STEPS
     assert all(close(a, b) for a, b in zip(got["params"], one["params"]))
     assert all(close(a, b) for a, b in zip(got["ema"], one["ema"]))
@@ -117,18 +144,26 @@ def check_equal(got: dict, one: dict) -> None:
 
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_joint_steps_under_ddp_time_equal_one_process(one_process, world, tmp_path):
-    """Two steps through the real module and Trainer: world 2 (time 2) and world 4 (data 2 x
-    time 2, replicas of 2 and 1 images) give the weights, EMA, latents table and gradient norms
-    of one process to 1e-6, on every rank."""
+    """Two steps through the real module and Trainer, for every case of CASES (onestep, ift,
+    sequential, latents only): world 2 (time 2) and world 4 (data 2 x time 2, replicas of 2 and
+    1 images) give the weights, EMA, latents table and gradient norms of one process to 1e-6, on
+    every rank."""
     start = GaussianDataNoise(dtype=torch.float64)
-    moved = max(float((a - b).abs().max()) for a, b in zip(one_process["params"], start.parameters()))
-    assert moved > 1e-4 and len(one_process["norms"]) == STEPS
-    assert one_process["norms"][0][0] > 0.5           # the clipping acts: its input must be right
-    assert bool(one_process["ready"].all())           # both batches' rows were initialized and trained
+    for case in ("onestep", "ift", "sequential"):
+        one = one_process[case]
+        moved = max(float((a - b).abs().max()) for a, b in zip(one["params"], start.parameters()))
+        assert moved > 1e-4 and len(one["norms"]) == STEPS, case
+        assert one["norms"][0][0] > 0.5, case          # the clipping acts: its input must be right
+        assert bool(one["ready"].all()), case          # both batches' rows were initialized and trained
+    frozen = one_process["latents-only"]
+    assert all(torch.equal(a, b) for a, b in zip(frozen["params"], start.parameters()))
+    # The cases differ from each other: ift's gradient is not onestep's.
+    assert not close(one_process["ift"]["latents"], one_process["onestep"]["latents"], 1e-6)
+    assert not close(frozen["latents"], one_process["onestep"]["latents"], 1e-6)
     for rank in sharded(world, tmp_path):
         check_equal(rank, one_process)
         # The mesh's groups stop a silent peer after the world's timeout, not torch's 30 minutes.
-        assert rank["timeouts"] == [timedelta(seconds=180)] * 3
+        assert rank["onestep"]["timeouts"] == [timedelta(seconds=180)] * 3
 
 
 def test_ddp_time_strategy_takes_parallel_timeout_s():
@@ -141,12 +176,8 @@ def test_ddp_time_strategy_takes_parallel_timeout_s():
 
 # ---- refusals: before anything is written -----------------------------------------------------
 def test_what_time_sharding_cannot_do_is_refused_naming_the_fix():
-    with pytest.raises(UserInputError, match="--joint.grad onestep"):
-        check_shardable({"grad": "ift"})
-    with pytest.raises(UserInputError, match="--joint.solver triangular-anderson"):
-        check_shardable({"solver": "sequential"})
-    with pytest.raises(UserInputError, match="network_lr > 0"):
-        check_shardable({"network_lr": 0.0})
+    for works in ({"grad": "ift"}, {"solver": "sequential"}, {"network_lr": 0.0}):   # all shard now
+        check_shardable(works)
     with pytest.raises(UserInputError, match="--joint.batch_size"):
         check_shardable({"num_images": 5, "batch_size": 2, "prior_batch_size": 4}, replicas=2)  # last batch: 1
     check_shardable({"num_images": 6, "batch_size": 3, "prior_batch_size": 3}, replicas=2)
@@ -167,8 +198,6 @@ def tiny_joint_config(folder: Path, **joint) -> Path:
 
 
 @pytest.mark.parametrize("flags,match", [
-    (["--joint.grad", "ift"], "--joint.grad onestep"),
-    (["--joint.solver", "sequential"], "--joint.solver triangular-anderson"),
     (["--trainer.strategy", "ddp"], "ddp_time"),
     (["--trainer.devices", "3"], "--trainer.devices 2"),          # 3 processes for 2 time shards
 ])

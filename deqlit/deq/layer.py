@@ -54,7 +54,8 @@ class DEQSampler(nn.Module):
         # grad='ift': the adjoint solver and its options ({'solver': name, ...}; default exact).
         self.adjoint = adjoint_settings(adjoint)
         self.block = self.make_map().block
-        self.last_map: Optional[FixedPointMap] = None
+        self.last_map: Optional[FixedPointMap] = None          # the last forward's map and
+        self.last_solution: Optional[torch.Tensor] = None      # solver result X* (no graph)
         self.backward_stats: Optional[SolverStats] = None   # the last adjoint solve's (ift)
 
     @property
@@ -88,7 +89,7 @@ class DEQSampler(nn.Module):
             # On x_T's device: NCCL reduces GPU tensors only.
             stats.network_rows = int(self.reducer.sum(torch.tensor(float(rows), dtype=torch.float64,
                                                                    device=x_T.device)))
-        self.last_map = fmap
+        self.last_map, self.last_solution = fmap, X
         X = attach_gradient(self.grad, fmap, X, x_T, noise, tau=self.tau, adjoint=self.adjoint,
                             on_backward=self._record_backward)
         return X, stats

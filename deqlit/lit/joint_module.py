@@ -36,16 +36,20 @@ import torchvision
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from deqlit.deq.fixed_point import FixedPointMap
+from deqlit.deq.blocks import x0_objective
 from deqlit.deq.grad import adjoint_settings, attach_gradient, check_grad_mode
-from deqlit.deq.solvers import SolverStats, get_solver, solve
+from deqlit.deq.layer import DEQSampler
+from deqlit.deq.solvers import SolverStats, get_solver
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.sequential import ddim_encode, ddim_sample
 from deqlit.lit.ema import make_ema
-from deqlit.guards import NonFiniteError
+from deqlit.guards import NonFiniteError, UserInputError
 from deqlit.lit.latent_table import LatentTable, RowAdam
+from deqlit.parallel.mesh import LocalMesh, TimeMesh
 
 INITS = ("gaussian", "ddim-inversion", "exact")
+# The module's tensors that DDP must not touch: the latents are reduced by row (reduce_latent_rows).
+DDP_IGNORED = ["latents.weight", "latents.ready"]
 LR_DECAYS = ("none", "linear", "cosine")
 
 
@@ -134,54 +138,32 @@ class JointFineTuneModule(L.LightningModule):
         self.register_buffer("abar", schedule_abar.detach().to(torch.float64).clone(), persistent=False)
         self.chain = Chain.build(self.abar, timesteps, skip)
         self.latents = LatentTable(num_images, image_shape, sphere, latents_store)
-        if solver != "sequential":
-            get_solver(solver)
+        get_solver(solver)
         check_grad_mode(grad, tau)
         self.adjoint = adjoint_settings(adjoint)
-        self.backward_stats: Optional[SolverStats] = None
+        # data replicas x time shards: one process until setup finds ddp_time's mesh
+        self.mesh: LocalMesh | TimeMesh = LocalMesh()
         # The run's progress in [0, 1] for lr_decay: global_step / max_steps unless a budget
         # callback (run_joint's ProcessTimeBudget) sets a clock of its own; the larger one counts.
         self.progress_clock: Optional[Callable[[], float]] = None
 
     # ---- the DEQ ------------------------------------------------------------------------
-    def solve_chain(self, x_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, FixedPointMap, SolverStats]:
-        """x_T (B, C, H, W) -> (X with the chosen gradient attached, X* detached, the bound map,
-        forward stats); X (T, B, C, H, W), X[0] = x_0."""
+    def solve_chain(self, x_T: torch.Tensor) -> tuple[torch.Tensor, DEQSampler, SolverStats]:
+        """x_T (B, C, H, W) -> (this time shard's block of X with the chosen gradient attached, the
+        sampler (its block, last map and solution), forward stats); X (rows, B, C, H, W), X[0] = x_0
+        on the block that holds it (one process: all T rows)."""
         hp = self.hparams
-        fmap = FixedPointMap(self.model, self.chain, hp.max_batch)
-        with torch.no_grad():
-            fmap.bind(x_T.detach())
-            if hp.solver == "sequential":
-                # X* by the sequential chain (T network calls of B rows: the cheapest where calls do
-                # not run in parallel). Its eps are the map's cache at X* (the frozen-network step
-                # reads it), captured as they come: no second evaluation of all T rows.
-                X_star = ddim_sample(self.model, x_T.detach(), self.chain, return_all=True,
-                                     step=self._caching_step(fmap))
-                stats = SolverStats(iterations=self.chain.T, converged=True)
-            else:
-                start = x_T.detach()[None].expand(self.chain.T, *x_T.shape).clone()
-                X_star, stats = solve(hp.solver, fmap, start, **(hp.solver_options or {}))
-        X = attach_gradient(hp.grad, fmap, X_star, x_T, tau=hp.tau, adjoint=self.adjoint,
-                            on_backward=self._record_backward)
-        return X, X_star, fmap, stats
+        deq = DEQSampler(self.model, self.chain, hp.solver, hp.solver_options, grad=hp.grad, tau=hp.tau,
+                         max_batch=hp.max_batch, adjoint=self.adjoint, reducer=self.mesh.time_reducer())
+        deq.backward_stats = None
+        X, stats = deq(x_T)
+        self._deq_of_step = deq          # its backward_stats are read after backward (ift)
+        return X, deq, stats
 
-    @staticmethod
-    def _caching_step(fmap: FixedPointMap):
-        """ddim_sample's step hook: eps(x_T) from the bound map, eps(x_i) stored in its cache.
-        ddim_sample visits x_T, x_{T-1}, .., x_1; cache row r holds eps(x_{r+1})."""
-        rows = iter(range(fmap.T - 1, -1, -1))
-
-        def step(model, x, t):
-            r = next(rows)
-            if r == fmap.T - 1:
-                return fmap.top_eps()
-            eps = model(x, t)
-            fmap.cached_eps()[r] = eps
-            return eps
-        return step
-
-    def _record_backward(self, stats: SolverStats) -> None:
-        self.backward_stats = stats
+    @property
+    def backward_stats(self) -> Optional[SolverStats]:
+        deq = getattr(self, "_deq_of_step", None)
+        return None if deq is None else deq.backward_stats
 
     def train(self, mode: bool = True) -> "JointFineTuneModule":
         """The network stays in eval mode: dropout would make the fixed-point map random."""
@@ -230,50 +212,84 @@ class JointFineTuneModule(L.LightningModule):
             opt.zero_grad()
         return optimizers
 
+    def setup(self, stage: str) -> None:
+        """Under --trainer.strategy ddp_time the strategy's mesh (data replicas x time shards) is in
+        place before DDP wraps the module: keep the latents out of DDP (they are reduced by row)."""
+        mesh = getattr(self.trainer.strategy, "mesh", None) if self._trainer is not None else None
+        if mesh is not None:
+            self.mesh = mesh
+            self._ddp_params_and_buffers_to_ignore = list(DDP_IGNORED)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        sharding = getattr(self, "time_sharding", None)     # --trainer.strategy ddp_time
-        if sharding is not None:                            # (deqlit/lit/joint_sharding.py)
-            return sharding.training_step(self, batch)
-        index, x0 = batch["target"]
-        prior = batch["prior"][0] if isinstance(batch["prior"], (tuple, list)) else batch["prior"]
+        """One step on this process's data replica and time shard (one process: the whole batch
+        and chain).
+
+        Every process loads the whole global batch and initializes all its rows; a replica takes
+        its contiguous share of the batch and of the prior batch, whose timesteps and noise are
+        drawn for the global batch first, so nothing depends on the world size. The block that
+        holds x_0 adds the whole loss, the others backpropagate 0 * sum(X) (blocks.x0_objective).
+        Each replica's loss is its share of the global batch's mean times the replicas, so that the
+        network's gradient (ddp_time's DDP hook: sum over time, mean over data) and the latents'
+        (reduce_latent_rows: the same by row) equal one process's.
+        """
+        hp, mesh = self.hparams, self.mesh
+        index, images = batch["target"]
+        prior_all = batch["prior"][0] if isinstance(batch["prior"], (tuple, list)) else batch["prior"]
         index = index.long()
-        self.initialize_rows(index, x0)
-        x_T = self.latents(index)
-        X, X_star, fmap, stats = self.solve_chain(x_T)
-        recon = (X[0] - x0).pow(2).flatten(1).sum(1)                       # (B,)
-        chi2 = typicality_chi2(x_T)
-        loss = recon.mean() + self.hparams.typicality_weight * chi2.mean()
-        gen = self.step_generator()
-        if self.train_network and self.hparams.prior_weight > 0:
-            prior_loss = self.denoising_loss(prior, gen)
-            pixels = prior[0].numel()          # per-image sums, the reconstruction's scale
-            loss = loss + self.hparams.prior_weight * pixels * prior_loss
-        elif self.logged_now():      # frozen network: the curve only, on the steps that are logged
-            with torch.no_grad():
-                prior_loss = self.denoising_loss(prior, gen)
-        else:
-            prior_loss = None
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteError(f"joint fine-tuning diverged at step {self.global_step + 1}: "
-                                 f"the loss is {loss.item()}")
+        if len(index) < mesh.data or len(prior_all) < mesh.data:
+            raise UserInputError(f"a batch of {len(index)} images (prior {len(prior_all)}) for {mesh.data} "
+                                 f"data replicas: raise --joint.batch_size / --joint.prior_batch_size")
+        self.initialize_rows(index, images)          # all rows of the global batch, everywhere
+        mine, pmine = mesh.data_slice(len(index)), mesh.data_slice(len(prior_all))
+        idx, x0 = index[mine], images[mine]
+        x_T = self.latents(idx)
+        X, deq, stats = self.solve_chain(x_T)
+        share = mesh.data * len(idx) / len(index)
+        prior_share = mesh.data * (pmine.stop - pmine.start) / len(prior_all)
+        pixels = prior_all[0].numel()          # per-image sums, the reconstruction's scale
+        train_prior = self.train_network and hp.prior_weight > 0
+        terms: dict[str, torch.Tensor] = {}
+
+        def loss_of_x0(x0_hat: torch.Tensor) -> torch.Tensor:
+            terms["recon"] = (x0_hat - x0).pow(2).flatten(1).sum(1)             # (B,)
+            terms["chi2"] = typicality_chi2(x_T)
+            loss = share * (terms["recon"].mean() + hp.typicality_weight * terms["chi2"].mean())
+            if train_prior:
+                terms["prior"] = self.denoising_loss(prior_all, self.step_generator(), pmine)
+                loss = loss + hp.prior_weight * pixels * prior_share * terms["prior"]
+            return loss
+        objective = x0_objective(X, deq.block, loss_of_x0)
+        if not bool(torch.isfinite(mesh.world_sum(objective.detach().reshape(1).double().clone()))):
+            raise NonFiniteError(f"joint fine-tuning diverged at step {self.global_step + 1}: the loss "
+                                 f"is not finite")
         optimizers = self.zeroed_optimizers()
         self.set_learning_rates(optimizers)
-        self.manual_backward(loss)
-        every = self.hparams.compare_every
-        cosine = (self.gradient_cosine(fmap, X_star, x_T.detach(), x0)   # before the weights move
+        self.manual_backward(objective)       # the network's gradient: reduced by ddp_time's DDP hook
+        rows = reduce_latent_rows(self.latents.weight, index, mesh)
+        every = hp.compare_every
+        cosine = (self.gradient_cosine(deq, x_T.detach(), x0)       # before the weights move
                   if every and self.global_step % every == 0 else None)
         if self.train_network:
             net_opt = optimizers[1]
-            if self.hparams.grad_clip:
-                self.clip_gradients(net_opt, gradient_clip_val=self.hparams.grad_clip,
-                                    gradient_clip_algorithm="norm")
+            if hp.grad_clip:
+                self.clip_gradients(net_opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
             net_opt.optimizer.step()          # raw: global_step counts the latents' steps only
             self.ema.update_parameters(self.model)
         optimizers[0].step()
-        self.latents.renormalize(index)
-        self.log_step(x0, X[0].detach(), x_T.detach(), recon.detach(), chi2.detach(),
-                      None if prior_loss is None else prior_loss.detach(), stats, index, cosine)
-        return loss.detach()
+        self.latents.renormalize(rows)
+        # Logging: x_0 of the chain on every shard of the replica; the terms of this replica.
+        with torch.no_grad():
+            x0_hat = deq.first_state(X).detach()
+            recon = (x0_hat - x0).pow(2).flatten(1).sum(1)
+            chi2 = typicality_chi2(x_T.detach())
+            if "prior" in terms:
+                prior_loss = terms["prior"].detach()
+            elif self.logged_now():      # frozen network: the curve only, on the steps that are logged
+                prior_loss = self.denoising_loss(prior_all, self.step_generator(), pmine)
+            else:
+                prior_loss = None
+        self.log_step(x0, x0_hat, x_T.detach(), recon, chi2, prior_loss, stats, idx, cosine)
+        return objective.detach()
 
     # ---- logging ------------------------------------------------------------------------
     @torch.no_grad()
@@ -308,20 +324,21 @@ class JointFineTuneModule(L.LightningModule):
         every = getattr(self._trainer, "log_every_n_steps", 1) if self._trainer is not None else 1
         return self.global_step % max(1, every) == 0
 
-    def gradient_cosine(self, fmap: FixedPointMap, X_star: torch.Tensor, x_T: torch.Tensor,
-                        x0: torch.Tensor) -> torch.Tensor:
+    def gradient_cosine(self, deq: DEQSampler, x_T: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Cosine between the onestep and ift gradients of the reconstruction loss to the latents
         at this step's solution X* (the network frozen for this comparison only)."""
         flags = [p.requires_grad for p in self.model.parameters()]
         self.model.requires_grad_(False)
+        fmap, X_star = deq.last_map, deq.last_solution
         try:
             grads = []
             with torch.enable_grad():
                 for mode in ("onestep", "ift"):
                     leaf = x_T.clone().requires_grad_(True)
-                    X = attach_gradient(mode, fmap, X_star, leaf, tau=self.hparams.tau,
-                                        adjoint=self.adjoint)
-                    grads.append(torch.autograd.grad((X[0] - x0).pow(2).sum(), [leaf])[0].flatten())
+                    X = attach_gradient(mode, fmap, X_star, leaf, tau=self.hparams.tau, adjoint=self.adjoint)
+                    x0_objective(X, deq.block, lambda x0_hat: (x0_hat - x0).pow(2).sum()).backward()
+                    deq.reducer.sum_gradients([leaf])           # each time shard's part
+                    grads.append(leaf.grad.flatten())
         finally:
             for p, flag in zip(self.model.parameters(), flags):
                 p.requires_grad_(flag)
@@ -403,3 +420,22 @@ class JointFineTuneModule(L.LightningModule):
         """--resume: the files ran ahead of the checkpoint; put them back to its step."""
         if self.latents.store is not None:
             self.latents.store.rollback(int(checkpoint["global_step"]))
+
+
+def reduce_latent_rows(table: torch.Tensor, index: torch.Tensor, mesh: "LocalMesh | TimeMesh") -> torch.Tensor:
+    """The latents table's gradient on the rows of the global batch: summed over the world and
+    divided by the data replicas, set back as a sparse gradient on those rows (what one process's
+    embedding gives). A collective across processes. index (B,) the global batch; returns its
+    distinct rows."""
+    rows = torch.unique(index.to(table.device))
+    grad = table.grad
+    if grad is None:
+        dense = torch.zeros(len(rows), table.shape[1], dtype=table.dtype, device=table.device)
+    elif grad.is_sparse:
+        dense = grad.coalesce().index_select(0, rows).to_dense()
+    else:
+        dense = grad[rows].clone()
+    mesh.world_sum(dense).div_(mesh.data)
+    # rows: distinct and in range (torch.unique of the table's own indices)
+    table.grad = torch.sparse_coo_tensor(rows[None], dense, table.shape, check_invariants=False).coalesce()
+    return rows

@@ -50,7 +50,7 @@ class DDPTimeStrategy(DDPStrategy):
 
     @property
     def time_reducer(self) -> DistributedReducer:
-        """The reducer of this process's time group (for ShardedDEQSampler / generate)."""
+        """The reducer of this process's time group (for DEQSampler / generate)."""
         if self.mesh is None:
             raise RuntimeError("the ddp_time mesh is built in setup_distributed (when the Trainer starts)")
         return self.mesh.time_reducer()
@@ -60,6 +60,15 @@ class DDPTimeStrategy(DDPStrategy):
         if self.mesh is None:
             return super().distributed_sampler_kwargs
         return {"num_replicas": self.mesh.data, "rank": self.mesh.data_index}
+
+    def configure_ddp(self) -> None:
+        """DDP wraps the module only when it has a trainable parameter that DDP reduces: a module
+        whose trainable tensors it all reduces itself (joint fine-tuning of the latents alone, with
+        the network frozen) runs unwrapped, where DDP would refuse to start."""
+        module = self.model
+        ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+        if any(p.requires_grad for name, p in module.named_parameters() if name not in ignored):
+            super().configure_ddp()
 
     def _register_ddp_hooks(self) -> None:
         # Lightning registers communication hooks on CUDA only; this one is needed on any device.

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from deqlit.deq.reduce import LOCAL, LocalReducer
 from deqlit.parallel.distributed import DistributedReducer
 
 
@@ -48,9 +49,36 @@ class TimeMesh:
 
     def data_slice(self, n: int) -> slice:
         """This replica's contiguous share of n items (the first n mod data replicas get one more)."""
-        base, extra = divmod(n, self.data)
-        start = self.data_index * base + min(self.data_index, extra)
-        return slice(start, start + base + (1 if self.data_index < extra else 0))
+        return share_of(n, self.data, self.data_index)
+
+    def world_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of `value` over the whole world, in place and returned (a collective; no gradient)."""
+        dist.all_reduce(value)
+        return value
+
+
+@dataclass
+class LocalMesh:
+    """One process: one data replica of one time shard (the same protocol as TimeMesh)."""
+    data: int = 1
+    time: int = 1
+    rank: int = 0
+
+    def time_reducer(self) -> LocalReducer:
+        return LOCAL
+
+    def data_slice(self, n: int) -> slice:
+        return slice(0, n)
+
+    def world_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+def share_of(n: int, parts: int, index: int) -> slice:
+    """Part `index` of n items split into `parts` contiguous shares (the first n mod parts get one more)."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return slice(start, start + base + (1 if index < extra else 0))
 
 
 def build_time_mesh(time_shards: int) -> TimeMesh:

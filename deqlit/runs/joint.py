@@ -37,7 +37,7 @@ from deqlit.guards import RunInterrupted, UserInputError, atomic_torch_save
 from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions, refuse_existing_run
 from deqlit.lit.joint_data import JointDataModule, fine_tuning_count
 from deqlit.lit.joint_module import JointFineTuneModule, kurtosis, lag1_autocorrelation, typicality_chi2
-from deqlit.lit.joint_sharding import JointTimeSharding, distribution
+from deqlit.lit.joint_sharding import distribution
 from deqlit.runs.inversion import launched_worker
 from deqlit.runs.training import ExportEMA, SaveLast, resume_checkpoint
 from deqlit.runs.trainer import build_trainer
@@ -219,7 +219,7 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
                         accelerator=joint.get("accelerator", "auto"),
                         devices=joint.get("devices", 1), logger=TensorBoardLogger(str(out), name="tb", version=0),
                         callbacks=[checkpoint, export, SaveLatents(out / "latents.pt"), saver, *extra,
-                                   *([JointTimeSharding()] if section else [])],
+                                   ],
                         use_distributed_sampler=False,    # ddp_time: every process loads the global batch
                         log_every_n_steps=joint.get("log_every_n_steps", 1), fast_dev_run=fast_dev_run,
                         num_sanity_val_steps=0, enable_progress_bar=joint.get("progress_bar", True),
