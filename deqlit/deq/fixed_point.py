@@ -124,6 +124,20 @@ class FixedPointMap:
         """eps of this block's states from the last evaluation without gradient, (q_states - q0, B, ...)."""
         return self._eps
 
+    def scan_coefficients(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The chain's structure for newton_scan.py, per row x_i of the block: (sqrt(abar_i) (rows,),
+        the weight c_{i-1} of x_i's eps in the states below it (rows,; 0 for x_0), False: x_i's own
+        eps does not enter x_i), float64 on the CPU."""
+        c = torch.cat([torch.zeros(1, dtype=torch.float64), self.chain.c.double()])   # of x_0..x_T
+        rows = slice(self.block.start, self.block.stop)
+        return self.chain.abar.double().sqrt()[rows], c[rows], False
+
+    def row_eps(self) -> torch.Tensor:
+        """cached_eps aligned with the block's rows (rows, B, ...): zero for x_0, which makes no term."""
+        if self.block.start > 0:
+            return self._eps
+        return torch.cat([torch.zeros_like(self._eps[:1]), self._eps])
+
     def top_eps(self) -> Optional[torch.Tensor]:
         """eps(x_T) (B, C, H, W) on the last block (with a graph when x_T requires grad), else None."""
         return self._eps_top

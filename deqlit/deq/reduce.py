@@ -29,6 +29,11 @@ class LocalReducer:
         """Sum of `local_total` over the shards that hold earlier timesteps (here: none, so zero)."""
         return torch.zeros_like(local_total)
 
+    def compose_from_later(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The affine map U -> a U + b per image of the later shards composed, the last shard's
+        applied first, from every shard's block map (a (B,), b (B, ...)); here: none, the identity."""
+        return torch.ones_like(a), torch.zeros_like(b)
+
     def gather(self, value: torch.Tensor) -> torch.Tensor:
         """Every shard's `value` stacked in shard order, (K, ...) (here: (1, ...)). No gradient."""
         return value[None]

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
+from deqlit.deq.newton_scan import newton_scan
 from deqlit.deq.reduce import LOCAL, LocalReducer
 
 Map = Callable[..., torch.Tensor]
@@ -343,6 +344,7 @@ SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, SolverStats]]] = {
     "picard": picard,
     "anderson": anderson,
     "triangular-anderson": triangular_anderson,
+    "newton-scan": newton_scan,        # quasi-Newton, the correction a parallel scan (newton_scan.py)
 }
 
 

@@ -100,6 +100,17 @@ class DistributedReducer:
         totals = self.all_totals(local_total)
         return totals[:self.shard_index].sum(0)
 
+    def compose_from_later(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block maps U -> a U + b (a (B,), b (B, ...) per image) of the shards k' > k composed,
+        the last shard's applied first (identity on the last shard): one all_gather of K maps."""
+        flat = torch.cat([a[:, None].to(b.dtype), b.flatten(1)], dim=1)          # (B, 1 + D)
+        maps = self.all_totals(flat)                                              # (K, B, 1 + D)
+        A, Bv = torch.ones_like(a), torch.zeros_like(b)
+        for k in range(self.shards - 1, self.shard_index, -1):   # (a_k, b_k) o (A, Bv)
+            a_k, b_k = maps[k, :, 0].to(a.dtype), maps[k, :, 1:].reshape(b.shape)
+            A, Bv = a_k * A, a_k.reshape((-1,) + (1,) * (b.dim() - 1)).to(b.dtype) * Bv + b_k
+        return A, Bv
+
     def gather(self, value: torch.Tensor) -> torch.Tensor:
         """Every shard's `value` stacked in shard order, (K, ...). No gradient (flags, sizes)."""
         value = value.detach().contiguous()

@@ -1,0 +1,150 @@
+"""Quasi-Newton on the chain, its correction solved as a parallel scan (`newton-scan`).
+
+The maps. Both chain maps of deqlit have, in the solvers' row order (row r depends on rows >= r),
+the form
+    h(X)_r = s_r * ( k_r + sum_{r' in S(r)} w_{r'} eps(X_{r'}) ),                        (1)
+with constants k_r (x_T's or x_0's scaled state, the fixed eps(x_T) and the injected noise), the
+row's sqrt(abar) s_r, and the weight w_{r'} with which row r' enters through its noise prediction:
+  forward (fixed_point.py, Eq. 10): row r = x_r, w_r = c_{r-1} (0 for x_0), S(r) = {r' > r};
+  inverse (inverse_map.py, Eq. 3):  row r = x_{T-r}, w_r = -c_{T-r-1},      S(r) = {r' >= r}.
+The map reports (s, w, inclusive = whether r is in S(r)) by `scan_coefficients()` and the eps of
+every row's state at its last call by `row_eps()` (zero for a row that makes no term).
+
+Newton. Solve X = h(X) by X <- X + dX with (I - J_h) dX = R, R = h(X) - X the residual. With the
+network's Jacobian modelled by one scalar per row and image, eps(x_r + dx) ~ eps(x_r) + g_r dx,
+    dX_r = s_r U_r + R_r,      U_r = sum_{r' in S(r)} w_{r'} g_{r'} dX_{r'},                 (2)
+so the new iterate is X_r + dX_r = h(X)_r + s_r U_r: Picard's update plus a correction that needs
+no network call. U obeys a first-order linear recurrence from the top (U = 0 above the top row:
+x_T, or x_0, is not an unknown). Writing p_r = w_r g_r:
+  exclusive (forward):  U_{r-1} = (1 + p_r s_r) U_r + p_r R_r      =: phi_r(U_r),
+  inclusive (inverse):  U_r = (U_{r+1} + p_r R_r) / (1 - p_r s_r)  =: phi_r(U_{r+1}),
+each phi_r(U) = a_r U + b_r affine, a_r (B,) per image, b_r (B, C, H, W). Then
+    U_r = (phi_{r+1} o ... o phi_top)(0)  (exclusive),   U_r = (phi_r o ... o phi_top)(0)  (inclusive).  (3)
+Composition (a2, b2) o (a1, b1) = (a2 a1, a2 b1 + b2) is associative, so the prefixes of (3) are
+a parallel scan: log2(rows) vectorized steps (Hillis-Steele), no loop over T. Under time shards each
+shard composes its block into one map per image; the blocks exchange these (one all_gather of K
+maps) and each applies the composition of the later blocks' maps to 0 as its block's incoming U
+(the reducer's `compose_from_later`, an affine generalization of the carry of cumulative sums).
+g = 0 gives Picard exactly (DEER / quasi-DEER: Lim et al. 2023, Gonzalez et al. 2024).
+
+The Jacobian model (shared/paper.md, measured on the shipped model): at the first call
+g_r = 1 / sqrt(1 - abar_r), the eps Jacobian of pure noise (for eps(x) = (x - s x0) / sqrt(1 - abar)
+with x0 fixed, (2) is then exact); afterwards the secant of the last two iterates,
+g_r = <eps(x_r) - eps(x'_r), x_r - x'_r> / ||x_r - x'_r||^2, kept where x_r did not move.
+
+Triangular guarantee (forward). A row whose input X_r and every later row's are exact has R = 0
+there, so U_r = 0 on it and on the row below: the update is Picard's on the settled rows, and the
+shared loop (solvers._run) also copies h(X) onto them. So after n calls the rows >= T - n are
+exact and the solve ends exact at n = T, as for every solver.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+
+from deqlit.deq.reduce import LOCAL, LocalReducer
+
+if TYPE_CHECKING:
+    from deqlit.deq.solvers import SolverStats
+
+Map = Callable[..., torch.Tensor]
+
+
+def compose_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive prefix compositions of affine maps in application order: map k is applied after
+    maps 0..k-1, and out[k] = phi_k o ... o phi_0.
+
+    a (R, B), b (R, B, ...) -> (A (R, B), Bv (R, B, ...)) with phi(U) = a U + b per image.
+    Hillis-Steele: ceil(log2 R) rounds of one vectorized composition each.
+    """
+    view = a.shape + (1,) * (b.dim() - a.dim())
+    A, Bv = a, b
+    shift = 1
+    while shift < a.shape[0]:
+        # out[k] <- out[k] o out[k - shift] for k >= shift.
+        Bv = torch.cat([Bv[:shift], A[shift:].reshape((-1,) + view[1:]) * Bv[:-shift] + Bv[shift:]])
+        A = torch.cat([A[:shift], A[shift:] * A[:-shift]])
+        shift *= 2
+    return A, Bv
+
+
+def row_maps(scale: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, residual: torch.Tensor,
+             inclusive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine maps phi_r of the recurrence for U (module header, (2)-(3)).
+
+    scale, weight (R,); g (R, B); residual (R, B, ...) -> a (R, B), b (R, B, ...).
+    """
+    p = weight[:, None] * g                                  # (R, B)
+    ps = p * scale[:, None]
+    a = 1.0 / (1.0 - ps) if inclusive else 1.0 + ps
+    coef = (a * p if inclusive else p).to(residual.dtype)
+    return a.to(residual.dtype), coef.reshape(coef.shape + (1,) * (residual.dim() - 2)) * residual
+
+
+def scan_correction(scale: torch.Tensor, weight: torch.Tensor, inclusive: bool, g: torch.Tensor,
+                    residual: torch.Tensor, reducer: LocalReducer = LOCAL) -> torch.Tensor:
+    """U of (2) on this block's rows: (R, B, ...). scale, weight (R,), g (R, B), residual (R, B, ...).
+
+    The rows run top (last row, next to the fixed end) first; the incoming U at the block's top is
+    the later blocks' composed maps applied to 0 (zero on the last block and in one process).
+    """
+    a, b = row_maps(scale, weight, g, residual, inclusive)
+    A, Bv = compose_scan(a.flip(0), b.flip(0))               # top first
+    carry_a, carry_b = reducer.compose_from_later(A[-1], Bv[-1])   # the block's map: all its rows
+    del carry_a                                              # applied to U = 0 above the top
+    if not inclusive:                                        # U_r takes the maps of rows > r only
+        A = torch.cat([torch.ones_like(A[:1]), A[:-1]])
+        Bv = torch.cat([torch.zeros_like(Bv[:1]), Bv[:-1]])
+    U = A.reshape(A.shape + (1,) * (Bv.dim() - 2)) * carry_b[None] + Bv
+    return U.flip(0)
+
+
+def secant(g: torch.Tensor, eps: torch.Tensor, eps_prev: torch.Tensor, x: torch.Tensor,
+           x_prev: torch.Tensor) -> torch.Tensor:
+    """<d eps, d x> / <d x, d x> per row and image, float64; g (R, B) kept where x did not move.
+
+    eps, eps_prev, x, x_prev (R, B, ...) -> (R, B).
+    """
+    dx = (x - x_prev).double().flatten(2)
+    de = (eps - eps_prev).double().flatten(2)
+    dxx = (dx * dx).sum(-1)
+    moved = dxx > 1e-30 * (x.double().flatten(2).pow(2).sum(-1) + 1e-30)
+    return torch.where(moved, (de * dx).sum(-1) / dxx.clamp(min=1e-300), g)
+
+
+def chain_structure(f: Map) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    if not (hasattr(f, "scan_coefficients") and hasattr(f, "row_eps")):
+        raise TypeError("newton-scan needs the chain's structure from the map itself: pass a "
+                        "FixedPointMap or InverseChainMap (scan_coefficients, row_eps), not a "
+                        "wrapper function; or use picard / triangular-anderson")
+    return f.scan_coefficients()
+
+
+def newton_scan(f: Map, x0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3,
+                freeze: bool = False, reducer: LocalReducer = LOCAL, triangular: bool = True,
+                callback=None) -> tuple[torch.Tensor, SolverStats]:
+    """Quasi-Newton on the chain (module header): X <- h(X) + s U, U from a scan of affine maps,
+    with one scalar secant Jacobian of eps per row and image. f must be the chain map itself.
+
+    x0 (R, B, C, H, W): this block's rows. Same contract and loop as the other solvers
+    (solvers._run): per-image stop, stats as tensors, NaN raised with the iteration, and on the
+    forward chain at most T calls.
+    """
+    from deqlit.deq.solvers import _run       # solvers.py registers this solver: import at call time
+    scale, weight, inclusive = chain_structure(f)
+    dtype = torch.float64
+    scale, weight = scale.to(device=x0.device, dtype=dtype), weight.to(device=x0.device, dtype=dtype)
+    prior = (1.0 - scale.pow(2)).clamp(min=1e-12).rsqrt()[:, None].expand(-1, x0.shape[1])
+    state: dict[str, Optional[torch.Tensor]] = {"g": prior.clone(), "eps": None}
+
+    def mix(xs, fxs, gs):
+        eps = f.row_eps().clone()
+        if state["eps"] is not None and len(xs) >= 2:
+            state["g"] = secant(state["g"], eps, state["eps"], xs[-1], xs[-2])
+        state["eps"] = eps
+        U = scan_correction(scale, weight, inclusive, state["g"], gs[-1], reducer)
+        return fxs[-1] + scale.to(U.dtype).reshape((-1,) + (1,) * (U.dim() - 1)) * U
+
+    return _run("newton-scan", f, x0, max_iter=max_iter, tol=tol, mix=mix, m=2, freeze=freeze,
+                reducer=reducer, triangular=triangular, callback=callback)
