@@ -10,7 +10,7 @@ from deqlit.deq.layer import DEQSampler
 from deqlit.deq.solvers import SolverDivergedError, solve
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas, timestep_sequence
 from deqlit.diffusion.sequential import ddim_sample
-from tests.conftest import GaussianDataNoise
+from tests.conftest import GaussianDataNoise, perturbed_unet
 from tests.tiny import GradRowCounter
 
 ABAR = alphas_cumprod(linear_betas())
@@ -42,6 +42,24 @@ def test_picard_equals_sequential_ddim_after_exactly_T_iterations(net64, T, skip
     assert stats.iterations == len(seq)            # stops at T: exact there
     assert (X[0] - states[0]).abs().max() <= 1e-5
     assert (X - states).abs().max() <= 1e-5        # every state, not only x_0
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_sequential_solver_is_ddim_one_state_a_call(eta):
+    """The registered 'sequential' solver through the fixed-point map: every state of
+    diffusion.sequential.ddim_sample's chain (the oracle), T calls, one network row per call."""
+    T = 12
+    model = perturbed_unet(dtype=torch.float64)
+    chain = Chain.build(ABAR, T, eta=eta)
+    x_T, noise = chain_inputs(T, eta, seed=4)
+    with torch.no_grad():
+        states = ddim_sample(model, x_T, chain, noise=noise, return_all=True)
+        deq = DEQSampler(model, chain, "sequential")
+        X, stats = deq(x_T, noise)
+    assert stats.iterations == T and stats.network_rows == T       # T - 1 states + x_T
+    assert (X - states).abs().max() <= 1e-10
+    with pytest.raises(TypeError, match="takes no option"):
+        solve("sequential", deq.make_map(), X, max_iter=3)
 
 
 class StiffNoise(torch.nn.Module):

@@ -46,6 +46,25 @@ def loss_weights(batch: int = 2) -> torch.Tensor:
     return torch.randn(T, batch, 1, 8, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
 
 
+GRAD_CASES = [(mode, trainable) for mode in ("onestep", "ift") for trainable in (False, True)]
+
+
+def gradients(mode: str, trainable: bool, reducer=LOCAL) -> dict:
+    """d/d(x_T, noise, weights) of a weighted sum of all chain states, through grad `mode`; each
+    shard's parts summed over the group (one process: the gradients themselves)."""
+    model = GaussianDataNoise(dtype=torch.float64).requires_grad_(trainable)
+    x_T, noise = inputs(0.5)
+    x_T.requires_grad_(True)
+    noise.requires_grad_(True)
+    sampler = DEQSampler(model, Chain.build(ABAR, T, eta=0.5), "anderson", options(False), grad=mode,
+                         reducer=reducer)
+    X, _ = sampler(x_T, noise)
+    (loss_weights()[sampler.block.start:sampler.block.stop] * X).sum().backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    reducer.sum_gradients([x_T, noise, *params])
+    return dict(x_T=x_T.grad, noise=noise.grad, params=[p.grad for p in params])
+
+
 # ---- the processes ---------------------------------------------------------------------------
 class NaNOnShard(torch.nn.Module):
     """Returns NaN from its `at`-th call on shard `shard` only."""
@@ -100,17 +119,15 @@ def run_cases(job: str, reducer) -> dict:
                                               iterations=stats.iterations, network_rows=stats.network_rows,
                                               rel=stats.rel_residual, rows=max(rows_seen),
                                               held=sampler.last_map.rows_held())
-        for trainable in (False, True) if job == "world2" else ():
-            model = GaussianDataNoise(dtype=torch.float64).requires_grad_(trainable)
-            chain = Chain.build(ABAR, T, eta=0.5)
+        for mode, trainable in GRAD_CASES if job == "world2" else ():
+            out[("grad", mode, trainable)] = gradients(mode, trainable, reducer)
+        if job == "world2":     # the chain one state a call, through the same block map
             x_T, noise = inputs(0.5)
-            x_T.requires_grad_(True)
-            sampler = DEQSampler(model, chain, "anderson", options(False), grad="onestep", reducer=reducer)
-            X, _ = sampler(x_T, noise)
-            (loss_weights()[sampler.block.start:sampler.block.stop] * X).sum().backward()
-            params = [p for p in model.parameters() if p.requires_grad]
-            reducer.sum_gradients([x_T, *params])
-            out[("grad", trainable)] = dict(x_T=x_T.grad, params=[p.grad for p in params])
+            with torch.no_grad():
+                sampler = DEQSampler(net, Chain.build(ABAR, T, eta=0.5), "sequential", reducer=reducer)
+                X, stats = sampler(x_T, noise)
+            out["sequential"] = dict(X=X, x_0=sampler.first_state(X), network_rows=stats.network_rows,
+                                     iterations=stats.iterations)
     if job == "world4":
         # The same 4 processes as a data 2 x time 2 mesh: replica d samples image d of the batch.
         from deqlit.parallel.mesh import build_time_mesh
@@ -302,20 +319,35 @@ def test_per_process_state_is_a_block_of_rows(sharded, world):
     assert max(held) <= one * (1 / world + 0.2)
 
 
-@pytest.mark.parametrize("trainable", [False, True])
-def test_sharded_one_step_gradient_equals_one_process(sharded, trainable):
-    model = GaussianDataNoise(dtype=torch.float64).requires_grad_(trainable)
-    x_T, noise = inputs(0.5)
-    x_T.requires_grad_(True)
-    X, _ = DEQSampler(model, Chain.build(ABAR, T, eta=0.5), "anderson", options(False), grad="onestep")(x_T, noise)
-    (loss_weights() * X).sum().backward()
+@pytest.mark.parametrize("mode,trainable", GRAD_CASES)
+def test_sharded_gradients_equal_one_process(sharded, mode, trainable):
+    """onestep and the exact ift gradient (its adjoint solved over the shards, rows in reversed
+    shard order), to x_T, the injected noise and the weights: one process's to 1e-8."""
+    one = gradients(mode, trainable)
     for rank in sharded(2):
-        got = rank[("grad", trainable)]
-        assert torch.allclose(got["x_T"], x_T.grad, rtol=1e-8, atol=1e-10)
-        params = [p for p in model.parameters() if p.requires_grad]
-        assert len(got["params"]) == len(params)
-        for g, p in zip(got["params"], params):
-            assert torch.allclose(g, p.grad, rtol=1e-8, atol=1e-10)
+        got = rank[("grad", mode, trainable)]
+        assert torch.allclose(got["x_T"], one["x_T"], rtol=1e-8, atol=1e-10)
+        assert torch.allclose(got["noise"], one["noise"], rtol=1e-8, atol=1e-10)
+        assert len(got["params"]) == len(one["params"]) and (len(one["params"]) > 0) == trainable
+        for g, p in zip(got["params"], one["params"]):
+            assert torch.allclose(g, p, rtol=1e-8, atol=1e-10)
+    if mode == "ift":       # a different gradient from onestep's: the test can tell them apart
+        assert not torch.allclose(one["x_T"], gradients("onestep", trainable)["x_T"], rtol=1e-3)
+
+
+def test_sequential_solver_on_shards_is_the_sequential_chain(sharded):
+    """The registered sequential solver over 2 time shards (eta 0.5): the chain of
+    diffusion.sequential.ddim_sample (the independent oracle), T network rows per image."""
+    from deqlit.diffusion.sequential import ddim_sample
+    x_T, noise = inputs(0.5)
+    with torch.no_grad():
+        oracle = ddim_sample(GaussianDataNoise(dtype=torch.float64), x_T, Chain.build(ABAR, T, eta=0.5), noise=noise)
+    ranks = sharded(2)
+    for rank in ranks:
+        got = rank["sequential"]
+        assert (got["x_0"] - oracle).abs().max() <= 1e-10
+        assert got["network_rows"] == T and got["iterations"] == T
+    assert torch.cat([rank["sequential"]["X"] for rank in ranks]).shape[0] == T
 
 
 def test_nan_on_one_process_raises_the_same_error_on_all(sharded):
