@@ -94,7 +94,6 @@ def joint_step(mesh=None) -> dict:
     from deqlit.lit.joint_module import typicality_chi2
     from deqlit.deq.blocks import x0_objective
     from deqlit.parallel.gradients import sum_time_mean_data
-    from deqlit.deq.layer import DEQSampler
     model = GaussianDataNoise(dtype=torch.float64).requires_grad_(True)
     chain = Chain.build(ABAR, T)
     x0_all = targets()
@@ -157,19 +156,19 @@ def run_job(job: str) -> dict:
 
 
 def worker(rank: int, world: int, port: int, job: str, out_dir: str) -> None:
-    from tests.test_sharding import run_in_group
+    from tests.processes import run_in_group
     run_in_group(rank, world, port, out_dir, 180, lambda: run_job(job))   # 180 s: a loaded CPU
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     """world -> per-rank results of the job 'world2' or 'world4', started once per world size."""
-    from tests.test_sharding import launch
+    from tests.processes import launch
     cache: dict[int, list[dict]] = {}
 
     def get(world: int) -> list[dict]:
         if world not in cache:
-            results = launch(world, f"world{world}", tmp_path_factory.mktemp(f"inv{world}"), target=worker)
+            results = launch(world, f"world{world}", tmp_path_factory.mktemp(f"inv{world}"), worker)
             for r, res in enumerate(results):
                 assert res is not None and "error" not in res, f"rank {r}: {res and res.get('trace')}"
             cache[world] = [res["cases"] for res in results]

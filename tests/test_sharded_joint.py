@@ -116,8 +116,8 @@ def one_process():
 
 
 def sharded(world: int, folder: Path) -> list[dict]:
-    from tests.test_sharding import launch
-    results = launch(world, f"world{world}", folder, target=worker)
+    from tests.processes import launch
+    results = launch(world, f"world{world}", folder, worker)
     for r, res in enumerate(results):
         assert res is not None and "error" not in res, f"rank {r}: {res and res.get('trace')}"
     return [res["cases"] for res in results]

@@ -4,23 +4,21 @@ gloo process groups on CPU in spawned subprocesses, each running all its cases i
 from __future__ import annotations
 
 import os
-import socket
 import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from deqlit.deq.layer import DEQSampler
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from deqlit.deq.blocks import time_blocks
 from deqlit.deq.reduce import LOCAL
+from tests import processes
 from tests.conftest import GaussianDataNoise
+from tests.processes import run_in_group
 
 ABAR = alphas_cumprod(linear_betas())
 T = 11                                   # divisible by neither 2 nor 4
@@ -175,58 +173,15 @@ def run_cases(job: str, reducer) -> dict:
     return out
 
 
-def run_in_group(rank: int, world: int, port: int, out_dir: str, timeout_s: float, body) -> None:
-    """A spawned test process: join a gloo group, run body() -> cases, and save
-    {"cases", "seconds"} (or the error and its trace) as rank{rank}.pt for the test to judge."""
-    torch.set_num_threads(1)
-    result: dict = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=timeout_s))
-        start = time.monotonic()
-        result = {"cases": body(), "seconds": time.monotonic() - start}
-    except Exception as err:      # reported to the test, which decides
-        result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    if dist.is_initialized() and "error" not in result:
-        dist.destroy_process_group()
-
-
 def worker(rank: int, world: int, port: int, job: str, out_dir: str) -> None:
     from deqlit.parallel.distributed import DistributedReducer
     run_in_group(rank, world, port, out_dir, STALL_TIMEOUT_S if job == "stall" else 30,
                  lambda: run_cases(job, DistributedReducer()))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(world: int, job: str, out_dir: Path, wait_s: float = 240.0, target=None) -> list[dict]:
-    """Start `world` processes on `job`; wait at most wait_s for all; results per rank (None: none).
-    target: the process function, with worker's signature (default: worker)."""
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=target or worker, args=(r, world, port, job, str(out_dir)))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + wait_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {wait_s} s"
-    results = []
-    for r in range(world):
-        path = out_dir / f"rank{r}.pt"
-        results.append(torch.load(path, weights_only=False) if path.exists() else None)
-    return results
+def launch(world: int, job: str, out_dir: Path, wait_s: float = 240.0) -> list[dict]:
+    """processes.launch with this module's worker."""
+    return processes.launch(world, job, out_dir, worker, wait_s)
 
 
 @pytest.fixture(scope="module")

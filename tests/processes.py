@@ -1,0 +1,64 @@
+"""The multi-process test harness: spawned gloo process groups on CPU, each process saving its
+results for the test to judge (test_sharding, test_sharded_inversion, test_sharded_joint)."""
+from __future__ import annotations
+
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run_in_group(rank: int, world: int, port: int, out_dir: str, timeout_s: float, body) -> None:
+    """A spawned test process: join a gloo group, run body() -> cases, and save
+    {"cases", "seconds"} (or the error and its trace) as rank{rank}.pt for the test to judge."""
+    torch.set_num_threads(1)
+    result: dict = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=timeout_s))
+        start = time.monotonic()
+        result = {"cases": body(), "seconds": time.monotonic() - start}
+    except Exception as err:      # reported to the test, which decides
+        result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    if dist.is_initialized() and "error" not in result:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, job: str, out_dir: Path, target: Callable, wait_s: float = 240.0) -> list[dict]:
+    """Start `world` processes of target(rank, world, port, job, out_dir) (a module-level function,
+    for spawn); wait at most wait_s for all; results per rank as saved by run_in_group (None: none)."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, job, str(out_dir)))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + wait_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} still running after {wait_s} s"
+    results = []
+    for r in range(world):
+        path = out_dir / f"rank{r}.pt"
+        results.append(torch.load(path, weights_only=False) if path.exists() else None)
+    return results
+
+
