@@ -12,7 +12,7 @@ from deqlit.deq.newton_scan import scan_correction
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from tests.conftest import GaussianDataNoise
-from tests.test_sharding import launch, run_in_group
+from tests.processes import launch, run_in_group
 
 ABAR = alphas_cumprod(linear_betas())
 T = 11
@@ -64,7 +64,7 @@ def worker(rank: int, world: int, port: int, job: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_shards(tmp_path_factory):
-    results = launch(2, "newton-scan", tmp_path_factory.mktemp("newton_scan"), target=worker)
+    results = launch(2, "newton-scan", tmp_path_factory.mktemp("newton_scan"), worker)
     for r, res in enumerate(results):
         assert res is not None and "error" not in res, f"rank {r}: {res and res.get('trace')}"
     return [res["cases"] for res in results]
