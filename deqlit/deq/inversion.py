@@ -12,6 +12,9 @@ Methods (paper Algorithms 1 and 2):
 - exact: no optimization: the latents of the exact inverse chain (deqlit.diffusion.inverse),
   which the start `init: exact` also uses before the gradient method refines them.
 
+Restoration (deq/degradations.py): with task inpaint or super-resolution the loss compares
+A(x_0) with y = A(target) only, and the model completes the rest (deq and baseline).
+
 Every image is optimized on its own: per-image seeds, Adam (elementwise), a per-image early stop,
 per-image solver stops (deq/solvers.py) and a per-image warm-start shift. So an image's latent
 does not depend on the batch size, on which images share its batch, or on the number of
@@ -29,6 +32,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from deqlit.deq.blocks import all_rows, x0_objective
+from deqlit.deq.degradations import check_task, make_degradation
 from deqlit.deq.layer import DEQSampler
 from deqlit.deq.solvers import get_solver, option_defaults
 from deqlit.deq.warm_start import shifted_warm_start
@@ -61,6 +65,9 @@ class InversionSettings:
     optimize_noise: bool = False
     grad_checkpointing: bool = False
     exact: dict[str, Any] = field(default_factory=dict)   # options of the exact inverse solve
+    task: str = "reconstruct"      # or inpaint / super-resolution: the loss sees A(x_0) only
+    mask: str = "center"           # inpaint: center, random:P or a PNG (white = known)
+    factor: int = 2                # super-resolution: the average-pooling factor
 
     def validate(self) -> "InversionSettings":
         """Raise ValueError naming the first bad value and its allowed range."""
@@ -79,6 +86,13 @@ class InversionSettings:
         need(math.isfinite(self.early_stop_loss) and self.early_stop_loss >= 0,
              f"early_stop_loss must be >= 0, got {self.early_stop_loss!r}")
         need(0 < self.tau <= 1, f"tau must be in (0, 1], got {self.tau!r}")
+        check_task(self.task, self.mask, self.factor)
+        need(self.task == "reconstruct" or self.method != "exact",
+             f"--task {self.task} knows only part of each image, and exact inversion inverts whole "
+             f"images: use --method deq (the DEQ gradient method) or --method baseline")
+        need(self.task == "reconstruct" or self.init != "exact",
+             f"--task {self.task}: init 'exact' inverts whole images; use --init gaussian or "
+             f"ddim-inversion (of the degraded image)")
         get_solver(self.solver)
         unknown = set(self.solver_options) - set(option_defaults(self.solver))
         need(not unknown, f"solver {self.solver!r} takes no option(s) {sorted(unknown)}; it accepts "
@@ -173,13 +187,19 @@ class BatchInverter:
             raise ValueError("the images hold NaN/Inf values: check the dataset files")
         self.model, self.chain, self.targets = model, chain, targets
         self.indices, self.settings = [int(i) for i in indices], settings
+        # What the loss sees of each image: y = A(x_0) (all of it for plain inversion), and the
+        # image a person is shown of y, which also seeds the DDIM-inversion start and warm start.
+        self.degradation = make_degradation(settings.task, settings.mask, settings.factor, targets,
+                                            self.indices, settings.seed)
+        self.observed = self.degradation.apply(targets)
+        self.shown = self.degradation.shown(self.observed, targets)
         self.started = time.perf_counter()
         self.seconds_before = 0.0             # time spent before a resume
         B = targets.shape[0]
         # reducer: a time group's (deqlit/parallel): its processes hold the same images and latents
         # and split the T chain rows (each holds its block); LOCAL: the block of all rows.
         self.reducer = reducer
-        x_T, noise, self.exact_report = draw_start(model, chain, targets, self.indices, settings,
+        x_T, noise, self.exact_report = draw_start(model, chain, self.shown, self.indices, settings,
                                                    max_batch, reducer)
         self.start_latents = x_T.detach().clone()
         # Per-batch leaves: Lightning's configure_optimizers holds optimizers of module parameters,
@@ -208,7 +228,7 @@ class BatchInverter:
         self.active = torch.ones(B, dtype=torch.bool, device=device)
         self.warm: Optional[torch.Tensor] = None       # last solution X (T or block rows, B, C, H, W)
         self.warm_x_T: Optional[torch.Tensor] = None   # the x_T it was solved for
-        self.data_var = targets.flatten(1).var(1)      # (B,) s^2 of each image's warm-start model
+        self.data_var = self.shown.flatten(1).var(1)   # (B,) s^2 of each image's warm-start model
         self.all_stopped = settings.method == "exact"
 
     # ---- the forward models ---------------------------------------------------------------
@@ -249,7 +269,7 @@ class BatchInverter:
             losses: dict[str, torch.Tensor] = {}
 
             def loss_of_x0(x0_hat: torch.Tensor) -> torch.Tensor:
-                losses["per_image"] = frobenius_loss(x0_hat, self.targets)
+                losses["per_image"] = self.degradation.loss(x0_hat, self.observed)
                 # Early stopping decides on the loss before this step (the first step: all active).
                 if k > 0:
                     losses["active"] = losses["per_image"].detach() >= s.early_stop_loss
@@ -295,7 +315,7 @@ class BatchInverter:
             self.best_noise = self.noise.detach().clone() if self.noise is not None else None
         recon = self.exact_x0(self.best_latents, self.best_noise)
         initial = self.exact_x0(self.start_latents, None if self.noise is None else self.noise.detach())
-        exact_loss = frobenius_loss(recon, self.targets)
+        exact_loss = self.degradation.loss(recon, self.observed)
         if self.settings.method == "exact":
             self.best_loss = exact_loss
         seconds = self.seconds_before + time.perf_counter() - self.started
@@ -304,11 +324,15 @@ class BatchInverter:
             "x_T": self.best_latents.float().cpu(),
             "noise": None if self.best_noise is None else self.best_noise.float().cpu(),
             "targets": self.targets.float().cpu(),
+            "task": self.settings.task,
+            "observed_shown": self.shown.float().cpu(),          # the degraded input, image-sized
+            "unknown": None if self.degradation.unknown(self.targets) is None
+            else self.degradation.unknown(self.targets).cpu(),   # (B, 1, H, W) bool, inpainting
             "initial": initial.float().cpu(),
             "reconstructions": recon.float().cpu(),
             "min_loss": self.best_loss.cpu(),
             "final_loss": self.last_loss.cpu(),
-            "initial_loss": frobenius_loss(initial, self.targets).cpu(),
+            "initial_loss": self.degradation.loss(initial, self.observed).cpu(),
             "exact_loss": exact_loss.cpu(),
             "loss_history": self.loss_history[:, :max(self.step_index, 1)].cpu(),
             "iterations": self.iterations_history[:, :max(self.step_index, 1)].cpu(),

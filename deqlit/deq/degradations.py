@@ -1,0 +1,146 @@
+"""What a restoration knows of an image, y = A(x_0), and the loss that compares a chain's x_0 with it.
+
+Inversion finds the x_T with DEQ(x_T)_0 = x_0 (the paper's loss ||DEQ(x_T)_0 - x_0||_F^2). When only
+y = A(x_0) is known, the same DEQ gradient method (Algorithm 2) minimizes
+    L(x_T) = ||A(DEQ(x_T)_0) - y||_F^2                                  (per image)
+and the model completes what A hides: the latent must regenerate the known part, and the rest is
+whatever the chain from that latent makes of it. Exact inversion cannot do this (it inverts the
+whole image); the baseline (Algorithm 1) can, through the sequential chain.
+
+Two degradations, both linear:
+- inpainting: A(x) = M * x with a mask M of known pixels (1 known, 0 unknown) per image:
+  'center' (a centred square of about 25% of the pixels unknown), 'random:P' (each pixel unknown
+  with probability P, from the image's own generator, so a mask does not depend on the batch),
+  or a PNG file (white = known, resized to the images with nearest neighbours);
+- super-resolution: A(x) = f x f average pooling (the box filter a sensor integrates), factor f.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+TASKS = ("reconstruct", "inpaint", "super-resolution")
+
+
+@dataclass
+class Degradation:
+    """A(x) for one batch: `mask` (B, 1, H, W) of known pixels (inpainting) or `factor` (> 1:
+    average pooling, super-resolution); neither: the identity (plain inversion)."""
+    mask: Optional[torch.Tensor] = None
+    factor: int = 1
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """y = A(x): (B, C, H, W) -> (B, C, H, W) (inpainting) or (B, C, H / f, W / f)."""
+        if self.mask is not None:
+            return x * self.mask.to(x)
+        if self.factor > 1:
+            return F.avg_pool2d(x, self.factor)
+        return x
+
+    def loss(self, x0_hat: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """||A(x0_hat) - y||_F^2 per image, (B,)."""
+        return (self.apply(x0_hat) - observed).pow(2).flatten(1).sum(1)
+
+    def shown(self, observed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """What a person is shown of y at the images' size (B, C, H, W): the known pixels with the
+        unknown ones set to the mean of the known (inpainting), or y upsampled bicubically (SR).
+        It is also the start of a DDIM-inversion init."""
+        if self.mask is not None:
+            mask = self.mask.to(like)
+            known = mask.expand_as(like).flatten(1).sum(1).clamp(min=1)
+            mean = (observed.flatten(1).sum(1) / known).reshape(-1, 1, 1, 1)
+            return observed + (1 - mask) * mean
+        if self.factor > 1:
+            up = F.interpolate(observed, size=like.shape[-2:], mode="bicubic", align_corners=False)
+            return up.clamp(-1, 1)
+        return observed
+
+    def unknown(self, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The pixels A hides, (B, 1, H, W) bool (inpainting); None where every pixel is blurred
+        alike (super-resolution: the metrics there are on the whole image)."""
+        return None if self.mask is None else self.mask.to(like.device) < 0.5
+
+
+def center_mask(height: int, width: int, fraction: float = 0.25) -> torch.Tensor:
+    """(1, 1, H, W): 1 outside a centred square holding about `fraction` of the pixels."""
+    side_h = max(1, round(height * math.sqrt(fraction)))
+    side_w = max(1, round(width * math.sqrt(fraction)))
+    top, left = (height - side_h) // 2, (width - side_w) // 2
+    mask = torch.ones(1, 1, height, width)
+    mask[..., top:top + side_h, left:left + side_w] = 0
+    return mask
+
+
+def random_mask(height: int, width: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """(1, 1, H, W): each pixel unknown (0) with probability `fraction`."""
+    return (torch.rand(1, 1, height, width, generator=generator) >= fraction).float()
+
+
+def file_mask(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """(1, 1, H, W) from a PNG: white (>= 128) = known; resized with nearest neighbours."""
+    from PIL import Image
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask file {path} does not exist: pass --mask center, "
+                                f"--mask random:0.5 or the path of a PNG (white = known pixels)")
+    try:
+        with Image.open(path) as img:
+            grey = img.convert("L").resize((width, height), Image.NEAREST)
+            values = torch.tensor(list(grey.getdata()), dtype=torch.float32).reshape(1, 1, height, width)
+    except OSError as err:
+        raise ValueError(f"mask file {path} is not a readable image ({err}): save it as a PNG, "
+                         f"white = known pixels") from err
+    mask = (values >= 128).float()
+    if mask.min() == 1:
+        raise ValueError(f"mask file {path} marks every pixel as known (white): paint the pixels to "
+                         f"restore black")
+    return mask
+
+
+def check_task(task: str, mask: str, factor: int) -> None:
+    """Raise ValueError naming a bad task, mask or factor and what is accepted."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    if task == "inpaint":
+        if mask.startswith("random:"):
+            try:
+                p = float(mask.split(":", 1)[1])
+            except ValueError:
+                p = math.nan
+            if not 0 < p < 1:
+                raise ValueError(f"--mask {mask}: the fraction of unknown pixels must be in (0, 1), "
+                                 f"e.g. --mask random:0.5")
+        elif mask != "center" and not mask.lower().endswith(".png"):
+            raise ValueError(f"unknown mask {mask!r}: use center, random:P (0 < P < 1) or a PNG file")
+    if task == "super-resolution" and (not isinstance(factor, int) or factor < 2):
+        raise ValueError(f"super-resolution needs an integer --factor >= 2, got {factor!r}")
+
+
+def make_degradation(task: str, mask: str, factor: int, images: torch.Tensor, indices: Sequence[int],
+                     seed: int) -> Degradation:
+    """The degradation of a batch of images (B, C, H, W) with dataset indices `indices`."""
+    check_task(task, mask, factor)
+    height, width = images.shape[-2:]
+    if task == "inpaint":
+        if mask == "center":
+            masks = center_mask(height, width).expand(len(indices), 1, height, width)
+        elif mask.startswith("random:"):
+            fraction = float(mask.split(":", 1)[1])
+            # Its own stream per image (not the latent's): seed, index and a fixed offset.
+            masks = torch.cat([random_mask(height, width, fraction,
+                                           torch.Generator().manual_seed(seed * 1_000_003 + int(i) + 7_777_777))
+                               for i in indices])
+        else:
+            masks = file_mask(mask, height, width).expand(len(indices), 1, height, width)
+        return Degradation(mask=masks.to(images.device, images.dtype).contiguous())
+    if task == "super-resolution":
+        if height % factor or width % factor:
+            raise ValueError(f"--factor {factor} does not divide the {height}x{width} images: use a "
+                             f"factor that divides {height}")
+        return Degradation(factor=factor)
+    return Degradation()
