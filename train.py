@@ -14,7 +14,7 @@ from deqlit.cli import parse, positive_int, run_main
 from deqlit.runs.training import run_training
 
 # --task joint: the shared flags set keys of the joint section (--lr is the network's lr there).
-JOINT_FLAGS = {"max_steps": "joint.max_steps", "lr": "joint.network_lr", "batch_size": "joint.batch_size",
+JOINT_FLAGS = {"max_steps": "trainer.max_steps", "lr": "joint.network_lr", "batch_size": "joint.batch_size",
                "seed": "joint.seed", "out": "joint.out"}
 
 
@@ -33,13 +33,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="train: the DDPM recipe; joint: fine-tune the network jointly with the "
                              "latents of a set of images through the DEQ (the joint section)")
     parser.add_argument("--ckpt", help="--task joint: the network to fine-tune (default checkpoint.path)")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error (also DEQLIT_DEBUG=1)")
-    task = parser.parse_known_args(argv)[0].task
+    # The task picks the flags' keys; read it first without --help (parse prints the full help).
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--task", default="train")
+    task = first.parse_known_args(argv)[0].task
     flags = JOINT_FLAGS if task == "joint" else {
         "max_steps": "train.max_steps", "lr": "train.lr", "batch_size": "data.batch_size",
         "seed": "train.seed", "out": "train.out", "init": "train.init"}
-    args, cfg = parse(parser, argv, flags)
+    args, cfg = parse(parser, argv, flags, task=task)
     if task == "joint":
         from deqlit.runs.joint import run_joint
         run_joint(cfg, resume=args.resume, fast_dev_run=args.fast_dev_run, ckpt=args.ckpt)

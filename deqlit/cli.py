@@ -14,23 +14,34 @@ from typing import Any
 from deqlit.config import apply_overrides, find_config, load_config, set_path
 
 
-def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
-          flag_to_key: dict[str, str], default_data: str = "faces") -> tuple[argparse.Namespace, dict]:
-    """Parse named flags, load the config, then apply `--section.key value` overrides.
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None, flag_to_key: dict[str, str],
+          default_data: str = "faces", task: str | None = None) -> tuple[argparse.Namespace, dict]:
+    """Parse named flags, load the config, apply `--section.key value` overrides, and resolve it.
 
     `flag_to_key` maps an argparse dest (e.g. 'lr') to its config key (e.g. 'inversion.lr'); a flag
-    left at None does not override the YAML. Returns (args, resolved config).
+    left at None does not override the YAML. `task` picks the job's Trainer defaults
+    (deqlit.runs.sections.TASK_TRAINER). --print_config prints the resolved config and exits 0.
+    Returns (args, resolved config).
     """
+    from deqlit.runs.sections import print_config, resolve
     parser.add_argument("--data", default=None,
                         help="dataset name: faces, digits, cifar10, celeba, lsun-bedroom, "
                              "lsun-church, folder:PATH (default: faces)")
-    parser.add_argument("--config", default=None, help="YAML config (default: configs/<data>.yaml)")
+    parser.add_argument("--config", default=None, help="YAML config (default: configs/<data>.yaml); "
+                        "RUN/config.yaml replays a run")
+    parser.add_argument("--print_config", "--print-config", action="store_true", dest="print_config",
+                        help="print the resolved config (YAML that --config reads) and exit")
+    if "--debug" not in parser._option_string_actions:
+        parser.add_argument("--debug", action="store_true",
+                            help="show the traceback of an error (also DEQLIT_DEBUG=1)")
+    parser.epilog = ((parser.epilog or "") + "\nAny config key can be set as --section.key value "
+                     "(e.g. --trainer.precision 64-true); see --print_config for every key.").strip()
     args, rest = parser.parse_known_args(argv)
     data = args.data or default_data
     # A folder of images goes with the shipped faces model unless --config names another one.
     config_name = "faces" if data.startswith("folder:") else data
-    cfg = load_config(args.config if args.config else find_config(config_name))
-    named = cfg.get("data", {}).get("name")
+    cfg = resolve(load_config(args.config if args.config else find_config(config_name)), task)
+    named = cfg["data"]["name"]
     if args.data and args.config and not args.data.startswith("folder:") and named != args.data:
         # A folder goes with any config's model; another set would silently use the wrong model.
         raise ValueError(f"--data {args.data} contradicts --config {args.config}, whose data.name "
@@ -43,6 +54,10 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
         value: Any = getattr(args, dest, None)
         if value is not None:
             set_path(cfg, key, value)
+    cfg = resolve(cfg, task)
+    if args.print_config:
+        print(print_config(cfg), end="")
+        raise SystemExit(0)
     return args, cfg
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import warnings
 import re
 from pathlib import Path
 from typing import Any
@@ -61,8 +60,16 @@ def load_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    with open(path) as fh:
-        cfg = yaml.load(fh, Loader=_Loader) or {}
+    try:
+        with open(path) as fh:
+            cfg = yaml.load(fh, Loader=_Loader) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} must hold sections (data:, model:, ...), not a {type(cfg).__name__}")
     base = cfg.pop("base", None)
     if base:  # a config may extend another one, named relative to itself
         parent = load_config(path.parent / base)
@@ -81,7 +88,8 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def set_path(cfg: dict, dotted: str, value: Any) -> None:
-    """cfg['a']['b'] = value for dotted = 'a.b'; the section must exist, the key may be new."""
+    """cfg['a']['b'] = value for dotted = 'a.b'; the section must exist. A new key is set too:
+    deqlit.runs.sections.resolve then refuses it unless the section takes it."""
     *parents, leaf = dotted.split(".")
     node = cfg
     for part in parents:
@@ -105,23 +113,22 @@ def get_path(cfg: dict, dotted: str, default: Any = None) -> Any:
 
 
 def apply_overrides(cfg: dict, args: list[str]) -> dict:
-    """Apply `--a.b value` / `--a.b=value` pairs; any other argument raises."""
+    """Apply `--a.b value` / `--a.b=value` pairs; any other argument raises ConfigError."""
     cfg = copy.deepcopy(cfg)
     i = 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg.split("=")[0]:
-            raise SystemExit(f"unrecognized argument {arg!r}: config overrides look like "
-                             f"--section.key value")
+            raise ConfigError(f"unrecognized argument {arg!r}: see --help for the flags; config "
+                              f"keys are set as --section.key value")
         if "=" in arg:
             key, raw = arg[2:].split("=", 1)
             i += 1
         else:
             if i + 1 >= len(args):
-                raise SystemExit(f"{arg} needs a value")
+                raise ConfigError(f"{arg} needs a value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        warn_if_new_key(cfg, key)
         set_path(cfg, key, typed_value(get_path(cfg, key), parse_value(raw), raw, key))
     return cfg
 
@@ -155,17 +162,6 @@ def typed_value(old: Any, new: Any, raw: str, key: str) -> Any:
     if not ok:
         raise ConfigError(f"--{key} expects {want} (the config has {old!r}), got {raw!r}")
     return new
-
-
-def warn_if_new_key(cfg: dict, dotted: str) -> None:
-    """A key the config does not have is allowed (optional keys exist) but is likely a typo: say so."""
-    *parents, leaf = dotted.split(".")
-    node = get_path(cfg, ".".join(parents)) if parents else cfg
-    if isinstance(node, dict) and leaf not in node:
-        close = difflib.get_close_matches(leaf, [k for k in node], n=3)
-        hint = f"; did you mean {', '.join('--' + '.'.join(parents + [c]) for c in close)}?" if close else ""
-        warnings.warn(f"--{dotted} is not a key of the config, so it is added as a new key "
-                      f"(only optional keys are read that way){hint}", UserWarning, stacklevel=3)
 
 
 def save_config(cfg: dict, path: str | Path) -> None:

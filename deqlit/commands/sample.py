@@ -21,7 +21,8 @@ from deqlit.evaluation import DatasetMetrics, format_metrics
 from deqlit.guards import NonFiniteError, first_nonfinite
 from deqlit.runs.guards import check_output_dir
 from deqlit.models.build import build_noise_model
-from deqlit.parallel.launch import gather_over_data, mesh_from_config
+from deqlit.parallel.launch import gather_over_data
+from deqlit.runs.launch import prepare_launch, process_mesh
 from deqlit.sampling import SAMPLERS, draw_noise, generate
 
 FLAGS = {"timesteps": "sampling.timesteps", "skip": "sampling.skip", "eta": "sampling.eta",
@@ -99,11 +100,12 @@ def chosen_chain(args: argparse.Namespace, s: dict, schedule: torch.Tensor,
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    args, cfg = parse(build_parser(), argv, FLAGS)
+    args, cfg = parse(build_parser(), argv, FLAGS, task="sample")
     s = cfg["sampling"]
-    device, dtype, autocast = placement(cfg.get("trainer"))
-    # --trainer.strategy ddp_time under torchrun/srun: a data x time mesh (None: one process).
-    mesh = mesh_from_config(cfg, device)
+    device, dtype, autocast = placement(cfg["trainer"])
+    # --trainer.strategy ddp_time: a data x time mesh (None: one process), joined as every job
+    # joins it (torchrun / srun, or --trainer.devices N started here).
+    mesh = process_mesh(prepare_launch(cfg), device)
     saved = load_latents(args.latents, args.num_images) if args.latents else None
     model, schedule, ckpt_path = build_noise_model(cfg)
     bad = first_nonfinite(model.state_dict())
@@ -111,7 +113,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise NonFiniteError(f"the checkpoint {ckpt_path} holds NaN/Inf weights ({bad}): it comes from "
                              f"a diverged run; use an earlier checkpoint")
     chain = chosen_chain(args, s, schedule, saved)
-    options = options_from(s["solver"], s) if s["solver"] != "sequential" else {}
+    options = options_from(s["solver"], s)
     # Checked before any compute: missing metric weights or reference data, an unusable --out.
     count = s["num_images"] if saved is None else len(saved["x_T"])
     if args.metrics and count < 2:
@@ -147,7 +149,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     start = time.perf_counter()
     with torch.no_grad(), autocast:
-        x0, stats = generate(model, x_T, chain, s["solver"], noise=noise, max_batch=s.get("max_batch"),
+        x0, stats = generate(model, x_T, chain, s["solver"], noise=noise, max_batch=s["max_batch"],
                              reducer=None if mesh is None else mesh.time_reducer(),
                              callback=on_iteration, **options)
     seconds = time.perf_counter() - start

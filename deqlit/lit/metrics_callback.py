@@ -36,9 +36,9 @@ class SampleMetrics(Callback):
     batch_size (images per generate call), process_group.
     """
 
-    def __init__(self, reference: torch.Tensor, names: str | Sequence[str] = "fd-random,kd-random",
-                 every_n_steps: int = 1000, num_samples: int = 64, timesteps: int = 25,
-                 solver: str = "sequential", fid_weights: Optional[str] = None, seed: int = 0,
+    def __init__(self, reference: torch.Tensor, names: str | Sequence[str], every_n_steps: int,
+                 num_samples: int, timesteps: int, solver: str, fid_weights: Optional[str] = None,
+                 seed: int = 0,
                  batch_size: int = 32, process_group: Optional[Any] = None,
                  solver_options: Optional[dict[str, Any]] = None):
         self.names = parse_metric_names(names)
@@ -106,17 +106,14 @@ def metrics_callbacks(cfg: dict) -> list[Callback]:
     """[SampleMetrics] when train.metrics_every > 0, else []. Keys: train.metrics_every,
     train.metrics (names), train.metrics_count, train.sample_timesteps, train.sample_solver,
     evaluation.fid_weights."""
-    train = cfg["train"]
-    every = train.get("metrics_every") or 0
+    train = cfg["train"]          # resolved (deqlit.runs.sections): every key is there
+    every = train["metrics_every"] or 0
     if every <= 0:
         return []
     data = cfg["data"]
     reference = load_reference(data["name"], "train", data["resolution"], data["channels"],
-                               data.get("root", "data"),
-                               limit=(cfg.get("evaluation") or {}).get("ref_limit", 10_000))
-    return [SampleMetrics(reference, train.get("metrics", "fd-random,kd-random"), every,
-                          num_samples=train.get("metrics_count", 64),
-                          timesteps=train.get("sample_timesteps", 25),
-                          solver=train.get("sample_solver", "sequential"),
-                          fid_weights=(cfg.get("evaluation") or {}).get("fid_weights"),
-                          seed=train.get("seed", 0))]
+                               data["root"], limit=cfg["evaluation"]["ref_limit"])
+    # sample_timesteps / sample_solver: DiffusionTrainModule's arguments (one default, there)
+    return [SampleMetrics(reference, train["metrics"], every, num_samples=train["metrics_count"],
+                          timesteps=train["sample_timesteps"], solver=train["sample_solver"],
+                          fid_weights=cfg["evaluation"]["fid_weights"], seed=train["seed"])]

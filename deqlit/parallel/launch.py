@@ -4,20 +4,26 @@
 process started by `torchrun --nproc_per_node N` (RANK, WORLD_SIZE, MASTER_ADDR/PORT, LOCAL_RANK)
 or by SLURM's `srun` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR/PORT set by the
 job script) joins one process group and the data x time mesh; K defaults to the world size.
-Jobs that run through Lightning (invert.py) take the launcher's process counts (launched_counts),
-join the world before the Trainer does (join_launched_world, with parallel.timeout_s), and share
-rank 0's checks of the output folder (on_rank_zero) before any process starts working.
+Jobs take the launcher's process counts (launched_counts), join the world before the Trainer does
+(join_launched_world, with parallel.timeout_s), and share rank 0's checks of the output folder
+(on_rank_zero) before any process starts working; a job without a Trainer (sample.py) started
+with --trainer.devices N starts its N - 1 other processes itself (start_local_processes).
+deqlit.runs.launch is the one caller.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import socket
+import subprocess
+import sys
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from deqlit.parallel.distributed import init_time_group
-from deqlit.parallel.mesh import TimeMesh, build_time_mesh
+from deqlit.parallel.mesh import TimeMesh
 
 SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_NTASKS": "WORLD_SIZE", "SLURM_LOCALID": "LOCAL_RANK"}
 
@@ -29,26 +35,33 @@ def environment_from_slurm() -> None:
             os.environ[torch_name] = os.environ[slurm]
 
 
-def mesh_from_config(cfg: dict[str, Any], device: torch.device) -> Optional[TimeMesh]:
-    """The mesh when the trainer section asks for strategy ddp_time, else None (one process)."""
-    trainer = cfg.get("trainer") or {}
-    parallel = cfg.get("parallel") or {}
-    shards = parallel.get("time_shards")
-    if trainer.get("strategy") != "ddp_time":
-        if shards not in (None, 1):
-            raise ValueError("--parallel.time_shards needs --trainer.strategy ddp_time (and a start "
-                             "by torchrun or srun, one process per device)")
-        return None
-    environment_from_slurm()
-    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
-        raise ValueError("--trainer.strategy ddp_time runs one process per device: start the script "
-                         "with torchrun --nproc_per_node N (or srun), e.g. torchrun --standalone "
-                         "--nproc_per_node 2 sample.py --trainer.strategy ddp_time --parallel.time_shards 2")
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    init_time_group(backend, timeout_s=float(parallel.get("timeout_s", 300)))
-    return build_time_mesh(int(shards) if shards else dist.get_world_size())
+def free_port() -> int:
+    """A TCP port free on this machine now (for MASTER_PORT of a local world)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_local_processes(count: int) -> list[subprocess.Popen]:
+    """Make this process rank 0 of a world of `count` on this machine and start ranks 1..count-1
+    as copies of the same command line, with torchrun's variables (what Lightning's own launcher
+    does for --trainer.devices N): then every rank joins the world as under torchrun. The copies
+    are waited for at exit; one that failed makes this process exit 1 too."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(count),
+           "LOCAL_WORLD_SIZE": str(count), "NODE_RANK": "0"}
+    os.environ.update(env, RANK="0", LOCAL_RANK="0")
+    children = [subprocess.Popen([sys.executable, *sys.argv], env={**os.environ, **env, "RANK": str(r),
+                                                                    "LOCAL_RANK": str(r)})
+                for r in range(1, count)]
+
+    def wait() -> None:
+        failed = [c.args for c in children if c.wait() != 0]
+        if failed:
+            print(f"error: {len(failed)} of the {count} processes failed (see their messages above)",
+                  file=sys.stderr)
+            os._exit(1)
+    atexit.register(wait)
+    return children
 
 
 def gather_over_data(mesh: TimeMesh, value: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -22,15 +21,18 @@ from deqlit.config import save_config
 from deqlit.deq.inversion import InversionSettings
 from deqlit.deq.solvers import options_from
 from deqlit.diffusion.chain import Chain
+from deqlit.guards import UserInputError
 from deqlit.runs.folder_lock import folder_lock
 from deqlit.guards import OutputFolderError
 from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions
 from deqlit.lit.inversion_data import InversionDataModule
 from deqlit.lit.inversion_module import InversionModule
 from deqlit.lit.inversion_outputs import InversionWriter, finished_indices, merge_outputs
-from deqlit.runs.trainer import build_trainer, trainer_kwargs
+from deqlit.runs.launch import launched_worker, on_rank_zero_of, prepare_launch, time_shards_of
+from deqlit.runs.resume import differences, listed
+from deqlit.runs.sections import resolve
+from deqlit.runs.trainer import build_trainer
 from deqlit.models.build import build_noise_model, resolve_checkpoint, schedule_from_config
-from deqlit.parallel.launch import external_launch, join_launched_world, launched_counts, on_rank_zero
 
 RUN_FILE = "run.json"   # what decides the results; a resume must match it
 
@@ -40,25 +42,23 @@ class MissingInputsError(FileNotFoundError):
 
 
 def settings_from(inv: dict[str, Any]) -> InversionSettings:
-    """The inversion section of a config -> validated InversionSettings."""
-    solver = inv.get("solver", "anderson")
+    """The inversion section of a config (resolved: runs.sections) -> validated InversionSettings."""
+    inv = resolve({"inversion": inv})["inversion"]
+    fields = {f.name for f in dataclasses.fields(InversionSettings)} - {"solver_options"}
+    values = {k: inv[k] for k in fields}
     # The exact method is its own start: --method exact needs no --init.
-    init = "exact" if inv["method"] == "exact" else inv["init"]
-    return InversionSettings(
-        method=inv["method"], init=init, lr=inv["lr"], max_steps=inv["max_steps"],
-        early_stop_loss=inv.get("early_stop_loss", 0.0), seed=inv["seed"], tau=inv.get("tau", 0.1),
-        warm_start=inv.get("warm_start", True), solver=solver, solver_options=options_from(solver, inv),
-        optimize_noise=inv.get("optimize_noise", False),
-        grad_checkpointing=inv.get("grad_checkpointing", False),
-        exact=dict(inv.get("exact") or {})).validate()
+    values["init"] = "exact" if inv["method"] == "exact" else inv["init"]
+    values["exact"] = dict(inv["exact"] or {})
+    return InversionSettings(**values, solver_options=options_from(inv["solver"], inv)).validate()
 
 
 def check_counts(inv: dict[str, Any]) -> None:
     for key in ("num_images", "batch_size", "save_every"):
-        value = inv.get(key)
-        if key in inv and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"inversion.{key} must be a positive integer, got {value!r}")
-    if inv.get("max_batch") is not None and (not isinstance(inv["max_batch"], int) or inv["max_batch"] < 1):
+        value = inv[key]
+        if key != "num_images" or value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"inversion.{key} must be a positive integer, got {value!r}")
+    if inv["max_batch"] is not None and (not isinstance(inv["max_batch"], int) or inv["max_batch"] < 1):
         raise ValueError(f"inversion.max_batch must be a positive integer or null, got {inv['max_batch']!r}")
 
 
@@ -69,14 +69,14 @@ def check_inputs(cfg: dict, ckpt: Optional[str] = None) -> None:
     data = cfg["data"]
     if data["name"] not in BUNDLED:
         try:  # reading one image finds a missing folder or file list, with the loader's own words
-            load_local_dataset(data["name"], cfg["inversion"].get("split", "test"), data["resolution"],
-                               data["channels"], data.get("root", "data"), limit=1)
+            load_local_dataset(data["name"], cfg["inversion"]["split"], data["resolution"],
+                               data["channels"], data["root"], limit=1)
         except DatasetNotFoundError as err:
             problems.append(str(err))
-    ckpt_text = ckpt or cfg.get("checkpoint", {}).get("path")
+    ckpt_text = ckpt or cfg["checkpoint"]["path"]
     if ckpt_text and not resolve_checkpoint(ckpt_text).exists():
         problems.append(f"checkpoint: {resolve_checkpoint(ckpt_text)} does not exist. "
-                        f"{cfg.get('checkpoint', {}).get('source', '')}".strip())
+                        f"{cfg['checkpoint']['source'] or ''}".strip())
     if problems:
         raise MissingInputsError(
             "cannot start: deqlit never downloads, so these must be on this machine first.\n- "
@@ -89,21 +89,11 @@ def run_identity(cfg: dict, settings: InversionSettings, chain: Chain) -> dict[s
     are per image), max_batch, trainer and output options."""
     data = cfg["data"]
     return {"settings": settings.to_dict(), "chain": chain.to_dict(),
-            "data": {"name": data["name"], "split": cfg["inversion"].get("split", "test"),
+            "data": {"name": data["name"], "split": cfg["inversion"]["split"],
                      "resolution": data["resolution"], "channels": data["channels"]},
-            "checkpoint": str(resolve_checkpoint(cfg.get("checkpoint", {}).get("path", ""))),
-            "checkpoint_ema": cfg.get("checkpoint", {}).get("ema", True),
-            "model": cfg.get("model", {}), "diffusion": cfg.get("diffusion", {})}
-
-
-def differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
-    """'key: saved -> now' for every leaf that differs between two nested dicts."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        out = []
-        for key in sorted(set(saved) | set(now)):
-            out += differences(saved.get(key), now.get(key), f"{prefix}{key}.")
-        return out
-    return [] if saved == now else [f"{prefix.rstrip('.')}: {saved!r} -> {now!r}"]
+            "checkpoint": str(resolve_checkpoint(cfg["checkpoint"]["path"] or "")),
+            "checkpoint_ema": cfg["checkpoint"]["ema"],
+            "model": cfg["model"], "diffusion": cfg["diffusion"]}
 
 
 def check_output_folder(out: Path, identity: dict[str, Any], resume: bool) -> None:
@@ -124,37 +114,8 @@ def check_output_folder(out: Path, identity: dict[str, Any], resume: bool) -> No
                                 f"with another --out") from err
     changed = differences(saved, json.loads(json.dumps(identity)))
     if changed:
-        raise ValueError("cannot resume: these settings differ from the saved run's ("
-                         + "; ".join(changed[:8]) + "). Use the saved settings (see "
-                         f"{out / 'config.yaml'}) or another --out")
-
-
-def time_shards_of(cfg: dict, section: dict[str, Any], world: Optional[int] = None) -> int:
-    """Processes per chain: parallel.time_shards under --trainer.strategy ddp_time (unset: the
-    whole world: `world`, the launcher's, or devices x num_nodes), else 1; 1 while unknown."""
-    if section.get("strategy") != "ddp_time":
-        return 1
-    shards = (cfg.get("parallel") or {}).get("time_shards")
-    if shards:
-        return int(shards)
-    try:
-        return int(world or os.environ.get("WORLD_SIZE")
-                   or int(section.get("devices", 1)) * int(section.get("num_nodes", 1)))
-    except (TypeError, ValueError):     # devices 'auto' or a list: known once the Trainer exists
-        return 1
-
-
-def with_timeout(section: dict[str, Any], cfg: dict) -> dict[str, Any]:
-    """The trainer section with --trainer.strategy ddp_time as the strategy itself, built with
-    parallel.timeout_s: under Lightning's own launcher it creates the process group, whose timeout
-    (Lightning's default: 30 minutes) bounds how long a silent process holds the others."""
-    if section.get("strategy") != "ddp_time":
-        return section
-    from datetime import timedelta
-    from deqlit.lit.time_strategy import DDPTimeStrategy
-    parallel = cfg.get("parallel") or {}
-    return {**section, "strategy": DDPTimeStrategy(time_shards=parallel.get("time_shards"),
-                                                   timeout=timedelta(seconds=float(parallel.get("timeout_s", 300))))}
+        raise UserInputError(f"cannot resume with changed settings: {listed(changed)}. Use the saved "
+                             f"settings (see {out / 'config.yaml'}) or another --out")
 
 
 def check_time_shardable(settings: InversionSettings, shards: int, quiet: bool = False) -> InversionSettings:
@@ -184,13 +145,6 @@ def check_time_shardable(settings: InversionSettings, shards: int, quiet: bool =
     return dataclasses.replace(settings, exact=exact).validate()
 
 
-def launched_worker() -> bool:
-    """True in a process that a multi-process launcher started for rank > 0 (Lightning's DDP
-    launcher re-runs the script with LOCAL_RANK set; torchrun sets RANK, SLURM SLURM_PROCID).
-    Such a process reads what rank 0 checked and wrote, and writes nothing of the run's own."""
-    return any(int(os.environ.get(key, "0") or 0) > 0 for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
-
-
 class SaveOnInterrupt(Callback):
     """Ctrl-C / SIGTERM (or any error) in the middle of a batch: save the batch's state."""
 
@@ -205,31 +159,27 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
                   callbacks: Optional[list[Callback]] = None, command: str = "invert.py"
                   ) -> tuple[dict[str, Any], Path]:
     """Run (or resume) the inversion a config describes; returns (metrics, run folder)."""
+    cfg = resolve(cfg, "invert")
     inv, data = cfg["inversion"], cfg["data"]
     out = Path(inv["out"])
     # 1. values, 2. inputs, 3. the output folder: nothing written before all three pass.
     settings = settings_from(inv)
     check_counts(inv)
-    chain = Chain.build(schedule_from_config(cfg.get("diffusion", {})), inv["timesteps"],
-                        inv.get("skip", "uniform"), inv.get("eta", 0.0))
-    section = trainer_kwargs(cfg.get("trainer"))
-    # torchrun / srun started this process (--trainer.strategy ddp or ddp_time): the launcher's
-    # process counts are the trainer's, and the world is joined now, so that rank 0's checks and
-    # its list of finished images reach every process before any of them starts.
-    launched = external_launch() if section.get("strategy") in ("ddp", "ddp_time") else None
-    if launched is not None:
-        section = launched_counts(section, launched)
-    settings = check_time_shardable(settings, time_shards_of(cfg, section), quiet=launched_worker())
+    chain = Chain.build(schedule_from_config(cfg["diffusion"]), inv["timesteps"], inv["skip"], inv["eta"])
+    # torchrun / srun: the world is joined once the inputs are checked, so that rank 0's checks
+    # and its list of finished images reach every process before any of them starts.
+    launch = prepare_launch(cfg, join=False)
+    settings = check_time_shardable(settings, launch.shards, quiet=launched_worker())
     check_inputs(cfg)
     identity = run_identity(cfg, settings, chain)
-    if launched is not None:
-        join_launched_world(cfg, section)
+    if launch.launched is not None:
+        launch = prepare_launch(cfg)
     worker = launched_worker()
 
     def check_folder() -> None:
         check_output_folder(out, identity, resume)
         check_output_dir(out)
-    on_rank_zero(check_folder, worker, launched)
+    on_rank_zero_of(launch, check_folder)
     with (contextlib.nullcontext() if worker else folder_lock(out, command)):
         if not worker:
             (out / "latents").mkdir(exist_ok=True)
@@ -237,19 +187,19 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
             (out / RUN_FILE).write_text(json.dumps(identity, indent=2))
             save_config(cfg, out / "config.yaml")
         # Every process inverts the images that rank 0 finds unfinished (read once, by rank 0).
-        done = on_rank_zero(lambda: finished_indices(out / "latents"), worker, launched, workers_too=True)
+        done = on_rank_zero_of(launch, lambda: finished_indices(out / "latents"), workers_too=True)
         model, schedule, _ = build_noise_model(cfg)
         chain.check_schedule(schedule)
-        datamodule = InversionDataModule(data["name"], inv.get("split", "test"), data["resolution"],
-                                         data["channels"], data.get("root", "data"),
+        datamodule = InversionDataModule(data["name"], inv["split"], data["resolution"],
+                                         data["channels"], data["root"],
                                          num_images=inv["num_images"], batch_size=inv["batch_size"],
-                                         num_workers=inv.get("num_workers", 0), skip=done)
-        module = InversionModule(model, chain, settings, max_batch=inv.get("max_batch"),
-                                 state_dir=out / "latents", save_every=inv.get("save_every", 10),
-                                 log_every=(cfg.get("trainer") or {}).get("log_every_n_steps", 1))
+                                         num_workers=inv["num_workers"], skip=done)
+        module = InversionModule(model, chain, settings, max_batch=inv["max_batch"],
+                                 state_dir=out / "latents", save_every=inv["save_every"],
+                                 log_every=cfg["trainer"].get("log_every_n_steps", 1))
         interrupt = SaveOnInterrupt()
         trainer = build_trainer(
-            with_timeout(section, cfg), cfg.get("parallel"), accelerator="auto", devices=1, inference_mode=False,
+            launch, inference_mode=False,
             logger=TensorBoardLogger(str(out), name="tb", version=0),
             callbacks=[InversionWriter(out / "latents", chain.to_dict(), identity["settings"]),
                        interrupt, *(callbacks or [])],
@@ -257,7 +207,7 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
             use_distributed_sampler=False)   # InversionDataModule splits the images itself
         datamodule.setup("predict")
         # The images split over the data replicas; the time shards of a replica share its images.
-        shards = time_shards_of(cfg, section, trainer.world_size)
+        shards = time_shards_of(launch.section, launch.parallel, trainer.world_size)
         replicas = max(1, trainer.world_size // shards)
         if 0 < len(datamodule.positions) < replicas:
             # Lightning's prediction loop needs a batch on every process.
@@ -277,7 +227,7 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
         trainer.strategy.barrier()
         if not trainer.is_global_zero:
             return {}, out
-        metrics = merge_outputs(out, settings.method, chain.T, inv.get("merge_limit", 4096))
+        metrics = merge_outputs(out, settings.method, chain.T, inv["merge_limit"])
         log_curves(trainer.logger, out)
     return metrics, out
 

@@ -37,16 +37,12 @@ from deqlit.guards import RunInterrupted, UserInputError, atomic_torch_save
 from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions, refuse_existing_run
 from deqlit.lit.joint_data import JointDataModule, fine_tuning_count
 from deqlit.lit.joint_module import JointFineTuneModule, kurtosis, lag1_autocorrelation, typicality_chi2
-from deqlit.lit.joint_sharding import distribution
-from deqlit.runs.inversion import launched_worker
-from deqlit.runs.training import ExportEMA, SaveLast, resume_checkpoint
+from deqlit.lit.checkpoints import ExportEMA, SaveLast
+from deqlit.runs.launch import Launch, on_rank_zero_of, prepare_launch, world_of
+from deqlit.runs.resume import check_resume, record_resume, resume_checkpoint
+from deqlit.runs.sections import module_arguments, resolve
 from deqlit.runs.trainer import build_trainer
-from deqlit.parallel.launch import on_rank_zero
 
-MODULE_KEYS = ("timesteps", "skip", "grad", "tau", "solver", "adjoint", "max_batch", "latent_lr",
-               "network_lr", "weight_decay", "warmup_steps", "lr_decay", "lr_final", "grad_clip",
-               "ema_decay", "prior_weight", "typicality_weight", "sphere", "init", "seed",
-               "compare_every", "image_every", "kid_every", "kid_samples")
 RUN_MARKERS = ("checkpoints", "ema.pt", "latents.pt")
 
 
@@ -135,71 +131,105 @@ class SaveLatents(Callback):
 
 # ---- the run ---------------------------------------------------------------------------------
 def joint_settings(cfg: dict) -> dict[str, Any]:
-    joint = dict(cfg.get("joint") or {})
-    if not joint:
-        raise UserInputError("the config has no 'joint' section: add one (see configs/faces.yaml) "
-                             "or pass --config with a file that has it")
-    for key in ("max_steps", "batch_size", "timesteps"):
-        value = joint.get(key, 1)
+    """The resolved joint section, its counts checked (the step count is the trainer section's)."""
+    joint = cfg["joint"]
+    for key in ("batch_size", "timesteps"):
+        value = joint[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserInputError(f"--joint.{key} must be a positive integer, got {value!r}")
     return joint
 
 
+def check_replica_batches(joint: dict[str, Any], replicas: int) -> None:
+    """Every data replica needs an image of every batch: refuse batches smaller than the replicas
+    (the last target batch holds num_images mod batch_size), before anything runs."""
+    if replicas <= 1:
+        return
+    num = joint["num_images"]
+    batch = min(joint["batch_size"], num or joint["batch_size"])
+    smallest = min(batch, num % batch or batch) if num else batch
+    prior = joint["prior_batch_size"]
+    if min(smallest, prior) < replicas:
+        raise UserInputError(
+            f"{replicas} data replicas need at least {replicas} images in every batch (target batches "
+            f"of down to {smallest}, prior batches of {prior}): raise --joint.batch_size / "
+            f"--joint.prior_batch_size (and make --joint.num_images a multiple of the batch size), or "
+            f"use more --parallel.time_shards per replica")
+
+
+def check_launch(launch: Launch, joint: dict[str, Any]) -> None:
+    """Joint runs share the latents table by row and count the losses once per replica: only the
+    ddp_time strategy does that (--parallel.time_shards 1 splits only the images)."""
+    strategy = launch.section.get("strategy")
+    if not launch.time_sharded and str(strategy).split("_")[0] in ("ddp", "fsdp", "deepspeed"):
+        raise UserInputError(f"joint fine-tuning runs on several processes with --trainer.strategy "
+                             f"ddp_time (--parallel.time_shards 1 splits only the images), not "
+                             f"{strategy!r} (ddp_time is what reduces the latents table by row and "
+                             f"counts the losses once per replica)")
+    world = world_of(launch.section)
+    if launch.time_sharded and world is not None:
+        check_replica_batches(joint, max(1, world // launch.shards))
+
+
 def build_joint(cfg: dict, ckpt: Optional[str] = None,
                 resume: bool = False) -> tuple[JointFineTuneModule, JointDataModule]:
-    """(module, datamodule) from the config; the network from `ckpt`, joint.ckpt or
+    """(module, datamodule) from the resolved config; the network from `ckpt`, joint.ckpt or
     checkpoint.path. The fine-tuning and prior splits are streamed; the latents table goes to
     RUN/latents/ when joint.latents_on_disk says so (opened, not created, when `resume`)."""
     from deqlit.data.streaming import Indexed, split_dataset
     from deqlit.lit.latent_store import DiskLatentStore, wants_disk
     from deqlit.models.build import build_noise_model
     joint, data = joint_settings(cfg), cfg["data"]
-    name, root = data["name"], data.get("root", "data")
-    split, prior_split = joint.get("split", "test"), joint.get("prior_split", "train")
+    name, root = data["name"], data["root"]
+    split, prior_split = joint["split"], joint["prior_split"]
     images = split_dataset(name, split, data["resolution"], data["channels"], root)
-    count = fine_tuning_count(len(images), joint.get("num_images"), split, name)
+    count = fine_tuning_count(len(images), joint["num_images"], split, name)
     prior = split_dataset(name, prior_split, data["resolution"], data["channels"], root)
     if len(prior) == 0:
         raise UserInputError(f"the prior split {prior_split!r} of {name!r} holds no images: choose "
                              f"another --joint.prior_split (the data the model was trained on)")
     image_shape = tuple(images[0].shape)
-    threshold = float(joint.get("latents_disk_threshold_gb", 2.0)) * 1024 ** 3
+    threshold = float(joint["latents_disk_threshold_gb"]) * 1024 ** 3
     store = None
-    if wants_disk(joint.get("latents_on_disk", "auto"), count, math.prod(image_shape), threshold):
-        store = DiskLatentStore(Path(joint.get("out", "runs/joint")) / "latents", count,
-                                math.prod(image_shape), create=not resume)
-    model, abar, _ = build_noise_model(cfg, ckpt or joint.get("ckpt"))
-    solver = joint.get("solver", "triangular-anderson")
-    options = {} if solver == "sequential" else options_from(solver, joint)
-    module = JointFineTuneModule(model, abar, count, image_shape, solver_options=options, latents_store=store,
-                                 **{k: joint[k] for k in MODULE_KEYS if k in joint})
-    datamodule = JointDataModule(Indexed(images, range(count)), prior, joint.get("batch_size", 16),
-                                 joint.get("prior_batch_size", 16), joint.get("seed", 0),
-                                 num_workers=joint.get("num_workers", 0),
-                                 reference_images=joint.get("reference_images", 256))
+    if wants_disk(joint["latents_on_disk"], count, math.prod(image_shape), threshold):
+        store = DiskLatentStore(Path(joint["out"]) / "latents", count, math.prod(image_shape),
+                                create=not resume)
+    model, abar, _ = build_noise_model(cfg, ckpt or joint["ckpt"])
+    skip = ("model", "schedule_abar", "num_images", "image_shape", "solver_options", "latents_store")
+    module = JointFineTuneModule(model, abar, count, image_shape,
+                                 solver_options=options_from(joint["solver"], joint), latents_store=store,
+                                 **module_arguments(joint, JointFineTuneModule, skip))
+    datamodule = JointDataModule(Indexed(images, range(count)), prior, joint["batch_size"],
+                                 joint["prior_batch_size"], joint["seed"], num_workers=joint["num_workers"],
+                                 reference_images=joint["reference_images"])
     return module, datamodule
 
 
 def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = False,
               ckpt: Optional[str] = None) -> JointFineTuneModule:
+    """Fine-tune as the config says: its Trainer is the trainer section's (runs.trainer), launched
+    the way every job is (runs.launch); rank 0 alone checks and writes the run folder."""
+    cfg = resolve(cfg, "joint")
     joint = joint_settings(cfg)
-    out = Path(joint.get("out", "runs/joint"))
+    out = Path(joint["out"])
     ckpt_dir = out / "checkpoints"
+    launch = prepare_launch(cfg)
+    check_launch(launch, joint)
     ckpt_path = resume_checkpoint(resume, ckpt_dir) if resume else None
-    # --trainer.strategy ddp_time: torchrun / srun's world is joined first, then rank 0 alone
-    # checks and writes the folder (deqlit/lit/joint_sharding.py); else section is {}.
-    launched, section = distribution(cfg)
 
-    def check_folder() -> None:
+    def check_folder() -> Optional[dict[str, Any]]:
+        record = check_resume(cfg, out, ckpt_path, "joint") if ckpt_path else None
         if not resume:
             refuse_existing_run(out, RUN_MARKERS)
         check_output_dir(out)
-        save_config(cfg, out / "config.yaml")
-    on_rank_zero(check_folder, launched_worker(), launched)
-    L.seed_everything(joint.get("seed", 0), workers=True)
+        if record is None:
+            save_config(cfg, out / "config.yaml")
+        else:
+            record_resume(out, record)
+    on_rank_zero_of(launch, check_folder)
+    L.seed_everything(joint["seed"], workers=True)
     module, datamodule = build_joint(cfg, ckpt, resume=bool(resume))
-    if section and module.latents.store is not None:
+    if launch.time_sharded and module.latents.store is not None:
         raise UserInputError("--joint.latents_on_disk (the table in RUN/latents/) is not shared between "
                              "the processes of --trainer.strategy ddp_time yet: pass "
                              "--joint.latents_on_disk false (each process keeps the table in memory)")
@@ -210,20 +240,14 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
     saver = SaveLast(ckpt_dir / "last.ckpt", export)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, filename="step-{step}",
                                  auto_insert_metric_name=False, enable_version_counter=False,
-                                 every_n_train_steps=joint.get("checkpoint_every", 50))
-    max_time = joint.get("max_time_s")   # a wall-time budget (benchmarks); None = steps only
-    cpu_budget = joint.get("max_process_s")   # a CPU-time budget of this process (benchmarks)
+                                 every_n_train_steps=joint["checkpoint_every"])
+    max_time, cpu_budget = joint["max_time_s"], joint["max_process_s"]   # benchmarks' budgets
     extra = [] if cpu_budget is None else [ProcessTimeBudget(cpu_budget)]
-    trainer = build_trainer(section, cfg.get("parallel"), max_steps=joint.get("max_steps", 200),
-                        max_time=None if max_time is None else timedelta(seconds=float(max_time)),
-                        accelerator=joint.get("accelerator", "auto"),
-                        devices=joint.get("devices", 1), logger=TensorBoardLogger(str(out), name="tb", version=0),
-                        callbacks=[checkpoint, export, SaveLatents(out / "latents.pt"), saver, *extra,
-                                   ],
-                        use_distributed_sampler=False,    # ddp_time: every process loads the global batch
-                        log_every_n_steps=joint.get("log_every_n_steps", 1), fast_dev_run=fast_dev_run,
-                        num_sanity_val_steps=0, enable_progress_bar=joint.get("progress_bar", True),
-                        enable_model_summary=False)
+    trainer = build_trainer(launch, max_time=None if max_time is None else timedelta(seconds=float(max_time)),
+                            logger=TensorBoardLogger(str(out), name="tb", version=0),
+                            callbacks=[checkpoint, export, SaveLatents(out / "latents.pt"), saver, *extra],
+                            use_distributed_sampler=False,    # ddp_time: every process loads the global batch
+                            fast_dev_run=fast_dev_run, num_sanity_val_steps=0)
     start, cpu_start = time.time(), time.process_time()
     try:
         with interrupts_as_exceptions(), warnings.catch_warnings():
@@ -244,8 +268,8 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
     if fast_dev_run or not trainer.is_global_zero:
         return module
     metrics = write_metrics(module, datamodule, out, time.time() - start, before,
-                            process_seconds=time.process_time() - cpu_start, chunk=joint.get("eval_chunk", 64),
-                            per_image_limit=joint.get("metrics_per_image_limit", 1000))
+                            process_seconds=time.process_time() - cpu_start, chunk=joint["eval_chunk"],
+                            per_image_limit=joint["metrics_per_image_limit"])
     print(summary_line(metrics, out))
     return module
 

@@ -1,12 +1,15 @@
-"""`train.py --resume`: the settings that shape the weights must be those the run started with.
+"""The one resume check of train.py, joint runs (train.py --task joint) and invert.py.
 
-A resume restores weights, optimizer, EMA and loop state from the checkpoint, but the module,
-data and Trainer are built from the command line's config: a changed lr or batch size would train
-on with the new value while the run folder says otherwise. So every key of the sections train.py
-reads is compared with the run's saved config.yaml and any difference is refused, except the keys
-that cannot change the weights (where the data lives, how often to checkpoint, log or sample, the
-accelerator). max_steps may grow: that is how a run trains longer. The saved config.yaml is never
-rewritten; each resume appends what it changed to RUN/resumes.yaml.
+A resume restores weights, optimizer, EMA and loop state from the checkpoint (an inversion: the
+finished images), but the module, data and Trainer are built from the command line's config: a
+changed lr or batch size would go on with the new value while the run folder says otherwise. So
+every key of the sections a job reads is compared with the run's saved config.yaml (invert.py:
+its run.json, what decides an image's latent) and any difference is refused, naming the saved and
+the new value, except the keys that cannot change the results (where the data lives, how often to
+checkpoint, log or sample, the accelerator). The step count may grow: that is how a training run
+trains longer (train.max_steps; a joint run's trainer.max_steps); an inversion may take more
+--num-images (not part of run.json). The saved config.yaml is never rewritten; each resume
+appends what it changed to RUN/resumes.yaml.
 """
 from __future__ import annotations
 
@@ -19,28 +22,48 @@ import torch
 import yaml
 
 from deqlit.config import load_config
-from deqlit.guards import UserInputError
+from deqlit.guards import UserInputError, check_checkpoint_readable
+from deqlit.runs.sections import MOVED, resolve
 
-# The sections train.py reads; others (sampling, inversion, ...) belong to other commands.
-RESULT_SECTIONS = ("data", "model", "diffusion", "train", "trainer")
-# Keys of those sections that do not change the trained weights.
-FREE_KEYS = frozenset({
-    "data.root", "data.num_workers",
-    "train.max_steps", "train.out", "train.checkpoint_every", "train.sample_every",
-    "train.sample_count", "train.sample_timesteps", "train.sample_solver", "train.val_images",
-    "train.log_every_n_steps", "train.metrics_every", "train.metrics", "train.metrics_count",
-    "trainer.accelerator", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
-    "trainer.enable_model_summary", "trainer.profiler", "trainer.max_epochs", "trainer.max_time",
-    "trainer.num_sanity_val_steps", "trainer.check_val_every_n_epoch", "trainer.val_check_interval",
-    "trainer.limit_val_batches",
-})
+# The sections each job reads; others (sampling, inversion, ...) belong to other commands.
+RESULT_SECTIONS = {"train": ("data", "model", "diffusion", "train", "trainer"),
+                   "joint": ("data", "model", "diffusion", "checkpoint", "joint", "trainer")}
+# The step count that may grow on a resume.
+GROWS = {"train": ("train.max_steps", "--max-steps (train.max_steps)"),
+         "joint": ("trainer.max_steps", "--max-steps (trainer.max_steps)")}
+_TRAINER_FREE = {"trainer.accelerator", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
+                 "trainer.enable_model_summary", "trainer.profiler", "trainer.max_epochs",
+                 "trainer.max_time", "trainer.num_sanity_val_steps", "trainer.check_val_every_n_epoch",
+                 "trainer.val_check_interval", "trainer.limit_val_batches", "trainer.max_steps"}
+# Keys of those sections that do not change the results.
+FREE_KEYS = {
+    "train": frozenset({"data.root", "data.num_workers", "train.max_steps", "train.out",
+                        "train.checkpoint_every", "train.sample_every", "train.sample_count",
+                        "train.sample_timesteps", "train.sample_solver", "train.val_images",
+                        "train.log_every_n_steps", "train.metrics_every", "train.metrics",
+                        "train.metrics_count", *_TRAINER_FREE}),
+    "joint": frozenset({"data.root", "data.num_workers", "data.batch_size", "train.out", "joint.out",
+                        "joint.checkpoint_every", "joint.compare_every", "joint.image_every",
+                        "joint.kid_every", "joint.kid_samples", "joint.num_workers", "joint.eval_chunk",
+                        "joint.metrics_per_image_limit", "joint.max_time_s", "joint.max_process_s",
+                        "joint.ckpt", "checkpoint.path", "checkpoint.source", *_TRAINER_FREE}),
+}
 _MISSING = "(not set)"
 
 
-def flatten(cfg: dict[str, Any], sections: tuple[str, ...] = RESULT_SECTIONS) -> dict[str, Any]:
-    """{'section.key': value} for the keys of `sections` (lists and nested dicts are one value)."""
-    return {f"{section}.{key}": value for section in sections
-            for key, value in (cfg.get(section) or {}).items()}
+def differences(saved: Any, now: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """[(dotted key, saved value, new value)] for every leaf that differs between two nested dicts."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(set(saved) | set(now)):
+            out += differences(saved.get(key, _MISSING), now.get(key, _MISSING), f"{prefix}{key}.")
+        return out
+    return [] if saved == now else [(prefix.rstrip("."), saved, now)]
+
+
+def listed(changes: list[tuple[str, Any, Any]], limit: int = 8) -> str:
+    """'key (saved a, now b); ...' for the first `limit` changes."""
+    return "; ".join(f"{k} (saved {a!r}, now {b!r})" for k, a, b in changes[:limit])
 
 
 def _trainer_default(key: str) -> Any:
@@ -51,17 +74,20 @@ def _trainer_default(key: str) -> Any:
     return _MISSING if param is None or param.default is inspect.Parameter.empty else param.default
 
 
-def changed_settings(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """[(key, saved value, new value)] for every key of the read sections whose value differs."""
-    old, now = flatten(saved), flatten(new)
+def changed_settings(saved: dict[str, Any], new: dict[str, Any], task: str = "train"
+                     ) -> list[tuple[str, Any, Any]]:
+    """[(key, saved value, new value)] for every key of the job's sections whose value differs
+    (a trainer key absent on one side is Lightning's default there)."""
+    sections = RESULT_SECTIONS[task]
     out = []
-    for key in sorted(set(old) | set(now)):
-        a, b = old.get(key, _MISSING), now.get(key, _MISSING)
-        if key.startswith("trainer."):
+    for key, a, b in differences({s: saved.get(s) or {} for s in sections},
+                                 {s: new.get(s) or {} for s in sections}):
+        if key.startswith("trainer.") and key.count(".") == 1:
             a = _trainer_default(key) if a == _MISSING else a
             b = _trainer_default(key) if b == _MISSING else b
-        if a != b:
-            out.append((key, a, b))
+            if a == b:
+                continue
+        out.append((key, a, b))
     return out
 
 
@@ -73,37 +99,48 @@ def saved_config_of(out: Path, ckpt_path: str) -> Optional[Path]:
     return None
 
 
-def check_resume(cfg: dict[str, Any], out: Path, ckpt_path: str) -> dict[str, Any]:
+def load_saved(path: Path, task: str) -> dict[str, Any]:
+    """A run's saved config, resolved as today's configs are (keys that moved since are dropped:
+    the run used them under their old name)."""
+    cfg = load_config(path)
+    for moved in MOVED:
+        section, key = moved.split(".")
+        (cfg.get(section) or {}).pop(key, None)
+    return resolve(cfg, task)
+
+
+def check_resume(cfg: dict[str, Any], out: Path, ckpt_path: str, task: str = "train") -> dict[str, Any]:
     """Refuse a resume whose settings differ from the run's; return the record to append.
 
-    Raises UserInputError naming each changed key with its saved and new value, or when
-    train.max_steps is not above the steps the checkpoint has already trained.
+    Raises UserInputError naming each changed key with its saved and new value, or when the
+    step count (GROWS) is not above the steps the checkpoint has already trained.
     """
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     done = int(ckpt.get("global_step", 0))
-    max_steps = cfg["train"].get("max_steps", 10000)
+    grows, flag = GROWS[task]
+    section, key = grows.split(".")
+    max_steps = cfg[section].get(key)
     saved_path = saved_config_of(out, ckpt_path)
+    now = cfg
     if saved_path is not None:
-        saved = load_config(saved_path)
+        saved = load_saved(saved_path, task)
     else:   # a checkpoint without its run folder: its hyperparameters are all there is
         hp = ckpt.get("hyper_parameters", {})
         saved = {"model": hp.get("model"), "diffusion": hp.get("diffusion"),
-                 "train": {k: v for k, v in hp.items() if k not in ("model", "diffusion")}}
-        cfg = {"model": cfg["model"], "diffusion": cfg["diffusion"],
-               "train": {k: v for k, v in cfg["train"].items() if k in saved["train"]}}
-    changes = changed_settings(saved, cfg)
-    refused = [(k, a, b) for k, a, b in changes if k not in FREE_KEYS]
+                 task: {k: v for k, v in hp.items() if k not in ("model", "diffusion")}}
+        now = {"model": cfg["model"], "diffusion": cfg["diffusion"],
+               task: {k: v for k, v in cfg[task].items() if k in saved[task]}}
+    changes = changed_settings(saved, now, task)
+    refused = [(k, a, b) for k, a, b in changes if k not in FREE_KEYS[task]]
     source = saved_path or f"the checkpoint {ckpt_path}"
     if refused:
-        listed = "; ".join(f"{k} (saved {a!r}, now {b!r})" for k, a, b in refused)
         raise UserInputError(
-            f"cannot resume with changed settings that shape the weights: {listed}. Resume with "
-            f"the run's settings (as in {source}), or start a new run with --out NEW_FOLDER "
-            f"(add --init {ckpt_path} to start from these weights)")
-    if max_steps <= done:
-        raise UserInputError(f"{ckpt_path} has trained {done} steps already and --max-steps "
-                             f"(train.max_steps) is {max_steps}: to train longer, resume with "
-                             f"--max-steps above {done}")
+            f"cannot resume with changed settings that shape the weights: {listed(refused, 100)}. "
+            f"Resume with the run's settings (as in {source}), or start a new run with --out "
+            f"NEW_FOLDER (add --init {ckpt_path} to start from these weights)")
+    if max_steps is not None and max_steps <= done:
+        raise UserInputError(f"{ckpt_path} has trained {done} steps already and {flag} is "
+                             f"{max_steps}: to train longer, resume with --max-steps above {done}")
     return {"resumed_at": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": done,
             "checkpoint": str(ckpt_path),
             "changed": {k: {"saved": a, "now": b} for k, a, b in changes}}
@@ -114,3 +151,15 @@ def record_resume(out: Path, record: dict[str, Any]) -> None:
     path = out / "resumes.yaml"
     with open(path, "a") as fh:
         yaml.safe_dump([record], fh, sort_keys=False)
+
+
+def resume_checkpoint(resume: str, ckpt_dir: Path) -> str:
+    """The checkpoint file --resume names, checked to exist and to open."""
+    path = ckpt_dir / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist (no earlier run "
+                                f"wrote checkpoints to {ckpt_dir}); run without --resume")
+    others = sorted(p for p in ckpt_dir.glob("step-*.ckpt") if p != path)
+    earlier = f", or resume from an earlier checkpoint with --resume {others[-1]}" if others else ""
+    check_checkpoint_readable(path, f"run without --resume and with --out NEW_FOLDER{earlier}")
+    return str(path)

@@ -3,9 +3,12 @@ the command line (`--trainer.accelerator gpu --trainer.devices 4 --trainer.preci
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
+
+if TYPE_CHECKING:
+    from deqlit.runs.launch import Launch
 
 # What each job decides itself; a config value for these would be overridden silently.
 JOB_OWNED = {"callbacks", "logger", "default_root_dir", "enable_checkpointing", "inference_mode"}
@@ -29,13 +32,19 @@ def trainer_kwargs(section: dict[str, Any] | None) -> dict[str, Any]:
     return section
 
 
-def build_trainer(section: dict[str, Any] | None, parallel: dict[str, Any] | None = None,
-                  **job: Any) -> L.Trainer:
-    """L.Trainer(**config section, **what the job sets); the config's values win for shared keys
-    such as devices, so a user can always override them. strategy 'ddp_time' becomes the
-    time-sharding strategy with the config's parallel.time_shards."""
-    kwargs = {**job, **trainer_kwargs(section)}
-    if kwargs.get("strategy") == "ddp_time":
-        from deqlit.lit.time_strategy import DDPTimeStrategy
-        kwargs["strategy"] = DDPTimeStrategy(time_shards=(parallel or {}).get("time_shards"))
-    return L.Trainer(**kwargs)
+def build_trainer(launch: "Launch", **job: Any) -> L.Trainer:
+    """The one Trainer factory: L.Trainer(**what the job sets, **the trainer section). The section
+    is taken as it is and wins for every key the job also sets (accelerator, devices, precision,
+    max_steps, enable_progress_bar, ...), so a user can always override them; the job alone sets
+    JOB_OWNED keys (callbacks, logger, ...). A Trainer that cannot run here (no GPU for
+    --trainer.accelerator gpu, a bad precision) raises UserInputError naming Lightning's reason."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from deqlit.guards import UserInputError
+    from deqlit.runs.launch import trainer_section
+    try:
+        return L.Trainer(**{**job, **trainer_kwargs(trainer_section(launch))})
+    except (MisconfigurationException, ValueError) as err:
+        if isinstance(err, UserInputError):
+            raise
+        raise UserInputError(f"the trainer settings cannot run here: {err}") from None

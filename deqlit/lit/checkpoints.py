@@ -1,0 +1,79 @@
+"""The callbacks that save a training run (train.py and joint fine-tuning) and its progress bar.
+
+ExportEMA writes RUN/ema.pt beside every checkpoint and refuses non-finite weights; SaveLast saves
+last.ckpt at the end and on Ctrl-C / SIGTERM; LossBar shows the last step's loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from deqlit.guards import NonFiniteError, atomic_torch_save, first_nonfinite
+
+
+class ExportEMA(Callback):
+    """Writes the EMA weights as a plain state_dict (RUN/ema.pt) whenever a checkpoint is saved.
+
+    First checks every weight of the checkpoint (raw, EMA): on_save_checkpoint runs before the
+    checkpoint file is written, so raising here keeps both last.ckpt and ema.pt from NaN weights.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.saved_step: int | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        bad = first_nonfinite(checkpoint["state_dict"])
+        if bad is not None:
+            raise NonFiniteError(f"training diverged by step {trainer.global_step}: the weight "
+                                 f"{bad} is NaN or infinite, so no checkpoint was written")
+        if trainer.is_global_zero:
+            atomic_torch_save(pl_module.ema_state_dict(), self.path)
+        self.saved_step = trainer.global_step
+
+
+class SaveLast(Callback):
+    """Saves last.ckpt (and, through ExportEMA, ema.pt) at the end of training and on Ctrl-C/SIGTERM.
+
+    ModelCheckpoint saves every `checkpoint_every` steps and, at the end, only if it saved nothing
+    before: the steps after the last multiple would be lost, and so would the steps before an
+    interrupt. Its save_on_exception would also save on a diverged run; this saves only on
+    interrupts, and ExportEMA's check still refuses non-finite weights.
+    """
+
+    def __init__(self, path: Path, export: ExportEMA):
+        self.path = path
+        self.export = export
+        self.saved_step: int | None = None
+
+    def _save(self, trainer) -> None:
+        if trainer.fast_dev_run or trainer.global_step in (0, self.export.saved_step):
+            return  # nothing trained, or this step is saved already
+        trainer.save_checkpoint(self.path, weights_only=False)   # the full state, for --resume
+        self.saved_step = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            with contextlib.suppress(NonFiniteError):
+                self._save(trainer)
+
+
+class LossBar(TQDMProgressBar):
+    """The progress bar with the last step's loss, read from the host float of the NaN check:
+    a prog_bar=True tensor would be read back after the optimizer step, a second sync per step."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "last_loss", float("nan"))
+        if math.isfinite(loss):
+            metrics["loss"] = round(loss, 4)
+        return metrics
