@@ -1,0 +1,49 @@
+"""Latent interpolation (diffusion/interpolation.py) against hand formulas."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deqlit.diffusion.interpolation import interpolate, lerp, parse_pairs, slerp
+
+
+def latents(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 16, 16, generator=gen, dtype=torch.float64),
+            torch.randn(1, 16, 16, generator=gen, dtype=torch.float64))
+
+
+def test_slerp_keeps_the_endpoints_and_walks_the_great_circle():
+    a, b = latents()
+    path = slerp(a, b, torch.linspace(0, 1, 9, dtype=torch.float64))
+    assert torch.allclose(path[0], a, atol=1e-12) and torch.allclose(path[-1], b, atol=1e-12)
+    # Equal angles between consecutive frames, on the plane of a and b.
+    cos = [float((path[k] * path[k + 1]).sum() / (path[k].norm() * path[k + 1].norm())) for k in range(8)]
+    assert max(cos) - min(cos) < 1e-10
+    omega = math.acos(float((a * b).sum() / (a.norm() * b.norm())))
+    assert math.acos(cos[0]) == pytest.approx(omega / 8, rel=1e-9)
+    # The norm is interpolated linearly; lerp's midpoint sinks inside the sphere.
+    assert float(path[4].norm()) == pytest.approx(float(a.norm() + b.norm()) / 2, rel=1e-9)
+    assert float(lerp(a, b, torch.tensor([0.5]))[0].norm()) < 0.8 * float(path[4].norm())
+
+
+def test_parallel_latents_fall_back_to_the_line():
+    a, _ = latents()
+    path = slerp(a, 2 * a, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+    assert torch.allclose(path[1], 1.5 * a)
+
+
+def test_interpolate_and_pairs_refuse_bad_input():
+    a, b = latents()
+    assert interpolate(a.float(), b.float(), 5).shape == (5, 1, 16, 16)
+    with pytest.raises(ValueError, match="frames must be >= 2"):
+        interpolate(a, b, 1)
+    with pytest.raises(ValueError, match="unknown interpolation"):
+        interpolate(a, b, 3, "cubic")
+    assert parse_pairs("0:1, 2:3", 4) == [(0, 1), (2, 3)]
+    with pytest.raises(ValueError, match="rows 0..3"):
+        parse_pairs("0:4", 4)
+    with pytest.raises(ValueError, match="I:J"):
+        parse_pairs("0-1", 4)
