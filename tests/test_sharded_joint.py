@@ -1,4 +1,4 @@
-"""Joint fine-tuning under --trainer.strategy ddp_time (deqlit/lit/joint_sharding.py) gives what
+"""Joint fine-tuning under --trainer.strategy ddp_time (one training step: lit/joint_module.py) gives what
 one process gives. The oracle is JointFineTuneModule trained by a one-device Trainer in this
 process (float64); the sharded runs are the same module and Trainer with the DDPTimeStrategy in
 spawned gloo processes (world 2: time 2; world 4: data 2 x time 2). The command tests run
@@ -21,7 +21,7 @@ import yaml
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from deqlit.guards import UserInputError
 from deqlit.lit.joint_module import JointFineTuneModule
-from deqlit.lit.joint_sharding import check_shardable
+from deqlit.runs.joint import check_replica_batches
 from deqlit.lit.joint_data import JointDataModule
 from tests.conftest import REPO, GaussianDataNoise
 
@@ -167,20 +167,21 @@ def test_joint_steps_under_ddp_time_equal_one_process(one_process, world, tmp_pa
 
 
 def test_ddp_time_strategy_takes_parallel_timeout_s():
-    from deqlit.runs.inversion import with_timeout
-    section = with_timeout({"strategy": "ddp_time", "devices": 2}, {"parallel": {"time_shards": 2, "timeout_s": 42}})
+    from deqlit.runs.launch import Launch, trainer_section
+    parallel = {"time_shards": 2, "timeout_s": 42}
+    section = trainer_section(Launch({"strategy": "ddp_time", "devices": 2}, parallel, None, 2))
     assert section["devices"] == 2 and section["strategy"].time_shards == 2
     assert section["strategy"]._timeout == timedelta(seconds=42)
-    assert with_timeout({"strategy": "ddp"}, {}) == {"strategy": "ddp"}
+    assert trainer_section(Launch({"strategy": "ddp"}, parallel, None, 1)) == {"strategy": "ddp"}
 
 
 # ---- refusals: before anything is written -----------------------------------------------------
-def test_what_time_sharding_cannot_do_is_refused_naming_the_fix():
-    for works in ({"grad": "ift"}, {"solver": "sequential"}, {"network_lr": 0.0}):   # all shard now
-        check_shardable(works)
+def test_batches_smaller_than_the_replicas_are_refused_naming_the_fix():
+    batches = dict(num_images=5, batch_size=2, prior_batch_size=4)
     with pytest.raises(UserInputError, match="--joint.batch_size"):
-        check_shardable({"num_images": 5, "batch_size": 2, "prior_batch_size": 4}, replicas=2)  # last batch: 1
-    check_shardable({"num_images": 6, "batch_size": 3, "prior_batch_size": 3}, replicas=2)
+        check_replica_batches(batches, replicas=2)                  # the last batch holds 1 image
+    check_replica_batches(dict(batches, num_images=6, batch_size=3, prior_batch_size=3), replicas=2)
+    check_replica_batches(batches, replicas=1)
 
 
 def tiny_joint_config(folder: Path, **joint) -> Path:
