@@ -47,3 +47,26 @@ def test_interpolate_and_pairs_refuse_bad_input():
         parse_pairs("0:4", 4)
     with pytest.raises(ValueError, match="I:J"):
         parse_pairs("0-1", 4)
+
+
+# ---- the normality of latents (evaluation/normality.py) -----------------------------------------
+def smooth(z: torch.Tensor) -> torch.Tensor:
+    """Neighbour-averaged noise: correlated like a latent that still holds its image."""
+    return (z + z.roll(1, -1) + z.roll(1, -2) + z.roll((1, 1), (-2, -1))) / 2
+
+
+def test_white_noise_passes_and_correlated_or_heavy_tailed_latents_fail():
+    from deqlit.evaluation.normality import normality, patch_correlation
+    gen = torch.Generator().manual_seed(1)
+    white = torch.randn(40, 1, 32, 32, generator=gen, dtype=torch.float64)
+    stats = normality(white)
+    assert stats["shapiro_rejection_rate"] <= 0.15            # ~alpha = 0.05 by design
+    assert max(stats["patch_correlation"]) < 0.15
+    heavy = torch.distributions.Laplace(0.0, 1.0).sample((10, 1, 32, 32)).double()
+    assert normality(heavy)["shapiro_rejection_rate"] >= 0.9
+    assert float(patch_correlation(smooth(white[:5])).min()) > 0.4
+    # Displacement (0, 1) inside 8x8 blocks, by hand, is one of the correlations considered.
+    z = white[:1]
+    s = (z - z.mean()) / (z - z.mean()).pow(2).mean().sqrt()
+    pairs = [float(s[0, 0, y, x] * s[0, 0, y, x + 1]) for y in range(32) for x in range(31) if x % 8 != 7]
+    assert float(patch_correlation(z)[0]) >= abs(sum(pairs) / len(pairs)) - 1e-12
