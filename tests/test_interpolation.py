@@ -1,6 +1,7 @@
 """Latent interpolation (diffusion/interpolation.py) against hand formulas."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -70,3 +71,29 @@ def test_white_noise_passes_and_correlated_or_heavy_tailed_latents_fail():
     s = (z - z.mean()) / (z - z.mean()).pow(2).mean().sqrt()
     pairs = [float(s[0, 0, y, x] * s[0, 0, y, x + 1]) for y in range(32) for x in range(31) if x % 8 != 7]
     assert float(patch_correlation(z)[0]) >= abs(sum(pairs) / len(pairs)) - 1e-12
+
+
+# ---- the command's core (commands/interpolate.py) -------------------------------------------------
+def test_interpolation_run_writes_strips_and_figures(tmp_path):
+    from PIL import Image
+    from deqlit.commands.interpolate import run_interpolation
+    from deqlit.diffusion.chain import Chain
+    from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
+    from tests.conftest import perturbed_unet
+    model = perturbed_unet(dtype=torch.float32)
+    chain = Chain.build(alphas_cumprod(linear_betas()), 3)
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    cfg = {"data": {"name": "faces", "root": "data"}}
+    report = run_interpolation(model, cfg, {"x_T": x_T, "chain": chain.to_dict()}, "0:1,2:3", 5, "slerp", tmp_path)
+    strip = Image.open(tmp_path / "strip_0_1.png")
+    assert strip.width >= 5 * 96 and strip.height >= 2 * 96            # 2 rows of 5 tiles, >= 96 px
+    pair = report["pairs"][0]
+    assert pair["rows"] == [0, 1] and len(pair["kurtosis"]) == len(pair["shapiro_p"]) == 5
+    assert report["interpolated"]["count"] == 2 * 3                    # the interior frames
+    mid = report["midpoints"]
+    assert mid["num_midpoints"] == 2 and mid["ratio_to_fresh"] == pytest.approx(
+        mid["midpoints_fd_random"] / mid["fresh_fd_random"])
+    assert json.loads((tmp_path / "metrics.json").read_text())["method"] == "slerp"
+    with pytest.raises(ValueError, match="eta = 0.5"):
+        run_interpolation(model, cfg, {"x_T": x_T, "chain": chain.with_eta(0.5).to_dict()}, "0:1", 3,
+                          "slerp", tmp_path)

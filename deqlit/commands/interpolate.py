@@ -1,0 +1,93 @@
+"""sample.py --interpolate RUN/latents.pt --pairs 0:1,2:3 --frames 9: morphs between saved latents.
+
+Each pair (i, j) of latent rows is joined by a path of `frames` latents (slerp on the sphere where
+white noise lives, or lerp for comparison; diffusion/interpolation.py), decoded with the chain
+saved with the latents (for a joint fine-tuning run, with its fine-tuned weights: RUN/ema.pt), and
+written as a strip PNG per pair whose endpoints are the reconstructions. metrics.json reports the
+Gaussianity of every interpolated latent (lag-1 autocorrelation, kurtosis, Shapiro-Wilk, the
+patch correlation) and fd-random of the midpoints (t = 0.5) to the training images, beside the
+fd-random of as many fresh samples.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from deqlit.diffusion.chain import Chain
+from deqlit.diffusion.gaussianity import kurtosis, lag1_autocorrelation
+from deqlit.diffusion.interpolation import interpolate, parse_pairs
+from deqlit.evaluation.normality import normality
+from deqlit.pictures import as_picture, labelled_grid, save_picture
+from deqlit.sampling import generate
+
+
+def fine_tuned_weights(latents_path: str) -> Optional[Path]:
+    """RUN/ema.pt beside a joint run's latents (the weights its latents were fitted with), else None."""
+    folder = Path(latents_path)
+    folder = folder if folder.is_dir() else folder.parent
+    ema = folder / "ema.pt"
+    return ema if ema.is_file() and (folder / "config.yaml").is_file() else None
+
+
+@torch.no_grad()
+def decode(model, x_T: torch.Tensor, chain: Chain, solver: str, options: dict[str, Any]) -> torch.Tensor:
+    """x_0 (N, C, H, W) of latents (N, C, H, W) through the saved chain (eta 0: no noise)."""
+    return torch.cat([generate(model, chunk, chain, solver, **options)[0] for chunk in x_T.split(16)])
+
+
+def midpoint_distances(model, midpoints: torch.Tensor, chain: Chain, cfg: dict, seed: int) -> dict[str, Any]:
+    """fd-random of the decoded midpoints and of as many fresh samples, to the training images."""
+    from deqlit.evaluation import DatasetMetrics
+    if len(midpoints) < 2:
+        return {"note": "fd-random needs at least 2 midpoints: pass more --pairs"}
+    metrics = DatasetMetrics.from_config("fd-random", cfg, model)
+    fresh_x_T = torch.randn(midpoints.shape, generator=torch.Generator().manual_seed(seed)).to(midpoints)
+    fresh = decode(model, fresh_x_T, chain, "sequential", {})
+    mid, new = metrics(midpoints)["fd-random"], metrics(fresh)["fd-random"]
+    return {"midpoints_fd_random": mid, "fresh_fd_random": new, "ratio_to_fresh": mid / new,
+            "num_midpoints": len(midpoints), **metrics.reference}
+
+
+def run_interpolation(model, cfg: dict, saved: dict[str, Any], pairs_text: str, frames: int, method: str,
+                      out: Path, solver: str = "sequential", options: Optional[dict] = None,
+                      seed: int = 0) -> dict[str, Any]:
+    """Strips, metrics.json and the figures for the pairs of `saved` (a latents payload: x_T, chain)."""
+    chain = Chain.from_dict(saved["chain"])
+    if chain.eta > 0:
+        raise ValueError(f"these latents were found with eta = {chain.eta}: their chain injects noise "
+                         f"at every step, and a path between two latents has no noise of its own. "
+                         f"Interpolate latents of an eta = 0 run")
+    x_T_all = saved["x_T"].to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+    pairs = parse_pairs(pairs_text, len(x_T_all))
+    report: dict[str, Any] = {"method": method, "frames": frames, "timesteps": chain.T, "pairs": []}
+    midpoints, interior = [], []
+    t_values = torch.linspace(0, 1, frames).tolist()
+    for i, j in pairs:
+        path = interpolate(x_T_all[i], x_T_all[j], frames, method)             # (F, C, H, W)
+        images = decode(model, path, chain, solver, options or {})
+        stats = normality(path)
+        rho, kurt = lag1_autocorrelation(path).tolist(), kurtosis(path).tolist()
+        report["pairs"].append({"rows": [i, j], "t": t_values, "lag1_autocorrelation": rho, "kurtosis": kurt,
+                                "shapiro_p": stats["shapiro_p"], "patch_correlation": stats["patch_correlation"]})
+        interior.append(path[1:-1])
+        midpoints.append(images[frames // 2] if frames % 2 else decode(
+            model, interpolate(x_T_all[i], x_T_all[j], 3, method)[1:2], chain, solver, options or {})[0])
+        strip = labelled_grid([list(images), [as_picture(z) for z in path]],
+                              column_labels=[f"t = {t:.2f}" for t in t_values], row_labels=["x_0", "x_T"],
+                              title=f"{method} from row {i} to row {j} (T = {chain.T})")
+        save_picture(strip, out / f"strip_{i}_{j}.png")
+    inner = torch.cat(interior) if interior and interior[0].numel() else x_T_all[:0]
+    if len(inner):
+        inner_stats = normality(inner)
+        rho = lag1_autocorrelation(inner)
+        report["interpolated"] = {"count": len(inner), "lag1_autocorrelation_mean": float(rho.mean()),
+                                  "lag1_autocorrelation_max": float(rho.abs().max()),
+                                  "kurtosis_mean": float(kurtosis(inner).mean()),
+                                  "shapiro_rejection_rate": inner_stats["shapiro_rejection_rate"],
+                                  "patch_correlation_max": max(inner_stats["patch_correlation"])}
+    report["midpoints"] = midpoint_distances(model, torch.stack(midpoints), chain, cfg, seed)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    return report
