@@ -16,7 +16,7 @@ import torch
 import yaml
 from torch import nn
 
-from deqlit.config import apply_overrides, load_config, set_path
+from deqlit.config import ConfigError, apply_overrides, load_config, set_path
 from deqlit.lit.ema import make_ema, warmup_ema_decay
 from deqlit.models.loading import load_weights
 from deqlit.models.unet import DDIMUNet
@@ -76,13 +76,15 @@ def train(out: Path, max_steps: int, *extra: str, seed: int | None = None) -> Pa
 
 
 def expected_config(out: Path, max_steps: int) -> dict:
-    """configs/faces.yaml with the TINY overrides and the named flags applied, built by hand."""
-    cfg = load_config(FACES_YAML)
+    """configs/faces.yaml with the TINY overrides and the named flags applied, built by hand, and
+    resolved (every section filled in with its defaults: what a run saves)."""
+    from deqlit.runs.sections import resolve
+    cfg = resolve(load_config(FACES_YAML), "train")
     cfg = apply_overrides(cfg, [arg for key, value in TINY.items() for arg in (f"--{key}", value)])
     set_path(cfg, "train.max_steps", max_steps)
     set_path(cfg, "data.batch_size", 8)
     set_path(cfg, "train.out", str(out))
-    return cfg
+    return resolve(cfg, "train")
 
 
 def events(out: Path) -> list[Path]:
@@ -255,9 +257,9 @@ def test_resume_without_checkpoint_names_the_path(tmp_path):
 def test_unknown_override_section_is_a_clear_error(tmp_path):
     with pytest.raises(KeyError, match=r"unknown config section 'nosuch' in --nosuch\.key.*train"):
         train(tmp_path, 2, "--nosuch.key", "1")
-    with pytest.raises(SystemExit, match=r"unrecognized argument '--bogus'.*--section\.key value"):
+    with pytest.raises(ConfigError, match=r"unrecognized argument '--bogus'.*--section\.key value"):
         train(tmp_path, 2, "--bogus", "1")
-    with pytest.raises(SystemExit, match=r"--train\.lr needs a value"):
+    with pytest.raises(ConfigError, match=r"--train\.lr needs a value"):
         train(tmp_path, 2, "--train.lr")
     assert not (tmp_path / "config.yaml").exists()  # rejected before anything ran
 
@@ -275,14 +277,12 @@ def test_override_values_keep_their_yaml_types():
     assert cfg == before  # the loaded config is not modified in place
 
 
-def test_override_of_a_key_the_config_lacks_warns_with_the_close_match():
-    with pytest.warns(UserWarning, match=r"--inversion\.lrr is not a key.*did you mean --inversion\.lr\?"):
-        cfg = apply_overrides(load_config(FACES_YAML), ["--inversion.lrr", "0.1"])
-    assert cfg["inversion"]["lrr"] == 0.1            # still added: optional keys are read this way
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")               # an existing key says nothing
-        apply_overrides(load_config(FACES_YAML), ["--inversion.lr", "0.1"])
+def test_override_of_a_key_no_section_takes_is_refused_with_the_close_match():
+    from deqlit.runs.sections import resolve
+    cfg = apply_overrides(resolve(load_config(FACES_YAML)), ["--inversion.lrr", "0.1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'lrr' in section inversion.*did you mean --inversion\.lr\b"):
+        resolve(cfg)
+    assert resolve(apply_overrides(resolve(load_config(FACES_YAML)), ["--inversion.lr", "0.1"]))["inversion"]["lr"] == 0.1
 
 
 def test_override_exponent_float_is_a_float():

@@ -293,9 +293,11 @@ def write_metrics(module: JointFineTuneModule, datamodule: JointDataModule, out:
     if module.latents.store is not None:
         module.latents.store.flush()
     idx = module.latents.ready.nonzero().flatten().cpu()
+    dtype = next(module.model.parameters()).dtype     # --trainer.precision 64-true: float64 weights
     with torch.no_grad():
         scores = evaluate({"ema": module.ema.module.cpu(), "raw": module.model.cpu()}, module.latents, idx,
-                          datamodule.target_images, module.chain, datamodule.prior_images(), module.abar.cpu(),
+                          datamodule.target_images, module.chain, datamodule.prior_images().to(dtype),
+                          module.abar.cpu(),
                           chunk=chunk, per_image_limit=per_image_limit,
                           reference_limit=datamodule.reference_images)
     metrics = {"steps": module.global_step, "seconds": round(seconds, 1),
