@@ -171,6 +171,10 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
     launch = prepare_launch(cfg, join=False)
     settings = check_time_shardable(settings, launch.shards, quiet=launched_worker())
     check_inputs(cfg)
+    # The network is read before anything is written: a refused or mismatched checkpoint leaves
+    # --out as it was (no run.json that a later run would take for an earlier inversion).
+    model, schedule, _ = build_noise_model(cfg)
+    chain.check_schedule(schedule)
     identity = run_identity(cfg, settings, chain)
     if launch.launched is not None:
         launch = prepare_launch(cfg)
@@ -188,8 +192,6 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
             save_config(cfg, out / "config.yaml")
         # Every process inverts the images that rank 0 finds unfinished (read once, by rank 0).
         done = on_rank_zero_of(launch, lambda: finished_indices(out / "latents"), workers_too=True)
-        model, schedule, _ = build_noise_model(cfg)
-        chain.check_schedule(schedule)
         datamodule = InversionDataModule(data["name"], inv["split"], data["resolution"],
                                          data["channels"], data["root"],
                                          num_images=inv["num_images"], batch_size=inv["batch_size"],

@@ -171,11 +171,16 @@ def check_launch(launch: Launch, joint: dict[str, Any]) -> None:
         check_replica_batches(joint, max(1, world // launch.shards))
 
 
-def build_joint(cfg: dict, ckpt: Optional[str] = None,
-                resume: bool = False) -> tuple[JointFineTuneModule, JointDataModule]:
+def build_joint(cfg: dict, ckpt: Optional[str] = None, resume: bool = False,
+                before_writing: Optional[Callable[[], None]] = None
+                ) -> tuple[JointFineTuneModule, JointDataModule]:
     """(module, datamodule) from the resolved config; the network from `ckpt`, joint.ckpt or
     checkpoint.path. The fine-tuning and prior splits are streamed; the latents table goes to
-    RUN/latents/ when joint.latents_on_disk says so (opened, not created, when `resume`)."""
+    RUN/latents/ when joint.latents_on_disk says so (opened, not created, when `resume`).
+
+    before_writing() runs once the data and the network are read and checked, before the first
+    write (the table on disk): run_joint checks and writes the run folder there, so that a refused
+    checkpoint or an empty split leaves --out as it was."""
     from deqlit.data.streaming import Indexed, split_dataset
     from deqlit.lit.latent_store import DiskLatentStore, wants_disk
     from deqlit.models.build import build_noise_model
@@ -189,12 +194,14 @@ def build_joint(cfg: dict, ckpt: Optional[str] = None,
         raise UserInputError(f"the prior split {prior_split!r} of {name!r} holds no images: choose "
                              f"another --joint.prior_split (the data the model was trained on)")
     image_shape = tuple(images[0].shape)
+    model, abar, _ = build_noise_model(cfg, ckpt or joint["ckpt"])
+    if before_writing is not None:
+        before_writing()
     threshold = float(joint["latents_disk_threshold_gb"]) * 1024 ** 3
     store = None
     if wants_disk(joint["latents_on_disk"], count, math.prod(image_shape), threshold):
         store = DiskLatentStore(Path(joint["out"]) / "latents", count, math.prod(image_shape),
                                 create=not resume)
-    model, abar, _ = build_noise_model(cfg, ckpt or joint["ckpt"])
     skip = ("model", "schedule_abar", "num_images", "image_shape", "solver_options", "latents_store")
     module = JointFineTuneModule(model, abar, count, image_shape,
                                  solver_options=options_from(joint["solver"], joint), latents_store=store,
@@ -226,9 +233,9 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
             save_config(cfg, out / "config.yaml")
         else:
             record_resume(out, record)
-    on_rank_zero_of(launch, check_folder)
     L.seed_everything(joint["seed"], workers=True)
-    module, datamodule = build_joint(cfg, ckpt, resume=bool(resume))
+    module, datamodule = build_joint(cfg, ckpt, resume=bool(resume),
+                                     before_writing=lambda: on_rank_zero_of(launch, check_folder))
     if launch.time_sharded and module.latents.store is not None:
         raise UserInputError("--joint.latents_on_disk (the table in RUN/latents/) is not shared between "
                              "the processes of --trainer.strategy ddp_time yet: pass "

@@ -1,0 +1,90 @@
+"""Issue 20, round 2 of bad inputs and faults: each gives one `error:` line (exit 2 for bad input)
+and loses nothing. A refused checkpoint writes nothing; a resume may grow a joint run's set of
+images; an interrupted joint run saves whatever step the signal arrives at and never prints a
+--resume command for a file that is not there; a finished run leaves no .lock.
+
+Runs go through the scripts' main and cli.run_main in-process (same exit code and stderr);
+only the signal tests start a real process.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from deqlit.cli import run_main
+from tests.tiny import load_script, tiny_setup
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = {name: load_script(f"{name}.py", f"deqlit_{name}_script_round2") for name in ("train", "invert")}
+# A joint run small enough for CI: faces (shipped model), T = 3, batches of 2, the sequential solver.
+JOINT = ["--task", "joint", "--data", "faces", "--joint.timesteps", "3", "--joint.num_images", "2",
+         "--joint.batch_size", "2", "--joint.prior_batch_size", "2", "--joint.solver", "sequential",
+         "--joint.compare_every", "0", "--joint.image_every", "0", "--joint.reference_images", "2",
+         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `python SCRIPT.py ARGV`, in this process."""
+    capsys.readouterr()
+    try:
+        run_main(SCRIPTS[script].main, argv, script=f"{script}.py")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+class _Payload:
+    """Unpickling this would run a shell command that creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ---- 1. a refused checkpoint writes nothing ----------------------------------------------------
+def test_invert_with_a_refused_checkpoint_writes_nothing_and_the_same_out_runs_after(tmp_path, capsys):
+    config = tiny_setup(tmp_path, n_images=2)
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps(_Payload(tmp_path / "it_ran"), protocol=2))
+    out = tmp_path / "inv"
+    argv = ["--config", str(config), "--out", str(out), "--num-images", "2", "--max-steps", "1",
+            "--no-progress", "--trainer.accelerator", "cpu"]
+    code, _, err = run("invert", argv + ["--ckpt", str(bad)], capsys)
+    assert code == 2 and "contains code that deqlit refuses to run" in error_line(err)
+    assert not (tmp_path / "it_ran").exists()
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+    # The same --out, with the right checkpoint, is a new run (not "an earlier inversion").
+    code, _, err = run("invert", argv, capsys)
+    assert code == 0, err
+    assert (out / "latents.pt").is_file()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--joint.num_images", "0"], "--joint.num_images must be a positive integer"),
+    (["--ckpt", "TINY"], "TINY"),      # a checkpoint of another architecture
+])
+def test_joint_run_refused_before_writing_anything(tmp_path, capsys, extra, words):
+    tiny = tmp_path / "tiny.pt"
+    from tests.conftest import perturbed_unet
+    torch.save(perturbed_unet(seed=1, dtype=torch.float32).state_dict(), tiny)
+    extra = [str(tiny) if e == "TINY" else e for e in extra]
+    out = tmp_path / "joint"
+    code, _, err = run("train", JOINT + ["--trainer.max_steps", "1", "--out", str(out), *extra], capsys)
+    assert code == 2 and words.replace("TINY", str(tiny)) in error_line(err), err
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
