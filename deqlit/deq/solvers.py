@@ -45,6 +45,9 @@ class SolverStats:
     image_residual: list[float] = field(default_factory=list)  # per image, at its stop
     image_iterations: list[int] = field(default_factory=list)  # per image: calls until it stopped
     network_rows: int = 0                    # eps evaluations per image (filled by the caller)
+    # The solve reached call T of a triangular system: every row is exact whatever the last
+    # residual says (that residual measures the final update, not an error of the result).
+    exact_by_depth: bool = False
     abs_trace: list[torch.Tensor] = field(default_factory=list, repr=False)   # (B,) per call
     rel_trace: list[torch.Tensor] = field(default_factory=list, repr=False)   # (B,) per call
 
@@ -203,6 +206,7 @@ def _run(name: str, f: Map, x0: torch.Tensor, *, max_iter: int, tol: float,
         stats.abs_trace.append(abs_res)
         stats.rel_trace.append(rel_res)
         exact_now = triangular and n >= T            # every row of f(X) is exact at n = T
+        stats.exact_by_depth = exact_now
         newly = ~done & ((rel_res < tol) | exact_now | (n == max_iter))
         out = torch.where(newly.reshape(image_view), fx, out)
         stop_rel = torch.where(newly, rel_res, stop_rel)
@@ -332,7 +336,7 @@ def sequential(f: Map, x0: torch.Tensor, *, reducer: LocalReducer = LOCAL, trian
         if callback is not None:
             callback(n, stats, fx)
         x = fx
-    stats.converged = True
+    stats.converged = stats.exact_by_depth = True
     B = x0.shape[1]
     stats.finish(row_rel, torch.zeros(B, dtype=torch.float64, device=x0.device),
                  torch.full((B,), T, dtype=torch.long, device=x0.device))
