@@ -60,7 +60,7 @@ class TrainRun:
     out: str = "runs/train"
     checkpoint_every: int = 250
     steps_per_epoch: int = 250
-    log_every_n_steps: int = 10
+    log_every_n_steps: Optional[int] = None   # None: follows max_steps (runs/training.py)
     grad_clip: Optional[float] = 1.0
     val_images: Optional[int] = 1024
     init: Optional[str] = None      # start from these weights (fine-tuning)

@@ -2,7 +2,8 @@
 
 The Trainer comes from the config's `trainer:` section (deqlit.runs.trainer.build_trainer; any
 Trainer argument, overridable as --trainer.KEY VALUE), plus what `train:` owns: max_steps,
-log_every_n_steps and grad_clip (the Trainer's gradient_clip_val, by norm).
+log_every_n_steps (null: follows max_steps, see log_every) and grad_clip (the Trainer's
+gradient_clip_val, by norm).
 
 Guards: the output folder is checked (writable, not an earlier run unless --resume) and a resume
 checkpoint opened before any compute; a non-finite loss stops the run (train_module), and no
@@ -44,6 +45,14 @@ TRAIN_OWNED = {"max_steps": "--max-steps (train.max_steps)", "gradient_clip_val"
                "gradient_clip_algorithm": "--train.grad_clip (train.py clips by norm)"}
 
 
+def log_every(train: dict[str, Any]) -> int:
+    """train.log_every_n_steps, or when it is null one that follows the run's length: every 10
+    steps for long runs, fewer for short ones so that even a 3-step run logs a curve of 3 points."""
+    if train["log_every_n_steps"] is not None:
+        return int(train["log_every_n_steps"])
+    return min(10, max(1, int(train["max_steps"]) // 10))
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -57,6 +66,8 @@ def check_train_values(cfg: dict) -> None:
                 "train.val_images", "data.batch_size"):
         section, name = key.split(".")
         value = cfg[section][name] if key != "train.val_images" else (train["val_images"] or 1)
+        if key == "train.log_every_n_steps" and value is None:   # null: follows max_steps
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserInputError(f"--{key} must be a positive integer, got {value!r}")
     for key in ("warmup_steps", "sample_every", "seed"):
@@ -133,7 +144,7 @@ def prepare_training(cfg: dict, resume: str | None = None,
     bar = [LossBar()] if launch.section.get("enable_progress_bar", True) else []
     clip = train["grad_clip"] or None
     trainer = build_trainer(
-        launch, max_steps=train["max_steps"], log_every_n_steps=train["log_every_n_steps"],
+        launch, max_steps=train["max_steps"], log_every_n_steps=log_every(train),
         gradient_clip_val=clip, gradient_clip_algorithm="norm" if clip else None,
         logger=TensorBoardLogger(str(out), name="tb", version=0),
         callbacks=[checkpoint, export, saver, *bar, *metrics_callbacks(cfg)],
