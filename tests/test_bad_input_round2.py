@@ -29,6 +29,17 @@ JOINT = ["--task", "joint", "--data", "faces", "--joint.timesteps", "3", "--join
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def tiny_joint(tmp_path: Path, num_images: int = 2) -> list[str]:
+    """A joint run of the tiny 8x8 setup (tests/tiny.py; made once per tmp_path): `num_images` of
+    its 4 images."""
+    config = tmp_path / "tiny.yaml"
+    if not config.is_file():
+        tiny_setup(tmp_path, n_images=4)
+    rest = [a for i, a in enumerate(JOINT[4:]) if "--joint.num_images" not in (a, JOINT[4:][i - 1])]
+    return ["--task", "joint", "--config", str(config), "--joint.split", "all", "--joint.prior_split",
+            "all", *rest, "--joint.num_images", str(num_images)]
+
+
 def run(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `python SCRIPT.py ARGV`, in this process."""
     capsys.readouterr()
@@ -88,3 +99,33 @@ def test_joint_run_refused_before_writing_anything(tmp_path, capsys, extra, word
     code, _, err = run("train", JOINT + ["--trainer.max_steps", "1", "--out", str(out), *extra], capsys)
     assert code == 2 and words.replace("TINY", str(tiny)) in error_line(err), err
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+
+
+# ---- 2. a joint run resumed with more images grows its latents table ---------------------------
+@pytest.mark.slow
+def test_joint_resume_with_more_images_grows_the_table_and_fewer_are_refused(tmp_path, capsys):
+    out = tmp_path / "joint"
+    code, _, err = run("train", tiny_joint(tmp_path) + ["--trainer.max_steps", "2", "--out", str(out)], capsys)
+    assert code == 0, err
+    last = out / "checkpoints" / "last.ckpt"
+    before = torch.load(last, weights_only=True)
+    assert not any(k.startswith("_deq") for k in before["state_dict"])    # no second copy of the network
+    more = tiny_joint(tmp_path, 3)
+    code, _, err = run("train", more + ["--trainer.max_steps", "3", "--out", str(out), "--resume"], capsys)
+    assert code == 0, err
+    after = torch.load(last, weights_only=True)
+    assert after["global_step"] == 3 and after["state_dict"]["latents.weight"].shape[0] == 3
+    moments = after["optimizer_states"][0]["state"][0]
+    assert moments["exp_avg"].shape[0] == moments["step"].shape[0] == 3
+    # the two saved rows went on from their saved state: one more step each at most
+    assert (moments["step"][:2] - before["optimizer_states"][0]["state"][0]["step"]).le(1).all()
+    assert torch.load(out / "latents.pt", weights_only=True)["indices"].tolist() == [0, 1, 2]
+    # Back to 2 images: the checkpoint's third latent would be dropped; refused in one line.
+    code, _, err = run("train", tiny_joint(tmp_path) + ["--trainer.max_steps", "4", "--out", str(out), "--resume"], capsys)
+    line = error_line(err)
+    assert code == 2 and "latents of 3 images and this run has 2" in line and "--joint.num_images 3" in line
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    # Fewer than the saved config's: refused by the resume check, naming the saved value.
+    code, _, err = run("train", tiny_joint(tmp_path, 1) + ["--trainer.max_steps", "4", "--out", str(out), "--resume"], capsys)
+    line = error_line(err)
+    assert code == 2 and "joint.num_images (saved 2, now 1)" in line and f"--ckpt {out}/ema.pt" in line

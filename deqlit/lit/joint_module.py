@@ -44,7 +44,7 @@ from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.sequential import ddim_encode, ddim_sample
 from deqlit.lit.ema import make_ema
 from deqlit.guards import NonFiniteError, UserInputError
-from deqlit.lit.latent_table import LatentTable, RowAdam
+from deqlit.lit.latent_table import LatentTable, RowAdam, grow_saved_rows
 from deqlit.parallel.mesh import LocalMesh, TimeMesh
 
 INITS = ("gaussian", "ddim-inversion", "exact")
@@ -157,7 +157,9 @@ class JointFineTuneModule(L.LightningModule):
                          max_batch=hp.max_batch, adjoint=self.adjoint, reducer=self.mesh.time_reducer())
         deq.backward_stats = None
         X, stats = deq(x_T)
-        self._deq_of_step = deq          # its backward_stats are read after backward (ift)
+        # Its backward_stats are read after backward (ift). Kept out of the module's children: as
+        # a submodule its copy of the network would enter every checkpoint (and fail a resume).
+        self.__dict__["_deq_of_step"] = deq
         return X, deq, stats
 
     @property
@@ -417,9 +419,18 @@ class JointFineTuneModule(L.LightningModule):
             self.latents.store.checkpoint(int(checkpoint["global_step"]))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """--resume: the files ran ahead of the checkpoint; put them back to its step."""
+        """--resume: the files ran ahead of the checkpoint; put them back to its step. A run
+        resumed with more images (--joint.num_images) grows the saved table; fewer are refused."""
         if self.latents.store is not None:
             self.latents.store.rollback(int(checkpoint["global_step"]))
+            return
+        rows = self.latents.weight.shape[0]
+        saved = grow_saved_rows(checkpoint, "latents.", rows)
+        if saved > rows:
+            raise UserInputError(
+                f"the checkpoint holds the latents of {saved} images and this run has {rows}: a resume "
+                f"may add images, not drop them; resume with --joint.num_images {saved} (a split that "
+                f"lost images: put them back), or start a new run with --out NEW_FOLDER")
 
 
 def reduce_latent_rows(table: torch.Tensor, index: torch.Tensor, mesh: "LocalMesh | TimeMesh") -> torch.Tensor:

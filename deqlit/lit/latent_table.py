@@ -104,6 +104,31 @@ class LatentTable(nn.Module):
                               f"this run {self.weight.shape[0]}")
 
 
+def grow_saved_rows(checkpoint: dict[str, Any], prefix: str, rows: int) -> int:
+    """Pad a Lightning checkpoint's in-memory table of n <= `rows` rows to `rows`, in place: the
+    table (PREFIX.weight, PREFIX.ready) and RowAdam's per-row moments and step counts (the first
+    optimizer's). The new rows are zero and not ready: initialized when first seen, as in a new
+    run. Returns n (the checkpoint's rows); nothing changes when n >= rows, or when the table is
+    on disk (the caller refuses n > rows)."""
+    state = checkpoint.get("state_dict", {})
+    weight = state.get(prefix + "weight")
+    if weight is None or weight.shape[0] >= rows:
+        return rows if weight is None else int(weight.shape[0])
+    n = int(weight.shape[0])
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros((rows - n, *t.shape[1:]))])
+    state[prefix + "weight"] = padded(weight)
+    if prefix + "ready" in state:
+        state[prefix + "ready"] = padded(state[prefix + "ready"])
+    for saved in (checkpoint.get("optimizer_states") or [])[:1]:
+        for moments in saved.get("state", {}).values():
+            for key, value in moments.items():
+                if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == n:
+                    moments[key] = padded(value)
+    return n
+
+
 class RowAdam(torch.optim.Optimizer):
     """Adam on the rows present in a sparse gradient, with one step count per row.
 

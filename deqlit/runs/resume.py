@@ -31,6 +31,8 @@ RESULT_SECTIONS = {"train": ("data", "model", "diffusion", "train", "trainer"),
 # The step count that may grow on a resume.
 GROWS = {"train": ("train.max_steps", "--max-steps (train.max_steps)"),
          "joint": ("trainer.max_steps", "--max-steps (trainer.max_steps)")}
+# Counts that may grow on a resume (a smaller one is refused, naming the saved value).
+GROWING_SETS = {"joint.num_images"}
 _TRAINER_FREE = {"trainer.accelerator", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
                  "trainer.enable_model_summary", "trainer.profiler", "trainer.max_epochs",
                  "trainer.max_time", "trainer.num_sanity_val_steps", "trainer.check_val_every_n_epoch",
@@ -131,19 +133,30 @@ def check_resume(cfg: dict[str, Any], out: Path, ckpt_path: str, task: str = "tr
         now = {"model": cfg["model"], "diffusion": cfg["diffusion"],
                task: {k: v for k, v in cfg[task].items() if k in saved[task]}}
     changes = changed_settings(saved, now, task)
-    refused = [(k, a, b) for k, a, b in changes if k not in FREE_KEYS[task]]
+    refused = [(k, a, b) for k, a, b in changes if k not in FREE_KEYS[task] and not _grows(k, a, b)]
     source = saved_path or f"the checkpoint {ckpt_path}"
     if refused:
+        start_from = (f"--ckpt {Path(ckpt_path).resolve().parent.parent / 'ema.pt'}" if task == "joint"
+                      else f"--init {ckpt_path}")     # a joint run starts from a network's weights
         raise UserInputError(
             f"cannot resume with changed settings that shape the weights: {listed(refused, 100)}. "
             f"Resume with the run's settings (as in {source}), or start a new run with --out "
-            f"NEW_FOLDER (add --init {ckpt_path} to start from these weights)")
+            f"NEW_FOLDER (add {start_from} to start from these weights)")
     if max_steps is not None and max_steps <= done:
         raise UserInputError(f"{ckpt_path} has trained {done} steps already and {flag} is "
                              f"{max_steps}: to train longer, resume with --max-steps above {done}")
     return {"resumed_at": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": done,
             "checkpoint": str(ckpt_path),
             "changed": {k: {"saved": a, "now": b} for k, a, b in changes}}
+
+
+def _grows(key: str, saved: Any, now: Any) -> bool:
+    """A joint run's set of images may grow on a resume (its latents table is padded with new
+    rows, joint_module.on_load_checkpoint): more --joint.num_images, or null (the whole split;
+    a split that holds fewer images than the checkpoint is refused there)."""
+    if key not in GROWING_SETS:
+        return False
+    return now is None or (isinstance(now, int) and isinstance(saved, int) and now > saved)
 
 
 def record_resume(out: Path, record: dict[str, Any]) -> None:
