@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from deqlit.cli import run_main
 from tests.tiny import load_script, tiny_setup
@@ -129,3 +131,54 @@ def test_joint_resume_with_more_images_grows_the_table_and_fewer_are_refused(tmp
     code, _, err = run("train", tiny_joint(tmp_path, 1) + ["--trainer.max_steps", "4", "--out", str(out), "--resume"], capsys)
     line = error_line(err)
     assert code == 2 and "joint.num_images (saved 2, now 1)" in line and f"--ckpt {out}/ema.pt" in line
+
+
+# ---- 3. SIGTERM at any step of a joint run saves that step, or says nothing was saved -----------
+class SignalAt(Callback):
+    """Sends this process SIGTERM after step `step` ("end"), or inside the save of that step
+    ("save": after ExportEMA has noted it, before the file is written)."""
+
+    def __init__(self, step: int, where: str):
+        self.step, self.where = step, where
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if self.where == "end" and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_save_checkpoint(self, trainer, *args) -> None:
+        if self.where == "save" and trainer.global_step == self.step:
+            self.where = "done"
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("step, where", [(0, "start"), (1, "end"), (2, "end"), (3, "save"), (4, "end")])
+def test_sigterm_at_any_step_of_a_joint_run_saves_it_or_prints_no_resume(tmp_path, capsys, monkeypatch,
+                                                                         step, where):
+    import deqlit.runs.joint as joint
+    build = joint.build_trainer
+
+    def with_signal(launch, callbacks, **kwargs):
+        if where == "start":       # before the first step finishes
+            class AtStart(Callback):
+                def on_train_batch_start(self, trainer, *args) -> None:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return build(launch, callbacks=[*callbacks, AtStart()], **kwargs)
+        return build(launch, callbacks=[*callbacks, SignalAt(step, where)], **kwargs)
+    monkeypatch.setattr(joint, "build_trainer", with_signal)
+    out = tmp_path / "joint"
+    argv = tiny_joint(tmp_path) + ["--trainer.max_steps", "50", "--joint.checkpoint_every", "3",
+                                   "--out", str(out)]
+    code, _, err = run("train", argv, capsys)
+    last = out / "checkpoints" / "last.ckpt"
+    assert code == 143, err
+    if step == 0:
+        assert "nothing was saved" in err and "resume with" not in err
+        return
+    assert f"train.py: interrupted by SIGTERM; saved {last} at step {step}" in err, err
+    assert torch.load(last, weights_only=True)["global_step"] == step
+    assert "resume with: python train.py" in err
+    monkeypatch.setattr(joint, "build_trainer", build)
+    code, _, err = run("train", argv[:-6] + ["--trainer.max_steps", str(step + 1), "--joint.checkpoint_every",
+                                             "3", "--out", str(out), "--resume"], capsys)
+    assert code == 0, err
+    assert torch.load(last, weights_only=True)["global_step"] == step + 1

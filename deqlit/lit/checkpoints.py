@@ -45,26 +45,48 @@ class SaveLast(Callback):
     before: the steps after the last multiple would be lost, and so would the steps before an
     interrupt. Its save_on_exception would also save on a diverged run; this saves only on
     interrupts, and ExportEMA's check still refuses non-finite weights.
+
+    `written_step` is the step of the last save known to be complete: ExportEMA.saved_step is set
+    when a save starts, so a signal that lands inside ModelCheckpoint's save (e.g. the first one,
+    at step checkpoint_every) leaves it ahead of the files; that save is done again here.
     """
 
     def __init__(self, path: Path, export: ExportEMA):
         self.path = path
         self.export = export
         self.saved_step: int | None = None
+        self.written_step: int | None = None
 
-    def _save(self, trainer) -> None:
-        if trainer.fast_dev_run or trainer.global_step in (0, self.export.saved_step):
+    def _save(self, trainer, done: int | None) -> None:
+        if trainer.fast_dev_run or trainer.global_step in (0, done):
             return  # nothing trained, or this step is saved already
         trainer.save_checkpoint(self.path, weights_only=False)   # the full state, for --resume
-        self.saved_step = trainer.global_step
+        self.saved_step = self.written_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.written_step = self.export.saved_step   # a save begun before this batch has finished
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._save(trainer)
+        self._save(trainer, self.export.saved_step)
+        if self.export.saved_step == trainer.global_step:   # ModelCheckpoint's, finished by now
+            self.written_step = trainer.global_step
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             with contextlib.suppress(NonFiniteError):
-                self._save(trainer)
+                self._save(trainer, self.written_step)
+
+    def interrupted(self, step: int, resumed_from: str | None) -> tuple[str, bool]:
+        """(what an interrupted run kept, whether --resume can continue it), from the files:
+        never a --resume for a checkpoint that is not there."""
+        if self.written_step is not None and self.path.is_file():
+            if self.written_step == step:
+                return f"saved {self.path} at step {step}", True
+            return (f"the last checkpoint is {self.path}, step {self.written_step} (nothing newer "
+                    f"was saved)"), True
+        if resumed_from and Path(resumed_from).is_file():
+            return f"the last checkpoint is {resumed_from} (nothing newer was saved)", True
+        return "no step had finished, so nothing was saved; run the same command again", False
 
 
 class LossBar(TQDMProgressBar):

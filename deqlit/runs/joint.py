@@ -268,10 +268,7 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
             except SIGTERMException:
                 raise RunInterrupted(signal.SIGTERM) from None
     except RunInterrupted as err:
-        if export.saved_step is None and not ckpt_path:
-            raise RunInterrupted(err.signum, "no step had finished, so nothing was saved; run the "
-                                 "same command again", resumable=False) from None
-        raise RunInterrupted(err.signum, f"the last checkpoint is {ckpt_dir / 'last.ckpt'}") from None
+        raise RunInterrupted(err.signum, *saver.interrupted(trainer.global_step, ckpt_path)) from None
     if fast_dev_run or not trainer.is_global_zero:
         return module
     metrics = write_metrics(module, datamodule, out, time.time() - start, before,

@@ -172,14 +172,7 @@ def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = Fals
             except SIGTERMException:  # Lightning's own SIGTERM path (outside the main thread)
                 raise RunInterrupted(signal.SIGTERM) from None
     except RunInterrupted as err:
-        if export.saved_step is not None and export.saved_step == trainer.global_step:
-            detail = f"saved {saver.path} at step {export.saved_step}"  # now or by the last period
-        elif export.saved_step is not None or ckpt_path:
-            detail = f"the last checkpoint is {ckpt_dir / 'last.ckpt'} (nothing newer was saved)"
-        else:
-            raise RunInterrupted(err.signum, "no step had finished, so nothing was saved; run the "
-                                 "same command again", resumable=False) from None
-        raise RunInterrupted(err.signum, detail) from None
+        raise RunInterrupted(err.signum, *saver.interrupted(trainer.global_step, ckpt_path)) from None
     except NonFiniteError as err:
         raise NonFiniteError(f"{err}. {_kept(export, ckpt_dir, ckpt_path)} "
                              f"{_remedies(cfg)}") from None
