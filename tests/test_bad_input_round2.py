@@ -86,6 +86,7 @@ def test_invert_with_a_refused_checkpoint_writes_nothing_and_the_same_out_runs_a
     code, _, err = run("invert", argv, capsys)
     assert code == 0, err
     assert (out / "latents.pt").is_file()
+    assert not (out / ".lock").exists()        # a finished run leaves no lock file
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -182,3 +183,20 @@ def test_sigterm_at_any_step_of_a_joint_run_saves_it_or_prints_no_resume(tmp_pat
                                              "3", "--out", str(out), "--resume"], capsys)
     assert code == 0, err
     assert torch.load(last, weights_only=True)["global_step"] == step + 1
+
+
+# ---- 4. the folder lock is removed at the end --------------------------------------------------
+def test_folder_lock_is_removed_at_the_end_and_a_stale_file_does_not_block(tmp_path):
+    from deqlit.guards import OutputFolderError
+    from deqlit.runs.folder_lock import LOCK_NAME, folder_lock
+    (tmp_path / LOCK_NAME).write_text("invert.py (pid 999999)")     # left by a killed process
+    with folder_lock(tmp_path, "invert.py"):
+        with pytest.raises(OutputFolderError, match=r"in use by invert.py \(pid"):
+            with folder_lock(tmp_path, "sample.py"):
+                pass
+        assert (tmp_path / LOCK_NAME).is_file()      # a refused second run leaves the holder's file
+    assert not (tmp_path / LOCK_NAME).exists()
+    with pytest.raises(RuntimeError):
+        with folder_lock(tmp_path, "invert.py"):
+            raise RuntimeError("a failed run")
+    assert not (tmp_path / LOCK_NAME).exists()

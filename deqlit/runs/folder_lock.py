@@ -14,21 +14,29 @@ LOCK_NAME = ".lock"
 
 @contextlib.contextmanager
 def folder_lock(folder: Path, command: str) -> Iterator[None]:
-    """Hold RUN/.lock (flock: released by the OS even when the process is killed).
+    """Hold RUN/.lock (flock: released by the OS even when the process is killed), and remove it
+    when the block ends, however it ends (a killed process leaves a file that holds no lock).
 
     A second process on the same folder gets OutputFolderError naming the holder's pid, instead of
     two runs mixing their state and logs.
     """
     path = Path(folder) / LOCK_NAME
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise OutputFolderError(f"{folder} is in use by {holder}: wait for it to finish, or choose "
+                                    f"another --out") from None
+        try:   # the file we locked is still the folder's (not one a finishing run just removed)
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         handle.close()
-        raise OutputFolderError(f"{folder} is in use by {holder}: wait for it to finish, or choose "
-                                f"another --out") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{command} (pid {os.getpid()})")
@@ -36,5 +44,7 @@ def folder_lock(folder: Path, command: str) -> Iterator[None]:
     try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            path.unlink()          # before unlocking: a waiting process then sees a fresh file
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         handle.close()
