@@ -28,7 +28,8 @@ from pathlib import Path
 
 from deqlit.config import find_config, load_config
 from deqlit.data.registry import load_images
-from deqlit.deq.inversion import BatchInverter, frobenius_loss
+from deqlit.deq.degradations import frobenius_loss
+from deqlit.deq.inversion import BatchInverter
 from deqlit.diffusion.chain import Chain
 from deqlit.lit.inversion_outputs import per_image_metrics
 from deqlit.runs.inversion import settings_from

@@ -13,7 +13,8 @@ import torch
 
 from deqlit.deq.fixed_point import FixedPointMap
 from deqlit.deq.inverse_map import InverseChainMap
-from deqlit.deq.inversion import frobenius_loss, sequential_x0
+from deqlit.deq.degradations import frobenius_loss
+from deqlit.deq.inversion import sequential_x0
 from deqlit.deq.grad import onestep_gradient
 from deqlit.deq.solvers import _mix_with, mixing_weights, per_row_gram, residuals
 from deqlit.deq.warm_start import shifted_warm_start

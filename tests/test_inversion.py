@@ -12,7 +12,8 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from deqlit.deq.inversion import BatchInverter, InversionSettings, frobenius_loss
+from deqlit.deq.degradations import frobenius_loss
+from deqlit.deq.inversion import BatchInverter, InversionSettings
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from deqlit.diffusion.sequential import ddim_sample
@@ -297,3 +298,19 @@ def test_invert_celeba_without_data_or_checkpoint_names_both(tmp_path):
     assert str(tmp_path / "data" / "celeba") in text and "img_align_celeba" in text
     assert str(tmp_path / "ckpt.pth") in text and "never downloads" in text
     assert not (tmp_path / "run").exists()                  # nothing written before the check
+
+
+def test_random_is_an_alias_of_the_gaussian_start_and_runs_record_gaussian():
+    from deqlit.deq.inversion import canonical_init, draw_start
+    from deqlit.diffusion.seeds import gaussian_latent
+    from deqlit.lit.joint_module import JointFineTuneModule
+    assert InversionSettings(init="random").init == "gaussian" == canonical_init("random")
+    assert InversionSettings(init="ddim-inversion").init == "ddim-inversion"
+    abar = alphas_cumprod(linear_betas())
+    joint = JointFineTuneModule(perturbed_unet(), abar, 2, (1, 8, 8), timesteps=3, init="random", seed=5)
+    assert joint.hparams.init == "gaussian"
+    # one seeding function: inversion's start of image k is gaussian_latent(seed, k), whatever the batch
+    chain = Chain.build(abar, 3, "uniform", 0.0)
+    x_T, _, _ = draw_start(None, chain, torch.zeros(2, 1, 8, 8), [4, 1], InversionSettings(init="random", seed=5))
+    assert torch.equal(x_T[0], gaussian_latent(5, 4, (1, 8, 8))) and torch.equal(x_T[1], gaussian_latent(5, 1, (1, 8, 8)))
+    assert not torch.equal(x_T[0], x_T[1])

@@ -10,8 +10,9 @@ import torch
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from deqlit.diffusion.sequential import ddim_sample
-from deqlit.lit.joint_module import (JointFineTuneModule, decay_factor, gaussian_latent, kurtosis,
-                                     lag1_autocorrelation, typicality_chi2)
+from deqlit.diffusion.gaussianity import kurtosis, lag1_autocorrelations, typicality_chi2
+from deqlit.diffusion.seeds import gaussian_latent
+from deqlit.lit.joint_module import JointFineTuneModule, decay_factor
 from deqlit.lit.latent_table import RowAdam, to_sphere
 from deqlit.lit.joint_data import JointDataModule
 from deqlit.runs.joint import run_joint
@@ -31,13 +32,13 @@ def test_white_noise_scores_about_four_and_structured_latents_far_more():
     white = torch.randn(400, 1, 32, 32, generator=gen, dtype=torch.float64)
     chi2 = typicality_chi2(white)
     assert 3.3 < float(chi2.mean()) < 4.7                 # chi-square with 4 degrees of freedom
-    along_w, along_h = lag1_autocorrelation(white)
+    along_w, along_h = lag1_autocorrelations(white)
     assert float(along_w.abs().mean()) < 0.05 and abs(float(kurtosis(white).mean()) - 3) < 0.1
     # Independent oracle: numpy-free direct formula for one image.
     x = white[0, 0] - white[0, 0].mean()
     assert torch.isclose(along_w[0], (x[:, 1:] * x[:, :-1]).mean() / x.pow(2).mean())
     corr = smooth(white)
-    assert float(lag1_autocorrelation(corr)[0].mean()) > 0.25
+    assert float(lag1_autocorrelations(corr)[0].mean()) > 0.25
     assert float(typicality_chi2(corr).min()) > 50
 
 
@@ -53,7 +54,7 @@ def test_descending_the_chi2_whitens_a_correlated_latent_on_the_sphere():
         opt.step()
     x = to_sphere(z).reshape(2, 1, 16, 16).detach()
     assert float(typicality_chi2(x).mean()) < 0.05 * start
-    assert float(lag1_autocorrelation(x)[0].abs().max()) < 0.1
+    assert float(lag1_autocorrelations(x)[0].abs().max()) < 0.1
     assert torch.allclose(x.flatten(1).norm(dim=1), torch.full((2,), 16.0, dtype=torch.float64))
 
 
@@ -179,7 +180,7 @@ def test_latents_start_from_per_image_seeds_whatever_the_batch():
     module = JointFineTuneModule(net, ABAR, 4, (1, 8, 8), timesteps=3, seed=7)
     module.initialize_rows(torch.tensor([3, 1]), images[[3, 1]])
     assert module.latents.ready.tolist() == [False, True, False, True]
-    expected = to_sphere(gaussian_latent(3, 7, (1, 8, 8)).reshape(1, -1))
+    expected = to_sphere(gaussian_latent(7, 3, (1, 8, 8)).reshape(1, -1))
     assert torch.allclose(module.latents.weight[3], expected[0])
     with pytest.raises(ValueError, match="latent init"):
         JointFineTuneModule(net, ABAR, 4, (1, 8, 8), init="zeros")

@@ -91,7 +91,8 @@ def joint_step(mesh=None) -> dict:
     weights and latents after the step."""
     import torch.nn.functional as F
     from deqlit.deq.layer import DEQSampler
-    from deqlit.lit.joint_module import typicality_chi2
+    from deqlit.deq.degradations import frobenius_loss
+    from deqlit.diffusion.gaussianity import typicality_chi2
     from deqlit.deq.blocks import x0_objective
     from deqlit.parallel.gradients import sum_time_mean_data
     model = GaussianDataNoise(dtype=torch.float64).requires_grad_(True)
@@ -111,7 +112,7 @@ def joint_step(mesh=None) -> dict:
         a = ABAR[t[mine]].to(torch.float64)[:, None, None, None]
         x_t = a.sqrt() * prior[mine] + (1 - a).sqrt() * noise[mine]
         prior_loss = F.mse_loss(model(x_t, t[mine]), noise[mine]) * prior[0].numel()
-        return ((x0_hat - x0).pow(2).flatten(1).sum(1) + typicality_chi2(x_T)).mean() + prior_loss
+        return (frobenius_loss(x0_hat, x0) + typicality_chi2(x_T)).mean() + prior_loss
     params = list(model.parameters())
     if mesh is None:
         X, _ = DEQSampler(model, chain, "triangular-anderson", options, grad="onestep")(x_T)

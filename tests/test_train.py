@@ -17,7 +17,7 @@ import yaml
 from torch import nn
 
 from deqlit.config import ConfigError, apply_overrides, load_config, set_path
-from deqlit.lit.ema import make_ema, warmup_ema_decay
+from deqlit.lit.ema import make_ema, update_ema, warmup_ema_decay
 from deqlit.models.loading import load_weights
 from deqlit.models.unet import DDIMUNet
 
@@ -212,13 +212,13 @@ def test_warmup_ema_decay_values():
 def test_ema_update_moves_by_the_warmup_fraction():
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
-    ema = make_ema(model, 0.999)
+    ema = make_ema(model)
     assert not any(p.requires_grad for p in ema.parameters())
 
-    # torch's AveragedModel copies the weights on its first update (n_averaged 0) ...
+    # the first update (n_averaged 0) copies the weights, as torch's AveragedModel does (n_averaged 0) ...
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update_parameters(model)
+    update_ema(ema, model, 0.999)
     assert int(ema.n_averaged) == 1
     assert torch.equal(ema.module.weight, model.weight)
 
@@ -228,19 +228,19 @@ def test_ema_update_moves_by_the_warmup_fraction():
         with torch.no_grad():
             model.weight.add_(torch.randn_like(model.weight))
         new = model.weight.detach().clone()
-        ema.update_parameters(model)
+        update_ema(ema, model, 0.999)
         decay = (1 + n) / (10 + n)
         assert torch.allclose(ema.module.weight, decay * old + (1 - decay) * new, atol=1e-6)
         assert torch.allclose(ema.module.weight - old, (1 - decay) * (new - old), atol=1e-6)
         assert int(ema.n_averaged) == n + 1
 
     # The cap applies once warm-up would exceed it.
-    capped = make_ema(model, 0.05)
-    capped.update_parameters(model)
+    capped = make_ema(model)
+    update_ema(capped, model, 0.05)
     old = capped.module.bias.detach().clone()
     with torch.no_grad():
         model.bias.add_(2.0)
-    capped.update_parameters(model)  # warm-up would give 2/11 > 0.05
+    update_ema(capped, model, 0.05)  # warm-up would give 2/11 > 0.05
     assert torch.allclose(capped.module.bias, 0.05 * old + 0.95 * model.bias, atol=1e-6)
 
 

@@ -5,7 +5,7 @@ import argparse
 from typing import Optional
 
 from deqlit.cli import parse, positive_int
-from deqlit.deq.inversion import INITS, METHODS
+from deqlit.deq.inversion import INIT_ALIASES, INITS, METHODS
 from deqlit.runs.inversion import run_inversion
 
 FLAGS = {"method": "inversion.method", "timesteps": "inversion.timesteps", "skip": "inversion.skip",
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=positive_int, dest="max_batch", help="rows per network call")
     p.add_argument("--lr", type=float)
     p.add_argument("--max-steps", type=positive_int, dest="max_steps", help="optimization steps per image")
-    p.add_argument("--init", choices=INITS)
+    p.add_argument("--init", choices=[*INITS, *INIT_ALIASES],
+                   help="the start of the latents (random: the old name of gaussian)")
     p.add_argument("--solver", choices=["picard", "anderson", "triangular-anderson"])
     p.add_argument("--split", help="which split of the dataset to invert (default: test)")
     p.add_argument("--seed", type=int)
@@ -55,7 +56,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"(white noise: 0 and 3)")
     merged = (out / "latents.pt").is_file()
     print(f"results in {out}/: metrics.json, latents/part-*.pt"
-          + (f", grid.png (target | initial | final), loss_curve.png, latents.pt "
-             f"(python sample.py --latents {out}/latents.pt)" if merged else ""))
+          + (f", grid.png (target | initial | final | latent x_T, PSNR under each image), curves.png "
+             f"({'the exact solve: residual per state and iteration, PSNR against network evaluations' if method == 'exact' else 'loss against optimization step'}), "
+             f"latents.pt (python sample.py --latents {out}/latents.pt)" if merged else ""))
     print(f"view the curves: tensorboard --logdir {out}/tb")
     return metrics

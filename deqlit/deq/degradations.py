@@ -24,7 +24,14 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from deqlit.diffusion.seeds import per_image_generator
+
 TASKS = ("reconstruct", "inpaint", "super-resolution")
+
+
+def frobenius_loss(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The paper's loss: squared Frobenius norm per image in [-1, 1] scale, (B, ...) -> (B,)."""
+    return (x0_hat - x0).pow(2).flatten(1).sum(1)
 
 
 @dataclass
@@ -44,7 +51,7 @@ class Degradation:
 
     def loss(self, x0_hat: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         """||A(x0_hat) - y||_F^2 per image, (B,)."""
-        return (self.apply(x0_hat) - observed).pow(2).flatten(1).sum(1)
+        return frobenius_loss(self.apply(x0_hat), observed)
 
     def shown(self, observed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """What a person is shown of y at the images' size (B, C, H, W): the known pixels with the
@@ -131,9 +138,8 @@ def make_degradation(task: str, mask: str, factor: int, images: torch.Tensor, in
             masks = center_mask(height, width).expand(len(indices), 1, height, width)
         elif mask.startswith("random:"):
             fraction = float(mask.split(":", 1)[1])
-            # Its own stream per image (not the latent's): seed, index and a fixed offset.
-            masks = torch.cat([random_mask(height, width, fraction,
-                                           torch.Generator().manual_seed(seed * 1_000_003 + int(i) + 7_777_777))
+            # Its own stream per image, not the latent's: the stream of index + a fixed offset.
+            masks = torch.cat([random_mask(height, width, fraction, per_image_generator(seed, int(i) + 7_777_777))
                                for i in indices])
         else:
             masks = file_mask(mask, height, width).expand(len(indices), 1, height, width)

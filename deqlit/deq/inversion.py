@@ -32,28 +32,32 @@ import torch.utils.checkpoint
 from torch import nn
 
 from deqlit.deq.blocks import all_rows, x0_objective
-from deqlit.deq.degradations import check_task, make_degradation
+from deqlit.deq.degradations import check_task, frobenius_loss, make_degradation
 from deqlit.deq.layer import DEQSampler
 from deqlit.deq.solvers import get_solver, option_defaults
 from deqlit.deq.warm_start import shifted_warm_start
 from deqlit.diffusion.chain import Chain
+from deqlit.diffusion.seeds import per_image_generator
 from deqlit.diffusion.sequential import ddim_encode, ddim_sample
 from deqlit.deq.reduce import LOCAL, LocalReducer
 
 METHODS = ("deq", "baseline", "exact")
-INITS = ("random", "ddim-inversion", "exact")
+INITS = ("gaussian", "ddim-inversion", "exact")
+# 'random' was inversion's name for the Gaussian start (the paper's "random initialization") while
+# joint fine-tuning called it 'gaussian'; both are accepted, 'gaussian' is what runs record.
+INIT_ALIASES = {"random": "gaussian"}
 
 
-def frobenius_loss(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """The paper's loss: squared Frobenius norm per image in [-1, 1] scale, (B, ...) -> (B,)."""
-    return (x0_hat - x0).pow(2).flatten(1).sum(1)
+def canonical_init(init: str) -> str:
+    """The one name of a start: 'random' -> 'gaussian', other names unchanged."""
+    return INIT_ALIASES.get(init, init)
 
 
 @dataclass
 class InversionSettings:
     """Everything that decides an image's latent (a resume must match all of it)."""
     method: str = "deq"
-    init: str = "random"
+    init: str = "gaussian"          # or its alias "random"; ddim-inversion; exact
     lr: float = 0.005
     max_steps: int = 100
     early_stop_loss: float = 0.0
@@ -68,6 +72,9 @@ class InversionSettings:
     task: str = "reconstruct"      # or inpaint / super-resolution: the loss sees A(x_0) only
     mask: str = "center"           # inpaint: center, random:P or a PNG (white = known)
     factor: int = 2                # super-resolution: the average-pooling factor
+
+    def __post_init__(self) -> None:
+        self.init = canonical_init(self.init)
 
     def validate(self) -> "InversionSettings":
         """Raise ValueError naming the first bad value and its allowed range."""
@@ -104,11 +111,6 @@ class InversionSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def per_image_generator(seed: int, index: int) -> torch.Generator:
-    """Image `index`'s own generator: its start does not depend on batches or processes."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + int(index))
 
 
 def draw_start(model: nn.Module, chain: Chain, targets: torch.Tensor, indices: list[int],

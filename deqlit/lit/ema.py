@@ -1,4 +1,6 @@
-"""Exponential moving average of weights with warm-up, on top of torch's AveragedModel."""
+"""Exponential moving average of weights with warm-up, kept in torch's AveragedModel (its keys
+'module.*' and 'n_averaged' are what checkpoints hold), updated by `update_ema` only.
+"""
 from __future__ import annotations
 
 import torch
@@ -15,20 +17,31 @@ def warmup_ema_decay(num_averaged: int, max_decay: float) -> float:
     return min(max_decay, (1.0 + num_averaged) / (10.0 + num_averaged))
 
 
-def make_ema(model: nn.Module, max_decay: float) -> AveragedModel:
-    """An AveragedModel (keys 'module.*', 'n_averaged') whose update is one fused step per device.
-
-    The decay is computed from the `n_averaged` tensor on the device, once per update, so an
-    update makes no host sync per parameter (an `int(n)` per tensor would, on a GPU).
-    """
-    def average(avg_params: list[torch.Tensor], params: list[torch.Tensor],
-                num_averaged: torch.Tensor) -> None:
-        n = num_averaged.to(torch.float64)
-        decay = torch.clamp((1.0 + n) / (10.0 + n), max=max_decay)
-        # avg <- decay * avg + (1 - decay) * param, as avg + (1 - decay) * (param - avg)
-        weight = (1.0 - decay).to(avg_params[0].dtype)
-        torch._foreach_lerp_(avg_params, params, weight)
-
-    ema = AveragedModel(model, multi_avg_fn=average)
+def make_ema(model: nn.Module) -> AveragedModel:
+    """The EMA copy of `model`, frozen; step it with `update_ema` (AveragedModel.update_parameters
+    would average without the warm-up decay, with host reads of n_averaged)."""
+    ema = AveragedModel(model)
     ema.requires_grad_(False)
     return ema
+
+
+@torch.no_grad()
+def update_ema(ema: AveragedModel, model: nn.Module, max_decay: float) -> None:
+    """One EMA step of `ema` towards `model`, on the device without host reads.
+
+    The warm-up decay of `warmup_ema_decay`, computed from the n_averaged tensor: the first update
+    (n = 0) copies (lerp weight 1, which torch computes as exactly `end`), later ones lerp by
+    1 - decay(n); buffers are copied. AveragedModel.update_parameters reads n_averaged on the host
+    twice per call (`bool(n == 0)`, `if n > 0`): two GPU syncs per step.
+    """
+    averaged = [p.detach() for p in ema.module.parameters()]
+    current = [p.detach() for p in model.parameters()]
+    n = ema.n_averaged.to(torch.float64)
+    decay = torch.clamp((1.0 + n) / (10.0 + n), max=max_decay)
+    weight = torch.where(n == 0, torch.ones_like(decay), 1.0 - decay).to(averaged[0].dtype)
+    # One weight view per tensor: the overload taking a 0-dim tensor weight reads it with
+    # .item() (caught by the 'meta' test), a host sync.
+    torch._foreach_lerp_(averaged, current, [weight.expand_as(p) for p in averaged])
+    for mine, theirs in zip(ema.module.buffers(), model.buffers()):
+        mine.copy_(theirs)
+    ema.n_averaged += 1

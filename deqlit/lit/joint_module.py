@@ -37,17 +37,20 @@ from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from deqlit.deq.blocks import x0_objective
+from deqlit.deq.degradations import frobenius_loss
 from deqlit.deq.grad import adjoint_settings, attach_gradient, check_grad_mode
+from deqlit.deq.inversion import INITS, canonical_init
 from deqlit.deq.layer import DEQSampler
 from deqlit.deq.solvers import SolverStats, get_solver
 from deqlit.diffusion.chain import Chain
+from deqlit.diffusion.gaussianity import kurtosis, lag1_autocorrelation, typicality_chi2
+from deqlit.diffusion.seeds import gaussian_latent
 from deqlit.diffusion.sequential import ddim_encode, ddim_sample
-from deqlit.lit.ema import make_ema
+from deqlit.lit.ema import make_ema, update_ema
 from deqlit.guards import NonFiniteError, UserInputError
 from deqlit.lit.latent_table import LatentTable, RowAdam, grow_saved_rows
 from deqlit.parallel.mesh import LocalMesh, TimeMesh
 
-INITS = ("gaussian", "ddim-inversion", "exact")
 # The module's tensors that DDP must not touch: the latents are reduced by row (reduce_latent_rows).
 DDP_IGNORED = ["latents.weight", "latents.ready"]
 LR_DECAYS = ("none", "linear", "cosine")
@@ -67,38 +70,6 @@ def decay_factor(progress: float, shape: str, final: float) -> float:
     if shape == "cosine":
         return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * p))
     raise ValueError(f"unknown lr_decay {shape!r}; use one of {LR_DECAYS}")
-
-
-# ---- latent statistics (plain functions; x (B, C, H, W)) -------------------------------------
-def lag1_autocorrelation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lag-1 autocorrelation along columns and along rows per image: ((B,), (B,))."""
-    xc = x - x.mean(dim=(1, 2, 3), keepdim=True)
-    power = xc.pow(2).mean(dim=(1, 2, 3))
-    along_w = (xc[..., :, 1:] * xc[..., :, :-1]).mean(dim=(1, 2, 3)) / power
-    along_h = (xc[..., 1:, :] * xc[..., :-1, :]).mean(dim=(1, 2, 3)) / power
-    return along_w, along_h
-
-
-def kurtosis(x: torch.Tensor) -> torch.Tensor:
-    """Pearson kurtosis of each image's values (3 for Gaussian noise), (B,)."""
-    xc = x - x.mean(dim=(1, 2, 3), keepdim=True)
-    return xc.pow(4).mean(dim=(1, 2, 3)) / xc.pow(2).mean(dim=(1, 2, 3)).pow(2)
-
-
-def typicality_chi2(x: torch.Tensor) -> torch.Tensor:
-    """Sum of squared z-scores of (row and column lag-1 autocorrelation, kurtosis, mean) under
-    white N(0, I) noise, (B,); about 4 for such noise, large for structured latents."""
-    _, c, h, w = x.shape
-    d = c * h * w
-    along_w, along_h = lag1_autocorrelation(x)
-    return (c * h * (w - 1) * along_w ** 2 + c * (h - 1) * w * along_h ** 2
-            + d / 24.0 * (kurtosis(x) - 3.0) ** 2 + d * x.mean(dim=(1, 2, 3)) ** 2)
-
-
-def gaussian_latent(index: int, seed: int, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
-    """The starting latent of image `index`: its own generator, whatever the batch."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + int(index))
-    return torch.randn(shape, generator=gen, dtype=dtype)
 
 
 # ---- the LightningModule ---------------------------------------------------------------------
@@ -123,6 +94,7 @@ class JointFineTuneModule(L.LightningModule):
         super().__init__()
         # latents_store: latent_store.DiskLatentStore, the table in memory-mapped files (or None)
         self.save_hyperparameters(ignore=["model", "schedule_abar", "latents_store"])
+        init = self.hparams.init = canonical_init(init)
         if init not in INITS:
             raise ValueError(f"unknown latent init {init!r}; use one of {INITS}")
         if network_lr < 0 or prior_weight < 0 or typicality_weight < 0:
@@ -134,7 +106,7 @@ class JointFineTuneModule(L.LightningModule):
         self.model = model
         self.train_network = network_lr > 0
         self.model.requires_grad_(self.train_network)
-        self.ema = make_ema(self.model, ema_decay)
+        self.ema = make_ema(self.model)
         self.register_buffer("abar", schedule_abar.detach().to(torch.float64).clone(), persistent=False)
         self.chain = Chain.build(self.abar, timesteps, skip)
         self.latents = LatentTable(num_images, image_shape, sphere, latents_store)
@@ -182,7 +154,7 @@ class JointFineTuneModule(L.LightningModule):
             return
         idx, x0 = index[new], images[new]
         if self.hparams.init == "gaussian":
-            values = torch.stack([gaussian_latent(int(i), self.hparams.seed, x0.shape[1:], x0.dtype)
+            values = torch.stack([gaussian_latent(self.hparams.seed, int(i), x0.shape[1:], x0.dtype)
                                   for i in idx.tolist()]).to(x0.device)
         elif self.hparams.init == "ddim-inversion":
             values = ddim_encode(self.model, x0, self.chain)
@@ -253,7 +225,7 @@ class JointFineTuneModule(L.LightningModule):
         terms: dict[str, torch.Tensor] = {}
 
         def loss_of_x0(x0_hat: torch.Tensor) -> torch.Tensor:
-            terms["recon"] = (x0_hat - x0).pow(2).flatten(1).sum(1)             # (B,)
+            terms["recon"] = frobenius_loss(x0_hat, x0)             # (B,)
             terms["chi2"] = typicality_chi2(x_T)
             loss = share * (terms["recon"].mean() + hp.typicality_weight * terms["chi2"].mean())
             if train_prior:
@@ -276,13 +248,13 @@ class JointFineTuneModule(L.LightningModule):
             if hp.grad_clip:
                 self.clip_gradients(net_opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
             net_opt.optimizer.step()          # raw: global_step counts the latents' steps only
-            self.ema.update_parameters(self.model)
+            update_ema(self.ema, self.model, hp.ema_decay)
         optimizers[0].step()
         self.latents.renormalize(rows)
         # Logging: x_0 of the chain on every shard of the replica; the terms of this replica.
         with torch.no_grad():
             x0_hat = deq.first_state(X).detach()
-            recon = (x0_hat - x0).pow(2).flatten(1).sum(1)
+            recon = frobenius_loss(x0_hat, x0)
             chi2 = typicality_chi2(x_T.detach())
             if "prior" in terms:
                 prior_loss = terms["prior"].detach()
@@ -296,9 +268,7 @@ class JointFineTuneModule(L.LightningModule):
     # ---- logging ------------------------------------------------------------------------
     @torch.no_grad()
     def log_step(self, x0, x0_hat, x_T, recon, chi2, prior_loss, stats, index, cosine) -> None:
-        along_w, along_h = lag1_autocorrelation(x_T)
-        rho = (along_w + along_h) / 2
-        kurt = kurtosis(x_T)
+        rho, kurt = lag1_autocorrelation(x_T), kurtosis(x_T)
         values = {"train/recon_loss": recon.mean(), "train/typicality_chi2": chi2.mean(),
                   "latents/autocorr_mean": rho.mean(),
                   "latents/autocorr_max": rho.abs().max(), "latents/kurtosis_mean": kurt.mean(),
@@ -338,7 +308,7 @@ class JointFineTuneModule(L.LightningModule):
                 for mode in ("onestep", "ift"):
                     leaf = x_T.clone().requires_grad_(True)
                     X = attach_gradient(mode, fmap, X_star, leaf, tau=self.hparams.tau, adjoint=self.adjoint)
-                    x0_objective(X, deq.block, lambda x0_hat: (x0_hat - x0).pow(2).sum()).backward()
+                    x0_objective(X, deq.block, lambda x0_hat: frobenius_loss(x0_hat, x0).sum()).backward()
                     deq.reducer.sum_gradients([leaf])           # each time shard's part
                     grads.append(leaf.grad.flatten())
         finally:

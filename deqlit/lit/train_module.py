@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 
 from deqlit.diffusion.schedule import alphas_cumprod, make_betas
-from deqlit.lit.ema import make_ema
+from deqlit.lit.ema import make_ema, update_ema as ema_step
 from deqlit.guards import NonFiniteError
 from deqlit.models.unet import DDIMUNet
 
@@ -37,7 +37,7 @@ class DiffusionTrainModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = DDIMUNet(**model)
-        self.ema = make_ema(self.model, ema_decay)
+        self.ema = make_ema(self.model)
         betas = make_betas(diffusion.get("beta_schedule", "linear"),
                            diffusion.get("num_diffusion_timesteps", 1000),
                            diffusion.get("beta_start", 1e-4), diffusion.get("beta_end", 0.02))
@@ -81,27 +81,9 @@ class DiffusionTrainModule(L.LightningModule):
         # and a checkpoint must hold the EMA of every step it holds the weights of.
         self.update_ema()
 
-    @torch.no_grad()
     def update_ema(self) -> None:
-        """One EMA step of self.ema towards self.model, computed on the device without host reads.
-
-        AveragedModel.update_parameters reads n_averaged on the host twice per call
-        (`bool(n == 0)`, `if n > 0`): two GPU syncs per step, plus one in make_ema's average. This is its arithmetic with the
-        warm-up decay of deqlit.lit.ema: the first update (n = 0) copies (lerp weight 1, which
-        torch computes as exactly `end`), later ones lerp by 1 - decay(n); buffers are copied.
-        """
-        ema = self.ema
-        averaged = [p.detach() for p in ema.module.parameters()]
-        current = [p.detach() for p in self.model.parameters()]
-        n = ema.n_averaged.to(torch.float64)
-        decay = torch.clamp((1.0 + n) / (10.0 + n), max=self.hparams.ema_decay)
-        weight = torch.where(n == 0, torch.ones_like(decay), 1.0 - decay).to(averaged[0].dtype)
-        # One weight view per tensor: the overload taking a 0-dim tensor weight reads it with
-        # .item() (caught by the 'meta' test), a host sync.
-        torch._foreach_lerp_(averaged, current, [weight.expand_as(p) for p in averaged])
-        for mine, theirs in zip(ema.module.buffers(), self.model.buffers()):
-            mine.copy_(theirs)
-        ema.n_averaged += 1
+        """One EMA step towards self.model (lit/ema.py: warm-up decay, no host reads)."""
+        ema_step(self.ema, self.model, self.hparams.ema_decay)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step

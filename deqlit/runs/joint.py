@@ -36,7 +36,9 @@ from deqlit.diffusion.sequential import ddim_sample
 from deqlit.guards import RunInterrupted, UserInputError, atomic_torch_save
 from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions, refuse_existing_run
 from deqlit.lit.joint_data import JointDataModule, fine_tuning_count
-from deqlit.lit.joint_module import JointFineTuneModule, kurtosis, lag1_autocorrelation, typicality_chi2
+from deqlit.deq.degradations import frobenius_loss
+from deqlit.diffusion.gaussianity import kurtosis, lag1_autocorrelation, typicality_chi2
+from deqlit.lit.joint_module import JointFineTuneModule
 from deqlit.lit.checkpoints import ExportEMA, SaveLast
 from deqlit.runs.launch import Launch, on_rank_zero_of, prepare_launch, world_of
 from deqlit.runs.resume import check_resume, record_resume, resume_checkpoint
@@ -68,8 +70,7 @@ def evaluate(models: dict[str, torch.nn.Module], latents: Callable[[torch.Tensor
         idx = indices[lo:lo + chunk]
         x_T = latents(idx).detach().cpu()
         targets = images(idx).to(x_T)
-        along_w, along_h = lag1_autocorrelation(x_T)
-        rho, kurt = (along_w + along_h) / 2, kurtosis(x_T)
+        rho, kurt = lag1_autocorrelation(x_T), kurtosis(x_T)
         stats["autocorr_max"] = max(stats["autocorr_max"], float(rho.abs().max()))
         stats["kurtosis_maxdev"] = max(stats["kurtosis_maxdev"], float((kurt - 3).abs().max()))
         stats["chi2_sum"] += float(typicality_chi2(x_T).sum())
@@ -79,7 +80,7 @@ def evaluate(models: dict[str, torch.nn.Module], latents: Callable[[torch.Tensor
         for name, model in models.items():
             x0 = ddim_sample(model, x_T, chain)
             a = acc[name]
-            a["recon"] += float((x0 - targets).pow(2).flatten(1).sum(1).sum())
+            a["recon"] += float(frobenius_loss(x0, targets).sum())
             psnr = [float(peak_signal_noise_ratio(u.clamp(-1, 1), v, data_range=2.0)) for u, v in zip(x0, targets)]
             a["psnr_sum"] += sum(psnr)
             a["psnr_min"] = min(a["psnr_min"], min(psnr))
