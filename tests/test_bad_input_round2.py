@@ -200,3 +200,37 @@ def test_folder_lock_is_removed_at_the_end_and_a_stale_file_does_not_block(tmp_p
         with folder_lock(tmp_path, "invert.py"):
             raise RuntimeError("a failed run")
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+# ---- 5. a folder without images says what it holds ---------------------------------------------
+def test_a_folder_without_images_says_what_it_holds(tmp_path):
+    from deqlit.data.folders import DatasetNotFoundError, load_local_dataset
+
+    def problem(folder: Path) -> str:
+        with pytest.raises(DatasetNotFoundError) as err:
+            load_local_dataset(f"folder:{folder}", "all", 8, 1, limit=1)
+        return str(err.value).splitlines()[0]
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    (loop / "x").symlink_to("x")
+    assert problem(loop).endswith(f"folder {loop} holds no .jpg/.jpeg/.png/.webp/.tif/.tiff files: it "
+                                  f"holds 1 entry, a symlink loop: x -> x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert problem(empty).endswith("files: it is empty")
+    mixed = tmp_path / "mixed"
+    (mixed / "sub").mkdir(parents=True)
+    (mixed / "notes.txt").write_text("")
+    (mixed / "a.png").symlink_to("gone.png")
+    assert "holds 3 entries: a broken symlink: a.png -> gone.png; a file: notes.txt; a folder: sub" in problem(mixed)
+
+
+def test_symlinks_to_nothing_beside_images_are_named_in_a_warning(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from deqlit.data.folders import image_files
+    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(tmp_path / "a.png")
+    (tmp_path / "b.png").symlink_to("b.png")
+    with pytest.warns(UserWarning, match=r"skipped 1 symlink\(s\) that lead to no file \(a symlink loop: b.png -> b.png\)"):
+        assert image_files(tmp_path) == [tmp_path / "a.png"]

@@ -7,6 +7,8 @@ decodes only the first `limit` images of the split, so inverting 16 images never
 """
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -255,10 +257,48 @@ def celeba_files(split: str, root: str | Path = "data") -> list[Path]:
     return files
 
 
+def describe_entry(path: Path, folder: Path) -> str:
+    """What an entry under `folder` is, in words: 'a symlink loop: x -> x', 'a broken symlink:
+    a.png -> gone.png', 'a folder: sub', 'a file: notes.txt'."""
+    name = path.relative_to(folder).as_posix()
+    if path.is_symlink():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        try:
+            path.stat()
+        except OSError as err:
+            kind = "a symlink loop" if err.errno == errno.ELOOP else "a broken symlink"
+            return f"{kind}: {name} -> {target}"
+    if path.is_dir():
+        return f"a folder: {name}"
+    return f"a file: {name}" if path.is_file() else f"a special file: {name}"
+
+
+def unresolved_links(folder: Path) -> list[Path]:
+    """The symlinks under `folder` that lead nowhere (loops, missing targets)."""
+    return [p for p in folder.rglob("*") if p.is_symlink() and not p.exists()]
+
+
+def describe_contents(folder: Path, limit: int = 3) -> str:
+    """'is empty', or 'holds 1 entry, a symlink loop: x -> x', or 'holds 4 entries: a file: a.txt,
+    ...' (the first `limit`, hidden ones counted too): what a folder without images holds."""
+    entries = sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix())
+    if not entries:
+        return "is empty"
+    described = [describe_entry(p, folder) for p in entries[:limit]]
+    more = f", and {len(entries) - limit} more" if len(entries) > limit else ""
+    if len(entries) == 1:
+        return f"holds 1 entry, {described[0]}"
+    return f"holds {len(entries)} entries: " + "; ".join(described) + more
+
+
 def image_files(folder: Path) -> list[Path]:
     """Every image under `folder` (any depth), sorted by relative path; hidden files skipped.
 
-    Other files are skipped with one warning that counts them by suffix.
+    Other files are skipped with one warning that counts them by suffix; symlinks that lead
+    nowhere (loops, missing targets) are named in it.
     """
     found, skipped = [], {}
     for p in folder.rglob("*"):
@@ -273,6 +313,11 @@ def image_files(folder: Path) -> list[Path]:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(skipped.items()))
         warnings.warn(f"{folder}: skipped {sum(skipped.values())} file(s) that are not images "
                       f"deqlit reads ({counts}); it reads {', '.join(IMAGE_SUFFIXES)}",
+                      UserWarning, stacklevel=3)
+    dangling = unresolved_links(folder)
+    if dangling and found:
+        shown = "; ".join(describe_entry(p, folder) for p in dangling[:3])
+        warnings.warn(f"{folder}: skipped {len(dangling)} symlink(s) that lead to no file ({shown})",
                       UserWarning, stacklevel=3)
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
@@ -293,7 +338,8 @@ def _folder_files(name: str, split: str, root: str | Path) -> list[Path]:
         raise _not_found(name, root, f"no folder {folder}")
     files = image_files(folder)
     if not files:
-        raise _not_found(name, root, f"folder {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+        raise _not_found(name, root, f"folder {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files: "
+                                     f"it {describe_contents(folder)}")
     chosen = split_files(files, split)
     if not chosen:
         raise ValueError(f"split {split!r} of {folder} is empty: it holds {len(files)} image(s) and "
