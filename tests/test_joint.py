@@ -202,8 +202,8 @@ def tiny_config(tmp_path, out: str, max_steps: int) -> dict:
                       "timesteps": 3, "grad": "ift", "adjoint": {"solver": "sweep"}, "solver": "picard",
                       "max_iter": 3, "tol": 0.0, "init": "ddim-inversion", "latent_lr": 0.05,
                       "network_lr": 1e-3, "ema_decay": 0.9, "checkpoint_every": 1, "image_every": 1,
-                      "compare_every": 2, "kid_every": 2, "kid_samples": 8, "max_steps": max_steps,
-                      "progress_bar": False, "accelerator": "cpu", "out": str(tmp_path / out)}}
+                      "compare_every": 2, "kid_every": 2, "kid_samples": 8, "out": str(tmp_path / out)},
+            "trainer": {"max_steps": max_steps, "enable_progress_bar": False, "accelerator": "cpu"}}
 
 
 @pytest.mark.slow
@@ -310,7 +310,7 @@ def test_train_py_task_joint_maps_its_flags_onto_the_joint_section(tmp_path):
     train.main(["--task", "joint", "--config", str(config), "--max-steps", "1", "--out", str(out),
                 "--lr", "0.0005", "--joint.kid_every", "0"])
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["joint"]["max_steps"] == 1 and saved["joint"]["network_lr"] == 0.0005
+    assert saved["trainer"]["max_steps"] == 1 and saved["joint"]["network_lr"] == 0.0005
     assert json.loads((out / "metrics.json").read_text())["steps"] == 1
     assert (out / "ema.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
 

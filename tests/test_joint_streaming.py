@@ -45,12 +45,12 @@ def folder_config(tmp_path: Path, out: str, max_steps: int, **joint) -> dict:
                "timesteps": 3, "grad": "onestep", "solver": "picard", "max_iter": 3, "tol": 0.0,
                "init": "ddim-inversion", "latent_lr": 0.05, "network_lr": 1e-3, "ema_decay": 0.9,
                "checkpoint_every": 2, "image_every": 0, "compare_every": 0, "kid_every": 0,
-               "max_steps": max_steps, "progress_bar": False, "accelerator": "cpu",
                "latents_on_disk": False, "out": str(tmp_path / out)}
     section.update(joint)
     return {"data": {"name": f"folder:{images}", "resolution": 8, "channels": 1, "root": "ignored"},
             "model": dict(TINY_MODEL), "diffusion": {"beta_schedule": "linear", "num_diffusion_timesteps": 1000},
-            "checkpoint": {"path": str(ckpt), "ema": True}, "joint": section}
+            "checkpoint": {"path": str(ckpt), "ema": True}, "joint": section,
+            "trainer": {"max_steps": max_steps, "enable_progress_bar": False, "accelerator": "cpu"}}
 
 
 def tables(run: Path, module=None) -> dict[str, torch.Tensor]:
@@ -238,11 +238,12 @@ def test_a_disk_run_resumed_after_a_crash_equals_an_uninterrupted_one(tmp_path):
 def test_sample_py_regenerates_from_a_disk_runs_latents_pointer(tmp_path):
     """latents.pt of an on-disk run holds no x_T; sample.py --latents reads the rows it points to
     (the first --num-images of them) and regenerates what the in-memory run's latents.pt does."""
-    from deqlit.commands.sample import load_latents, main as sample_main
+    from deqlit.commands.sample import main as sample_main
+    from deqlit.runs.latents import read_latents
     run_joint(folder_config(tmp_path, "memory", 2))
     run_joint(folder_config(tmp_path, "disk", 2, latents_on_disk=True))
-    memory = load_latents(str(tmp_path / "memory" / "latents.pt"))
-    pointer = load_latents(str(tmp_path / "disk" / "latents.pt"), limit=3)
+    memory = read_latents(tmp_path / "memory")               # a run folder or its file
+    pointer = read_latents(tmp_path / "disk" / "latents.pt", limit=3)
     assert pointer["x_T"].shape == (3, 1, 8, 8) and pointer["indices"].tolist() == [0, 1, 2]
     assert torch.allclose(pointer["x_T"], memory["x_T"][:3], atol=1e-6)
     outputs = []

@@ -250,6 +250,6 @@ def test_train_py_joint_under_torchrun_and_lightnings_launcher_equals_one_proces
         assert max(float((ema[k] - one_ema[k]).abs().max()) for k in one_ema) < 2e-4, name
         assert lat["indices"].tolist() == one_lat["indices"].tolist() == [0, 1, 2, 3]
         assert close(lat["x_T"], one_lat["x_T"], 1e-5), name
-        assert yaml.safe_load((tmp_path / name / "config.yaml").read_text())["joint"]["max_steps"] == 2
+        assert yaml.safe_load((tmp_path / name / "config.yaml").read_text())["trainer"]["max_steps"] == 2
         import json
         assert json.loads((tmp_path / name / "metrics.json").read_text())["steps"] == 2

@@ -22,6 +22,7 @@ from deqlit.guards import NonFiniteError, first_nonfinite
 from deqlit.runs.guards import check_output_dir
 from deqlit.models.build import build_noise_model
 from deqlit.parallel.launch import gather_over_data
+from deqlit.runs.latents import read_latents
 from deqlit.runs.launch import prepare_launch, process_mesh
 from deqlit.sampling import SAMPLERS, draw_noise, generate
 
@@ -45,8 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=positive_int, dest="num_images")
     p.add_argument("--max-batch", type=positive_int, dest="max_batch", help="rows per network call")
     p.add_argument("--seed", type=int)
-    p.add_argument("--latents", help="a latents .pt written by invert.py: regenerate its images "
-                   "with the chain (and noise) saved in it")
+    p.add_argument("--latents", help="latents of invert.py or train.py --task joint (RUN/latents.pt "
+                   "or the run folder, part files included): regenerate the first --num-images "
+                   "images with the chain (and noise) saved with them")
+    p.add_argument("--interpolate", metavar="LATENTS", help="morph between pairs of saved latents "
+                   "(a file or run folder as for --latents; a joint run's own ema.pt weights are used "
+                   "unless --ckpt is given): strip_I_J.png per pair and metrics.json")
+    p.add_argument("--pairs", default="0:1", help="with --interpolate: rows to join, e.g. 0:1,2:3")
+    p.add_argument("--frames", type=positive_int, default=9, help="with --interpolate: images per strip")
+    p.add_argument("--interp", choices=["slerp", "lerp"], default="slerp",
+                   help="with --interpolate: great circle (slerp, white noise's sphere) or straight line")
     p.add_argument("--compare-sequential", action="store_true", dest="compare",
                    help="also run the sequential chain on the same x_T and noise and compare")
     p.add_argument("--out", help="output folder")
@@ -62,28 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR of images in [-1, 1] (data range 2), as a float."""
     return float(peak_signal_noise_ratio(a.clamp(-1, 1).double(), b.clamp(-1, 1).double(), data_range=2.0))
-
-
-def load_latents(path: str, limit: Optional[int] = None) -> dict[str, Any]:
-    """A latents file of invert.py (or of a joint fine-tuning run): x_T, noise, the chain, and the
-    reconstructions they regenerate. A joint run whose table is on disk writes a pointer instead of
-    x_T ('latents_dir'): its first `limit` rows (all without one) are read from the memory-mapped table."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"latents file {path} does not exist; invert.py writes RUN/latents.pt") from None
-    if isinstance(data, dict) and "latents_dir" in data and "x_T" not in data:
-        from deqlit.lit.latent_store import read_disk_latents
-        indices = data["indices"][:limit]
-        data["x_T"] = read_disk_latents(Path(path).parent, indices, data.get("sphere", True),
-                                        tuple(data["image_shape"]))
-        data["indices"] = indices
-    if not isinstance(data, dict) or "x_T" not in data:
-        raise ValueError(f"{path} is not a latents file from invert.py (expected a dict with 'x_T')")
-    if "chain" not in data:
-        raise ValueError(f"{path} holds no chain (written by an older deqlit): re-run invert.py, "
-                         f"or pass --timesteps/--skip/--eta and sample from its x_T yourself")
-    return data
 
 
 def chosen_chain(args: argparse.Namespace, s: dict, schedule: torch.Tensor,
@@ -118,7 +105,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # --trainer.strategy ddp_time: a data x time mesh (None: one process), joined as every job
     # joins it (torchrun / srun, or --trainer.devices N started here).
     mesh = process_mesh(prepare_launch(cfg), device)
-    saved = load_latents(args.latents, args.num_images) if args.latents else None
+    if args.interpolate:
+        return interpolate_main(args, cfg, device, dtype, mesh)
+    saved = read_latents(args.latents, args.num_images) if args.latents else None
     model, schedule, ckpt_path = build_noise_model(cfg)
     bad = first_nonfinite(model.state_dict())
     if bad is not None:
@@ -217,3 +206,35 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"sequential: {metrics['sequential_seconds']:.1f} s, x0 RMSE vs sequential "
               f"{metrics['x0_rmse_vs_sequential']:.2e} (PSNR {metrics['x0_psnr_vs_sequential']:.1f} dB)")
     return metrics
+
+
+def interpolate_main(args: argparse.Namespace, cfg: dict, device, dtype, mesh) -> dict:
+    """sample.py --interpolate: strips between pairs of saved latents (commands/interpolate.py)."""
+    from deqlit.commands.interpolate import fine_tuned_weights, run_interpolation
+    if args.latents:
+        raise ValueError("--interpolate reads its own latents: drop --latents")
+    if mesh is not None:
+        raise ValueError("--interpolate runs in one process: drop --trainer.strategy ddp_time / --trainer.devices")
+    saved = read_latents(args.interpolate)
+    weights = fine_tuned_weights(args.interpolate)
+    if weights is not None and args.ckpt is None:     # a joint run: its latents fit its own weights
+        cfg["checkpoint"]["path"] = str(weights)
+    model, _, ckpt_path = build_noise_model(cfg)
+    out = check_output_dir(cfg["sampling"]["out"])
+    model = model.to(device=device, dtype=dtype).eval()
+    s = cfg["sampling"]
+    with torch.no_grad():
+        report = run_interpolation(model, cfg, saved, args.pairs, args.frames, args.interp, out,
+                                   solver=s["solver"], options=options_from(s["solver"], s), seed=s["seed"])
+    report["checkpoint"] = str(ckpt_path)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    mid = report.get("midpoints", {})
+    ratio = f"; midpoints' fd-random {mid['ratio_to_fresh']:.2f}x fresh samples'" if "ratio_to_fresh" in mid else ""
+    inner = report.get("interpolated", {})
+    white = (f"; interpolated latents: lag-1 autocorrelation <= {inner['lag1_autocorrelation_max']:.3f}, "
+             f"Shapiro-Wilk rejection rate {inner['shapiro_rejection_rate']:.2f}") if inner else ""
+    strips = ", ".join(f"strip_{i}_{j}.png" for i, j in (pair["rows"] for pair in report["pairs"]))
+    print(f"wrote {strips} and metrics.json into {out} ({args.interp}, {args.frames} frames, weights "
+          f"{ckpt_path}){ratio}{white}")
+    return report
+

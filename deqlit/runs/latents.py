@@ -1,0 +1,92 @@
+"""The one reader of saved latents, for every job that writes them.
+
+What is on disk:
+- invert.py:  RUN/latents/part-*.pt (one per batch, always) and RUN/latents.pt (their merge, for
+  runs of at most merge_limit images);
+- train.py --task joint:  RUN/latents.pt holding x_T, or, with the table on disk, a pointer
+  {'latents_dir', 'indices', ...} to RUN/latents/weight.npy.
+`read_latents(path, limit)` takes any of these files or a run folder and returns one payload
+{'x_T' (N, C, H, W), 'noise' (T, N, C, H, W) or None, 'indices' (N,), 'chain', and where saved
+'reconstructions', 'targets', 'settings'} with the first `limit` images in index order. A folder
+of parts is read part by part until `limit` images are in hand, so memory follows `limit`, not
+the run's size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from deqlit.lit.inversion_outputs import PART_GLOB, read_result
+
+ROW_KEYS = ("x_T", "indices", "reconstructions", "targets", "initial")   # dim 0 is the image
+
+
+def read_latents(path: str | Path, limit: Optional[int] = None) -> dict[str, Any]:
+    """The latents payload of a file or a run folder (see the module header)."""
+    path = Path(path)
+    if path.is_dir():
+        parts = sorted((path / "latents").glob(PART_GLOB)) if (path / "latents").is_dir() else []
+        if parts:
+            return _from_parts(parts, limit)
+        if (path / "latents.pt").is_file():
+            return read_latents(path / "latents.pt", limit)
+        raise FileNotFoundError(f"{path} holds neither latents.pt nor latents/part-*.pt: pass the folder "
+                                f"of an invert.py or train.py --task joint run, or its latents.pt")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"latents file {path} does not exist; invert.py and train.py --task "
+                                f"joint write RUN/latents.pt (a run folder is accepted too)") from None
+    if isinstance(data, dict) and "latents_dir" in data and "x_T" not in data:
+        from deqlit.lit.latent_store import read_disk_latents
+        indices = data["indices"][:limit]
+        data["x_T"] = read_disk_latents(path.parent, indices, data.get("sphere", True),
+                                        tuple(data["image_shape"]))
+        data["indices"] = indices
+    if not isinstance(data, dict) or "x_T" not in data:
+        raise ValueError(f"{path} is not a latents file of invert.py or train.py --task joint "
+                         f"(expected a dict with 'x_T')")
+    if "chain" not in data:
+        raise ValueError(f"{path} holds no chain (written by an older deqlit): re-run invert.py, "
+                         f"or pass --timesteps/--skip/--eta and sample from its x_T yourself")
+    return first_rows(data, limit)
+
+
+def first_rows(data: dict[str, Any], limit: Optional[int]) -> dict[str, Any]:
+    """The payload cut to its first `limit` images (all without one)."""
+    if limit is None:
+        return data
+    out = dict(data)
+    for key in ROW_KEYS:
+        if out.get(key) is not None:
+            out[key] = out[key][:limit]
+    if out.get("noise") is not None:
+        out["noise"] = out["noise"][:, :limit]          # (T, N, ...)
+    return out
+
+
+def _from_parts(parts: list[Path], limit: Optional[int]) -> dict[str, Any]:
+    """Part files in index order (their names are their first image index), read until `limit`."""
+    pieces: list[dict[str, Any]] = []
+    count = 0
+    for part in parts:
+        data = read_result(part)
+        pieces.append(data)
+        count += len(data["indices"])
+        if limit is not None and count >= limit:
+            break
+    merged: dict[str, Any] = {"chain": pieces[0]["chain"], "settings": pieces[0].get("settings")}
+    for key in ROW_KEYS:
+        if all(p.get(key) is not None for p in pieces):
+            merged[key] = torch.cat([p[key] for p in pieces])
+    noise = [p.get("noise") for p in pieces]
+    merged["noise"] = torch.cat(noise, dim=1) if all(n is not None for n in noise) else None
+    order = merged["indices"].argsort()
+    for key in ROW_KEYS:
+        if key in merged:
+            merged[key] = merged[key].index_select(0, order)
+    if merged["noise"] is not None:
+        merged["noise"] = merged["noise"].index_select(1, order)
+    return first_rows(merged, limit)
