@@ -2,6 +2,9 @@
 event files), and the pictures of an inversion run."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from deqlit.commands.sample import main as sample_main
@@ -39,3 +42,118 @@ def test_sample_says_exact_after_T_iterations_not_a_residual_above_tol(tmp_path,
                            "--no-progress", "--out", str(tmp_path / "b")])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert not metrics["exact_by_depth"] and "NOT converged" in last and "exact after" not in last
+
+
+# ---- the curves every job logs, read back from TensorBoard's event files ------------------------
+def scalar_points(run: Path) -> dict[str, int]:
+    """{tag: number of points} of a run's TensorBoard scalars (RUN/tb/version_0)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tb" / "version_0"))
+    events.Reload()
+    return {tag: len(events.Scalars(tag)) for tag in events.Tags()["scalars"]}
+
+
+def curves_of(points: dict[str, int], tags: set[str]) -> None:
+    assert tags <= set(points), sorted(tags - set(points))
+    flat = {tag: n for tag, n in points.items() if tag in tags and n < 2}
+    assert not flat, f"curves with one point or none: {flat}"
+
+
+@pytest.mark.slow
+def test_a_short_training_run_logs_its_loss_curve(tmp_path):
+    """train.log_every_n_steps is null in faces.yaml: 3 steps log 3 points, not none."""
+    from tests.test_train import TINY, train_script
+    argv = ["--data", "faces", "--max-steps", "3", "--batch-size", "4", "--out", str(tmp_path / "t"),
+            "--train.sample_every", "0"]
+    for key, value in TINY.items():
+        if key != "train.log_every_n_steps":
+            argv += [f"--{key}", value]
+    train_script.main(argv)
+    points = scalar_points(tmp_path / "t")
+    curves_of(points, {"train/loss"})
+    assert points["train/loss"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["exact", "deq"])
+def test_inversion_logs_its_solve_or_its_optimization_as_curves(tmp_path, method):
+    """The default method (exact) logs its solve, residual against iteration and per state, and
+    the running means over the images done; deq logs its loss against the optimization step.
+    Both write the labelled grid and curves.png."""
+    from deqlit.commands.invert import main as invert_main
+    from tests.tiny import tiny_setup
+    config = tiny_setup(tmp_path, n_images=2)
+    out = tmp_path / method
+    argv = ["--config", str(config), "--no-progress", "--out", str(out), "--batch-size", "1",
+            "--method", method, "--max-steps", "3", "--timesteps", "3"]
+    if method == "exact":      # faces.yaml's default inversion: exact, per step, Anderson
+        argv += ["--init", "exact"]
+    invert_main(argv)
+    points = scalar_points(out)
+    means = {f"running/mean_{key}" for key in ("psnr", "ssim", "exact_loss", "latent_autocorrelation")}
+    if method == "exact":
+        curves_of(points, means | {"running/mean_exact_solve_network_evals",
+                                   "exact_solve/worst_residual_by_iteration",
+                                   "exact_solve/final_residual_by_state", "exact_solve/iterations_by_state"})
+        assert points["exact_solve/final_residual_by_state"] == 3        # one point per state
+    else:
+        curves_of(points, means | {"deq/loss_mean", "deq/solver_iterations", "deq/mean_loss_vs_step"})
+    assert points["running/mean_psnr"] == 2                               # one point per image done
+    from PIL import Image
+    grid = Image.open(out / "grid.png")
+    assert grid.width >= 4 * 96 and grid.height >= 2 * 96               # 4 columns, 2 rows, upscaled
+    assert (out / "curves.png").is_file() and not (out / "loss_curve.png").exists()
+
+
+@pytest.mark.slow
+def test_a_joint_run_logs_its_curves(tmp_path):
+    from deqlit.runs.joint import run_joint
+    from tests.test_joint import tiny_config
+    cfg = tiny_config(tmp_path, "joint", 2)
+    cfg["joint"].update(kid_every=0, compare_every=0, image_every=0, checkpoint_every=2)
+    # Trainer keys live in the trainer section (the joint section's old names are refused).
+    cfg["trainer"] = {"max_steps": cfg["joint"].pop("max_steps"), "accelerator": cfg["joint"].pop("accelerator"),
+                      "enable_progress_bar": cfg["joint"].pop("progress_bar")}
+    run_joint(cfg)
+    curves_of(scalar_points(tmp_path / "joint"), {"train/recon_loss", "train/prior_denoise_mse",
+                                                   "latents/autocorr_mean", "solver/iterations"})
+
+
+# ---- what the exact solve's curves are made of ------------------------------------------------
+@pytest.mark.parametrize("mode", ["per-step", "all-timesteps"])
+def test_the_exact_solve_keeps_a_residual_trace_per_state(mode):
+    from deqlit.deq.inverse_map import exact_invert
+    from deqlit.diffusion.chain import Chain
+    from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
+    from tests.conftest import GaussianDataNoise
+    net = GaussianDataNoise(seed=0, dtype=torch.float64)
+    x0 = (0.5 * torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0),
+                            dtype=torch.float64)).clamp(-1, 1)
+    chain = Chain.build(alphas_cumprod(linear_betas()), 4)
+    solver = "anderson" if mode == "per-step" else "triangular-anderson"
+    _, _, report = exact_invert(net, x0, chain, mode=mode, solver=solver, tol=1e-8, max_iter=100)
+    trace = report.state_trace
+    assert len(trace) == chain.T and all(len(row) >= 1 for row in trace)
+    if mode == "per-step":
+        # State i's own solve: as many points as its worst image's iterations, ending below tol.
+        assert len(report.call_trace) == 0
+        assert sum(len(row) for row in trace) >= max(report.image_iterations)
+        assert all(row[-1] < 1e-8 for row in trace)
+    else:
+        # One shared solve: every state has a point per call, and the residual over all states
+        # (a norm ratio over all rows) is at most the worst state's.
+        calls = report.depth - report.start_depth
+        assert len(report.call_trace) == calls and all(len(row) == calls for row in trace)
+        for n in range(calls):
+            assert report.call_trace[n] <= max(row[n] for row in trace) * (1 + 1e-9) + 1e-12
+        assert report.call_trace[-1] < 1e-8
+
+
+def test_curves_of_several_batches_take_the_worst_and_ignore_a_batch_that_ended_earlier():
+    from deqlit.lit.inversion_figures import solve_curves
+    first = {"state_trace": [[1e-1, 1e-3], [1e-2]], "call_trace": [], "mode": "per-step", "tol": 1e-4}
+    second = {"state_trace": [[1e-2, 1e-2, 1e-5], [1e-1, 1e-6]], "call_trace": [], "mode": "per-step", "tol": 1e-4}
+    curves = solve_curves([first, None, second])
+    expected = torch.tensor([[1e-1, 1e-2, 1e-5], [1e-1, 1e-6, float("nan")]], dtype=torch.float64)
+    assert torch.allclose(curves["state_trace"], expected, equal_nan=True)
+    assert solve_curves([None, {}]) == {}

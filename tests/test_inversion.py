@@ -206,7 +206,7 @@ def test_streamed_run_writes_parts_merges_and_resumes_after_an_interrupt(tmp_pat
     out = tmp_path / "run"
     metrics = invert(config)                                          # uninterrupted reference
     assert metrics["num_images"] == 5 and len(list((out / "latents").glob("part-*.pt"))) == 3
-    for name in ("grid.png", "loss_curve.png", "metrics.json", "latents.pt", "config.yaml", "run.json"):
+    for name in ("grid.png", "curves.png", "metrics.json", "latents.pt", "config.yaml", "run.json"):
         assert (out / name).is_file(), name
     assert list((out / "tb" / "version_0").glob("events.out.tfevents.*"))
     reference = torch.load(out / "latents.pt", weights_only=True)

@@ -211,6 +211,9 @@ def test_exact_all_timesteps_inversion_on_two_time_shards_equals_one_process(sha
         assert report["depth"] == one["report"]["depth"]
         assert torch.allclose(torch.tensor(report["row_residual"]), torch.tensor(one["report"]["row_residual"]),
                               rtol=1e-4, atol=1e-12)                      # every state, x_1..x_T
+        # The solve's curves (curves.png): every state's residual after every call, joined over the shards.
+        assert torch.allclose(torch.tensor(report["state_trace"]), torch.tensor(one["report"]["state_trace"]),
+                              rtol=1e-4, atol=1e-12)
 
 
 def test_a_state_saved_by_one_process_continues_on_two_time_shards(sharded):

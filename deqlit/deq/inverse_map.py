@@ -212,7 +212,8 @@ def _per_step(model, x0, chain, solver, options, noise, max_batch):
         image_residual=[max(r[b] for r in rows) for b in range(B)],
         image_iterations=[sum(s.image_iterations[b] for s in stats) for b in range(B)],
         network_evals=[sum(1 + s.image_iterations[b] for s in stats) for b in range(B)],
-        depth=sum(calls), start_depth=chain.T)
+        depth=sum(calls), start_depth=chain.T,
+        state_trace=[list(s.rel_residual) for s in stats])
     return states, report
 
 
@@ -269,12 +270,16 @@ def _all_timesteps(model: NoiseModel, x0: torch.Tensor, chain: Chain, solver: st
     rows = all_rows(at_stop.flip(0), T, reducer).flip(0)                             # (T, B)
     evals = reducer.sum(torch.tensor([float(G.rows_after_call[stop[b] - 1]) for b in range(B)],
                                      dtype=torch.float64, device=x0.device))
+    # Each state's worst image per call, (T, calls) natural order: the curves of the solve.
+    trace = torch.stack(G.row_trace).amax(-1).T                                      # (rows, calls)
+    trace = all_rows(trace.flip(0).contiguous(), T, reducer).flip(0)
     report = InversionReport(
         row_residual=rows.tolist(),
         image_residual=list(stats.image_residual),
         image_iterations=list(stop),
         network_evals=[start_depth + int(round(float(e))) for e in evals],
-        depth=start_depth + stats.iterations, start_depth=start_depth)
+        depth=start_depth + stats.iterations, start_depth=start_depth,
+        state_trace=trace.tolist(), call_trace=list(stats.rel_residual))
     # Row 0 of X is x_T, on the first block.
     x_T = reducer.broadcast_from(X[0] if block.is_first else torch.empty_like(X[0]), 0)
     return x_T, X.flip(0), report

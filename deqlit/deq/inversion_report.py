@@ -18,6 +18,9 @@ class InversionReport:
     image b alone needs, its start included. depth: batched network calls one after another for the
     batch (start included; start_depth of them for the start). contraction[i-1] = |c_i| sqrt(abar_i):
     step i is a contraction when this times Lip(eps) < 1.
+    state_trace[i-1][n-1]: the worst image's relative residual of state x_i after solver call n
+    (per step: the calls of step i's own solve; all timesteps: the shared calls of the one solve).
+    call_trace[n-1]: the worst image's residual over all states after call n (all timesteps only).
     """
     row_residual: list[list[float]]
     image_residual: list[float]
@@ -32,6 +35,8 @@ class InversionReport:
     timesteps: list[int] = field(default_factory=list)
     image_converged: list[bool] = field(default_factory=list)
     converged: bool = False
+    state_trace: list[list[float]] = field(default_factory=list)
+    call_trace: list[float] = field(default_factory=list)
 
     def finalize(self, tol: float) -> None:
         self.tol = tol

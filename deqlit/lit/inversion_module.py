@@ -22,9 +22,15 @@ from torch import nn
 from deqlit.deq.inversion import BatchInverter, InversionSettings
 from deqlit.diffusion.chain import Chain
 from deqlit.guards import atomic_torch_save
-from deqlit.lit.inversion_outputs import make_grid, partial_path
+from deqlit.lit.inversion_figures import inversion_picture, picture_tensor
+from deqlit.lit.inversion_outputs import partial_path
 from deqlit.parallel.mesh import TimeMesh
 from deqlit.deq.reduce import LOCAL, LocalReducer
+
+
+# Per-image metrics (inversion_outputs.per_image_metrics) whose running means are logged.
+RUNNING_MEANS = ("psnr", "initial_psnr", "ssim", "exact_loss", "latent_autocorrelation",
+                 "latent_kurtosis", "exact_solve_network_evals", "exact_solve_residual")
 
 
 class InversionModule(L.LightningModule):
@@ -45,6 +51,9 @@ class InversionModule(L.LightningModule):
         self.current: Optional[BatchInverter] = None
         self.steps_done = 0          # optimization steps on this process, the logging x-axis
         self.batches_logged = 0
+        self.images_done = 0         # images finished on this process, the x-axis of running means
+        self.running_sums: dict[str, float] = {}
+        self.running_counts: dict[str, int] = {}
         self._reducer: Optional[LocalReducer] = None
 
     # ---- time sharding (the ddp_time strategy) ----------------------------------------------
@@ -135,18 +144,25 @@ class InversionModule(L.LightningModule):
             bar.predict_progress_bar.set_postfix(step=inverter.step_index, loss=f"{metrics[f'{self.method}/loss_mean']:.3g}")
 
     def log_batch_result(self, result: dict[str, Any]) -> None:
-        """Per-batch figures and, for the first batch, the (target | initial | final) grid."""
+        """Running means over the images done so far on this process (the x-axis: images done, so
+        that a dataset-scale run draws one curve however its batches fall), and for the first batch
+        the labelled (target | initial | final | latent x_T) grid."""
         if self.logger is None:
             return
         per_image = result["metrics"]
-        summary = {"batch/mean_psnr": sum(m["psnr"] for m in per_image) / len(per_image),
-                   "batch/mean_exact_loss": sum(m["exact_loss"] for m in per_image) / len(per_image),
-                   "batch/mean_latent_autocorrelation":
-                       sum(m["latent_autocorrelation"] for m in per_image) / len(per_image),
-                   "batch/mean_latent_kurtosis": sum(m["latent_kurtosis"] for m in per_image) / len(per_image)}
-        self.logger.log_metrics(summary, step=self.steps_done)
+        for m in per_image:       # one point per image: a one-batch run still draws a curve
+            for key in RUNNING_MEANS:
+                if m.get(key) is not None:
+                    self.running_sums[key] = self.running_sums.get(key, 0.0) + float(m[key])
+                    self.running_counts[key] = self.running_counts.get(key, 0) + 1
+            self.images_done += 1
+            summary = {f"running/mean_{key}": self.running_sums[key] / self.running_counts[key]
+                       for key in RUNNING_MEANS if self.running_counts.get(key)}
+            self.logger.log_metrics(summary, step=self.images_done)
         experiment = getattr(self.logger, "experiment", None)
         if self.batches_logged == 0 and hasattr(experiment, "add_image"):
-            grid = make_grid(result["targets"], result["initial"], result["reconstructions"])
-            experiment.add_image("inversion/target|initial|final", grid, self.steps_done)
+            picture = inversion_picture(result["targets"], result["initial"], result["reconstructions"],
+                                        result["x_T"], result["indices"].tolist(),
+                                        [m["initial_psnr"] for m in per_image], [m["psnr"] for m in per_image])
+            experiment.add_image("inversion/grid", picture_tensor(picture), self.images_done)
         self.batches_logged += 1

@@ -5,27 +5,29 @@ RUN/latents/part-XXXXXXXX.pt   one per batch (XXXXXXXX = its first image index),
                                noise, losses, reconstructions, per-image metrics and the chain.
 RUN/latents/partial-*.pt       the state of an unfinished batch (every save_every steps, and on
                                an interrupt): --resume continues it from there.
-RUN/latents.pt, metrics.json, grid.png, loss_curve.png
-                               merged from the parts when the run ends (latents.pt and the grid
-                               for runs of at most `merge_limit` images).
+RUN/latents.pt, metrics.json, grid.png, curves.png
+                               merged from the parts when the run ends (latents.pt, the grid and
+                               the curves for runs of at most `merge_limit` images; what the grid
+                               and the curves show: lit/inversion_figures.py).
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
-import torchvision
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from deqlit.diffusion.gaussianity import kurtosis, lag1_autocorrelation
 from deqlit.guards import atomic_torch_save
+from deqlit.lit.inversion_figures import plot_curves, save_inversion_picture, solve_curves
 
 PART_GLOB = "part-*.pt"
+CURVES = "curves.png"
 
 
 def part_path(folder: Path, first_index: int) -> Path:
@@ -120,7 +122,7 @@ def load_parts(folder: Path) -> list[dict[str, Any]]:
 
 
 def merge_outputs(out: Path, method: str, T: int, merge_limit: int) -> dict[str, Any]:
-    """metrics.json (always), latents.pt + grid.png + loss_curve.png (runs of <= merge_limit
+    """metrics.json (always), latents.pt + grid.png + curves.png (runs of <= merge_limit
     images) from the part files. Returns the metrics dict."""
     parts = load_parts(out / "latents")
     images = sorted((m for p in parts for m in p["metrics"]), key=lambda m: m["index"])
@@ -146,44 +148,13 @@ def merge_outputs(out: Path, method: str, T: int, merge_limit: int) -> dict[str,
               "targets": cat("targets"), "reconstructions": cat("reconstructions"),
               "initial": cat("initial"), "chain": parts[0]["chain"], "settings": parts[0]["settings"]}
     atomic_torch_save(merged, out / "latents.pt")
-    save_grid(merged["targets"], merged["initial"], merged["reconstructions"], out / "grid.png")
-    histories = [p["loss_history"] for p in parts]
-    plot_loss_curves(histories, out / "loss_curve.png", f"{method} inversion, T = {T}")
+    title = f"{method} inversion, T = {T}: PSNR of the regenerated image under it"
+    save_inversion_picture(out / "grid.png", merged["targets"], merged["initial"],
+                           merged["reconstructions"], merged["x_T"], merged["indices"].tolist(),
+                           [m["initial_psnr"] for m in images], [m["psnr"] for m in images], title=title)
+    evals = [(m["exact_solve_network_evals"], m["psnr"]) for m in images
+             if m.get("exact_solve_network_evals") is not None]
+    plot_curves(out / CURVES, f"{method} inversion, T = {T}, {len(images)} images",
+                [p["loss_history"] for p in parts], solve_curves([p.get("exact_report") for p in parts]),
+                ([e for e, _ in evals], [q for _, q in evals]) if evals else None)
     return metrics
-
-
-def make_grid(targets: torch.Tensor, initial: torch.Tensor, final: torch.Tensor,
-              max_images: int = 16) -> torch.Tensor:
-    """Rows of (target | initial | final) reconstructions, 4 images per row, in [0, 1]."""
-    n = min(max_images, len(targets))
-    triples = torch.stack([targets[:n], initial[:n], final[:n]], dim=1).flatten(0, 1)
-    return torchvision.utils.make_grid((triples.clamp(-1, 1) + 1) / 2, nrow=3 * 4, padding=2)
-
-
-def save_grid(targets: torch.Tensor, initial: torch.Tensor, final: torch.Tensor, path: Path) -> None:
-    torchvision.utils.save_image(make_grid(targets, initial, final), path)
-
-
-def plot_loss_curves(histories: Sequence[torch.Tensor], path: Path, title: str) -> None:
-    """One thin line per image and the mean over images, loss against optimization step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    width = max(h.shape[1] for h in histories)
-    rows = torch.full((sum(h.shape[0] for h in histories), width), math.nan)
-    r = 0
-    for h in histories:
-        rows[r:r + h.shape[0], :h.shape[1]] = h
-        r += h.shape[0]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows[:64]:
-        ax.plot(row.numpy(), color="tab:blue", alpha=0.25, lw=0.8)
-    ax.plot(torch.nanmean(rows, 0).numpy(), color="black", lw=2, label="mean")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimization step")
-    ax.set_ylabel("loss (squared Frobenius, [-1, 1] scale)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

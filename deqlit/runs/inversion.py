@@ -27,6 +27,7 @@ from deqlit.guards import OutputFolderError
 from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions
 from deqlit.lit.inversion_data import InversionDataModule
 from deqlit.lit.inversion_module import InversionModule
+from deqlit.lit.inversion_figures import solve_curves
 from deqlit.lit.inversion_outputs import InversionWriter, finished_indices, merge_outputs
 from deqlit.runs.launch import launched_worker, on_rank_zero_of, prepare_launch, time_shards_of
 from deqlit.runs.resume import differences, listed
@@ -254,4 +255,27 @@ def log_curves(logger: Optional[TensorBoardLogger], out: Path) -> None:
     for step, value in enumerate(curve.tolist()):
         if value == value:   # not NaN
             logger.log_metrics({f"{method}/mean_loss_vs_step": value}, step=step)
+    log_solve_curves(logger, solve_curves([p.get("exact_report") for p in parts]))
     logger.finalize("success")
+
+
+def log_solve_curves(logger: TensorBoardLogger, solve: dict[str, Any]) -> None:
+    """The exact inverse solve (method exact or init exact), the worst image of all batches:
+    exact_solve/worst_residual_by_iteration (per step: the worst state at each iteration of the
+    states' own solves; all timesteps: all states after each shared call), and per state i (the
+    step) its last residual and, per step, the iterations its solve took."""
+    if not solve:
+        return
+    trace = solve["state_trace"]                                   # (T, calls), NaN after a stop
+    worst = solve["call_trace"] if len(solve["call_trace"]) else \
+        torch.nan_to_num(trace, nan=-1.0).amax(0)
+    for n, value in enumerate(worst.tolist(), start=1):
+        if value >= 0:
+            logger.log_metrics({"exact_solve/worst_residual_by_iteration": value}, step=n)
+    for i, row in enumerate(trace, start=1):
+        done = row[torch.isfinite(row)]
+        if len(done):
+            values = {"exact_solve/final_residual_by_state": float(done[-1])}
+            if solve["mode"] == "per-step":
+                values["exact_solve/iterations_by_state"] = float(len(done))
+            logger.log_metrics(values, step=i)
