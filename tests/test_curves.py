@@ -34,10 +34,12 @@ def test_the_triangular_guarantee_is_reported_as_exact_and_only_then():
 
 def test_sample_says_exact_after_T_iterations_not_a_residual_above_tol(tmp_path, capsys):
     metrics = sample_main(["--timesteps", "5", "--num-images", "1", "--tol", "1e-12", "--max-iter", "100",
-                           "--no-progress", "--out", str(tmp_path / "a")])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+                           "--out", str(tmp_path / "a")])
+    printed = capsys.readouterr()
+    last = printed.out.strip().splitlines()[-1]
     assert metrics["exact_by_depth"] and metrics["iterations"] == 5
     assert "exact after T = 5 iterations" in last and "NOT converged" not in last
+    assert "exact after T = 5 iterations" in printed.err.replace("\r", "\n").splitlines()[-1]   # the bar
     metrics = sample_main(["--timesteps", "5", "--num-images", "1", "--tol", "1e-12", "--max-iter", "3",
                            "--no-progress", "--out", str(tmp_path / "b")])
     last = capsys.readouterr().out.strip().splitlines()[-1]
