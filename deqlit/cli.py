@@ -89,6 +89,10 @@ def describe_error(err: BaseException) -> tuple[str, int] | None:
         where = full.filename or "a file under the output folder"
         return f"no space left on device while writing {where}; free space or choose another --out", 1
     from deqlit.deq.inversion_report import InversionNotConverged
+    from deqlit.parallel.launch import describe_lost_peer
+    lost = describe_lost_peer(err)          # another process of a multi-process run went silent
+    if lost is not None:
+        return lost, 1
     if isinstance(err, (NonFiniteError, SolverDivergedError, InversionNotConverged)):
         return str(err), 1
     if isinstance(err, (ConfigError, UserInputError)):

@@ -234,3 +234,29 @@ def test_symlinks_to_nothing_beside_images_are_named_in_a_warning(tmp_path):
     (tmp_path / "b.png").symlink_to("b.png")
     with pytest.warns(UserWarning, match=r"skipped 1 symlink\(s\) that lead to no file \(a symlink loop: b.png -> b.png\)"):
         assert image_files(tmp_path) == [tmp_path / "a.png"]
+
+
+# ---- 6. a rank that stops answering is named in one line ----------------------------------------
+@pytest.mark.slow
+def test_a_rank_that_stops_answering_is_named_in_one_line(tmp_path):
+    world = 3      # the silent rank told apart from a peer that timed out too (a world of 2: the other)
+    from tests.processes import launch
+    from tests.silent_rank import silent_rank_worker
+    results = launch(world, "silent", tmp_path, silent_rank_worker, wait_s=60)
+    for rank in range(world - 1):
+        message, code = results[rank]["cases"]
+        assert code == 1 and "\n" not in message, message
+        assert message.startswith(f"rank {rank}: rank {world - 1} did not answer within"), message
+
+
+def test_world_size_advice_names_the_launcher(monkeypatch):
+    from deqlit.guards import UserInputError
+    from deqlit.runs.launch import prepare_launch
+    from deqlit.runs.sections import resolve
+    cfg = resolve({"trainer": {"strategy": "ddp_time", "devices": 2}, "parallel": {"time_shards": 3}}, "sample")
+    with pytest.raises(UserInputError, match="use --trainer.devices 3"):
+        prepare_launch(cfg, join=False)
+    monkeypatch.setattr("deqlit.runs.launch.external_launch", lambda: (2, 1))    # torchrun, 2 processes
+    with pytest.raises(UserInputError) as err:
+        prepare_launch(cfg, join=False)
+    assert "torchrun --nproc_per_node 3" in str(err.value) and "--trainer.devices" not in str(err.value)

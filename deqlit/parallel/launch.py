@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch
@@ -117,6 +118,63 @@ def join_launched_world(cfg: dict, section: dict[str, Any]) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     init_time_group("nccl" if device.type == "cuda" else "gloo",
                     timeout_s=float((cfg.get("parallel") or {}).get("timeout_s", 300)))
+
+
+# What gloo / NCCL say when a peer stopped answering (timeout) or went away (connection closed).
+_PEER_WORDS = ("Timed out waiting", "collective operation timeout", "Connection closed by peer",
+               "Connection reset by peer", "Socket Timeout", "timed out after")
+
+
+def silent_ranks(wait_s: float = 10.0) -> Optional[list[int]]:
+    """After a failed collective: the ranks that did not answer. Each rank that meets the failure
+    records itself in the world's store; those not recorded within `wait_s` are the silent ones
+    (in a world of 2, the other rank). None when it cannot be told (no world, no store)."""
+    import time
+
+    if not dist.is_initialized():
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    others = [r for r in range(world) if r != rank]
+    if len(others) <= 1:
+        return others
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=wait_s))     # the store may live in the silent process
+        store.set(f"deqlit/failed-collective/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while others and time.monotonic() < deadline:
+            others = [r for r in others if not store.check([f"deqlit/failed-collective/{r}"])]
+            time.sleep(0.2)
+        return others
+    except Exception:       # the store itself did not answer: its host is among the silent
+        return None
+
+
+def describe_lost_peer(err: BaseException, wait_s: float = 10.0) -> Optional[str]:
+    """One line for a collective that failed because another process stopped answering (gloo /
+    NCCL timeout after parallel.timeout_s, or a closed connection): which rank did not answer;
+    None for any other error."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or not any(w in text for w in _PEER_WORDS):
+        return None
+    import re
+
+    here = f"rank {dist.get_rank()}" if dist.is_initialized() else f"rank {os.environ.get('RANK', '?')}"
+    waited = re.search(r"(\d+)\s*ms", text)
+    # the other live ranks meet the failure within about one timeout of this one
+    silent = silent_ranks(min(wait_s, int(waited.group(1)) / 1000) if waited else wait_s)
+    who = ("another rank" if not silent else
+           f"rank {silent[0]}" if len(silent) == 1 else "ranks " + ", ".join(map(str, silent)))
+    # A closed connection names the culprit only in a world of 2: with more, it may be a peer
+    # that timed out first and left (the store above tells the silent ones apart).
+    if ("closed" in text or "reset" in text) and (silent is None or dist.get_world_size() <= 2):
+        how = "closed its connection (it stopped or was killed)"
+    elif waited is not None:
+        how = f"did not answer within {int(waited.group(1)) / 1000:g} s (parallel.timeout_s)"
+    else:
+        how = "did not answer within parallel.timeout_s"
+    return (f"{here}: {who} {how}, so this process stopped too; see {who}'s own messages (stopped, "
+            f"hung or out of memory?), or raise --parallel.timeout_s if it was only slow")
 
 
 def on_rank_zero(fn, worker: bool, launched: Optional[tuple[int, int]], workers_too: bool = False) -> Any:

@@ -89,8 +89,9 @@ def build_time_mesh(time_shards: int) -> TimeMesh:
     world, rank = dist.get_world_size(), dist.get_rank()
     if time_shards < 1 or world % time_shards:
         raise ValueError(f"time_shards = {time_shards} must divide the world size {world} (world = "
-                         f"data replicas x time shards): use --trainer.devices (x nodes) = a multiple "
-                         f"of --parallel.time_shards")
+                         f"data replicas x time shards): start a multiple of --parallel.time_shards "
+                         f"processes ({'torchrun --nproc_per_node' if dist.is_torchelastic_launched() else '--trainer.devices'} "
+                         f"x nodes)")
     data = world // time_shards
     time_group = data_group = None
     timeout = world_timeout()

@@ -80,8 +80,10 @@ def prepare_launch(cfg: dict[str, Any], join: bool = True) -> Launch:
     shards = time_shards_of(section, parallel)
     world = world_of(section)
     if strategy == "ddp_time" and world is not None and world % shards:
+        start = (f"start torchrun / srun with a multiple of {shards} processes (torchrun --nproc_per_node "
+                 f"{shards})" if launched is not None else f"use --trainer.devices {shards}")
         raise UserInputError(f"--parallel.time_shards {shards} needs a multiple of {shards} processes, got "
-                             f"{world}: use --trainer.devices {shards} (or torchrun --nproc_per_node {shards})")
+                             f"{world}: {start}, or a --parallel.time_shards that divides {world}")
     if launched is not None and join:
         join_launched_world(cfg, section)
     return Launch(section, parallel, launched, shards)
