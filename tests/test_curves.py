@@ -113,9 +113,6 @@ def test_a_joint_run_logs_its_curves(tmp_path):
     from tests.test_joint import tiny_config
     cfg = tiny_config(tmp_path, "joint", 2)
     cfg["joint"].update(kid_every=0, compare_every=0, image_every=0, checkpoint_every=2)
-    # Trainer keys live in the trainer section (the joint section's old names are refused).
-    cfg["trainer"] = {"max_steps": cfg["joint"].pop("max_steps"), "accelerator": cfg["joint"].pop("accelerator"),
-                      "enable_progress_bar": cfg["joint"].pop("progress_bar")}
     run_joint(cfg)
     curves_of(scalar_points(tmp_path / "joint"), {"train/recon_loss", "train/prior_denoise_mse",
                                                    "latents/autocorr_mean", "solver/iterations"})
