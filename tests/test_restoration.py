@@ -88,7 +88,7 @@ def test_a_mask_file_is_read_white_known_and_bad_ones_are_refused(tmp_path):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(task="inpaint", method="exact", init="exact"), "--method deq"),
-    (dict(task="inpaint", init="exact"), "init 'exact'"),
+    (dict(task="inpaint", fill="smooth"), "unknown fill 'smooth'"),
     (dict(task="inpaint", mask="random:1.5"), r"\(0, 1\)"),
     (dict(task="inpaint", mask="square"), "center, random:P"),
     (dict(task="super-resolution", factor=1), "factor >= 2"),
@@ -142,3 +142,56 @@ def test_restoration_lowers_the_loss_on_what_is_known():
             again = ddim_sample(model, result["x_T"].double(), chain)
         assert torch.allclose(again.float(), result["reconstructions"], atol=1e-5)
         assert result["observed_shown"].shape == targets.shape
+
+
+def test_harmonic_fill_solves_laplace_in_the_hole():
+    """A plane is harmonic: the fill of a plane's hole is the plane; any fill's hole pixels are the
+    mean of their 4 neighbours, and the known pixels stay."""
+    i, j = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    plane = (0.1 * i - 0.05 * j - 0.2).double().view(1, 1, 8, 8)
+    degradation = make_degradation("inpaint", "center", 2, plane, [0], seed=0, fill="harmonic")
+    filled = degradation.shown(degradation.apply(plane), plane)
+    assert torch.allclose(filled, plane, atol=1e-4)
+    y = images(1, 5)
+    filled = degradation.shown(degradation.apply(y), y)
+    hole = filled[0, 0, 2:6, 2:6]
+    neighbours = (filled[0, 0, 1:5, 2:6] + filled[0, 0, 3:7, 2:6] + filled[0, 0, 2:6, 1:5] + filled[0, 0, 2:6, 3:7]) / 4
+    assert torch.allclose(hole, neighbours, atol=1e-4)
+    known = degradation.mask.bool().expand_as(y)
+    assert torch.equal(filled[known], y[known])
+
+
+def test_projection_honours_y_and_comes_no_farther_from_the_image():
+    """project(x) satisfies A(x) = y exactly and, y being A(target), is never farther from the target
+    than x (an orthogonal projection onto a set that holds the target)."""
+    target, guess = images(2, 6), images(2, 7)
+    for degradation in (make_degradation("inpaint", "center", 2, target, [0, 1], seed=0),
+                        make_degradation("super-resolution", "center", 2, target, [0, 1], seed=0)):
+        y = degradation.apply(target)
+        projected = degradation.project(guess, y)
+        assert torch.allclose(degradation.apply(projected), y, atol=1e-12)
+        assert ((projected - target).pow(2).sum((1, 2, 3)) <= (guess - target).pow(2).sum((1, 2, 3)) + 1e-12).all()
+    assert torch.equal(Degradation().project(guess, target), guess)
+
+
+def test_exact_start_of_a_restoration_regenerates_the_filled_guess():
+    """init exact inverts what the degradation shows (here the harmonic fill): its start is plain
+    exact inversion's latent of that guess."""
+    model = perturbed_unet(dtype=torch.float64).requires_grad_(False)
+    targets, exact = images(2), dict(mode="per-step", solver="anderson", max_iter=5, tol=1e-3, init="ddim")
+    with pytest.warns(UserWarning, match="did not converge"):
+        result = run(model, targets, task="inpaint", fill="harmonic", init="exact", max_steps=1, exact=exact)
+        degradation = make_degradation("inpaint", "center", 2, targets, [0, 1], seed=3, fill="harmonic")
+        guess = degradation.shown(degradation.apply(targets), targets)
+        plain = run(model, guess, method="exact", init="exact", exact=exact)
+    assert torch.allclose(result["initial"], plain["reconstructions"], atol=1e-6)
+    assert not torch.allclose(result["observed_shown"], targets.float(), atol=1e-2)
+
+
+def test_fill_reaches_the_start_and_restored_pastes_the_known_pixels():
+    model = perturbed_unet(dtype=torch.float64).requires_grad_(False)
+    targets = images(2)
+    result = run(model, targets, task="inpaint", fill="harmonic", init="ddim-inversion", max_steps=1)
+    known = ~result["unknown"].expand_as(targets)
+    assert torch.allclose(result["restored"][known], targets.float()[known])
+    assert torch.equal(result["restored"][~known], result["reconstructions"][~known])

@@ -13,6 +13,19 @@ Two degradations, both linear:
   with probability P, from the image's own generator, so a mask does not depend on the batch),
   or a PNG file (white = known, resized to the images with nearest neighbours);
 - super-resolution: A(x) = f x f average pooling (the box filter a sensor integrates), factor f.
+
+The start. From a Gaussian x_T the chain's x_0 is some face, far from the image, and the few steps a
+T = 10 budget allows leave it there. Better: DDIM-invert a guess of the whole image (init
+ddim-inversion), the known pixels with the unknown ones filled ('fill'): 'mean', the mean of the
+known pixels, or 'harmonic', the membrane (Laplace) interpolation of the known border, which
+solves  Laplacian(x) = 0 on the unknown pixels with x = y on the known ones  (Jacobi iterations,
+x <- the mean of its 4 neighbours), the smoothest guess there is. Super-resolution's guess is the
+bicubic upsampling of y.
+
+The result. The chain's x_0 only approximately honours y; its orthogonal projection onto
+{x : A(x) = y}, x + A^+(y - A(x)), is never farther from the image (which is in that set):
+inpainting pastes the known pixels; for average pooling A^+ r is r upsampled with nearest
+neighbours (A A^T = I / f^2, so A^+ = f^2 A^T).
 """
 from __future__ import annotations
 
@@ -27,6 +40,7 @@ import torch.nn.functional as F
 from deqlit.diffusion.seeds import per_image_generator
 
 TASKS = ("reconstruct", "inpaint", "super-resolution")
+FILLS = ("mean", "harmonic")
 
 
 def frobenius_loss(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -40,6 +54,7 @@ class Degradation:
     average pooling, super-resolution); neither: the identity (plain inversion)."""
     mask: Optional[torch.Tensor] = None
     factor: int = 1
+    fill: str = "mean"             # inpainting's guess of the unknown pixels: mean or harmonic
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """y = A(x): (B, C, H, W) -> (B, C, H, W) (inpainting) or (B, C, H / f, W / f)."""
@@ -55,22 +70,51 @@ class Degradation:
 
     def shown(self, observed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """What a person is shown of y at the images' size (B, C, H, W): the known pixels with the
-        unknown ones set to the mean of the known (inpainting), or y upsampled bicubically (SR).
-        It is also the start of a DDIM-inversion init."""
+        unknown ones filled (inpainting; `fill`: the mean of the known pixels, or their harmonic
+        interpolation), or y upsampled bicubically (SR). It is also the start of a DDIM-inversion init."""
         if self.mask is not None:
             mask = self.mask.to(like)
             known = mask.expand_as(like).flatten(1).sum(1).clamp(min=1)
             mean = (observed.flatten(1).sum(1) / known).reshape(-1, 1, 1, 1)
-            return observed + (1 - mask) * mean
+            flat = observed + (1 - mask) * mean
+            return harmonic_fill(flat, mask) if self.fill == "harmonic" else flat
         if self.factor > 1:
             up = F.interpolate(observed, size=like.shape[-2:], mode="bicubic", align_corners=False)
             return up.clamp(-1, 1)
         return observed
 
+    def project(self, x0: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """x0 + A^+(y - A(x0)) (B, C, H, W): the nearest image that honours y (the identity for
+        plain inversion)."""
+        if self.mask is not None:
+            mask = self.mask.to(x0)
+            return mask * observed + (1 - mask) * x0
+        if self.factor > 1:
+            return x0 + F.interpolate(observed - self.apply(x0), scale_factor=self.factor, mode="nearest")
+        return x0
+
     def unknown(self, like: torch.Tensor) -> Optional[torch.Tensor]:
         """The pixels A hides, (B, 1, H, W) bool (inpainting); None where every pixel is blurred
         alike (super-resolution: the metrics there are on the whole image)."""
         return None if self.mask is None else self.mask.to(like.device) < 0.5
+
+
+@torch.no_grad()
+def harmonic_fill(x: torch.Tensor, mask: torch.Tensor, tol: float = 1e-5, max_iter: int = 5000) -> torch.Tensor:
+    """x (B, C, H, W) with its unknown pixels (mask (B, 1, H, W) == 0) replaced by the solution of
+    Laplace's equation with the known pixels as boundary (edges: replicate), by Jacobi iterations
+    from x until no pixel moves by more than tol."""
+    known = mask.expand_as(x) > 0.5
+    stencil = torch.tensor([[0.0, 0.25, 0.0], [0.25, 0.0, 0.25], [0.0, 0.25, 0.0]], dtype=x.dtype,
+                           device=x.device).view(1, 1, 3, 3).repeat(x.shape[1], 1, 1, 1)
+    for _ in range(max_iter):
+        neighbours = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), stencil, groups=x.shape[1])
+        new = torch.where(known, x, neighbours)
+        moved = float((new - x).abs().max())
+        x = new
+        if moved < tol:
+            break
+    return x
 
 
 def center_mask(height: int, width: int, fraction: float = 0.25) -> torch.Tensor:
@@ -109,10 +153,13 @@ def file_mask(path: str | Path, height: int, width: int) -> torch.Tensor:
     return mask
 
 
-def check_task(task: str, mask: str, factor: int) -> None:
-    """Raise ValueError naming a bad task, mask or factor and what is accepted."""
+def check_task(task: str, mask: str, factor: int, fill: str = "mean") -> None:
+    """Raise ValueError naming a bad task, mask, factor or fill and what is accepted."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    if fill not in FILLS:
+        raise ValueError(f"unknown fill {fill!r} (the start's guess of the unknown pixels); use one of "
+                         f"{', '.join(FILLS)}")
     if task == "inpaint":
         if mask.startswith("random:"):
             try:
@@ -129,9 +176,9 @@ def check_task(task: str, mask: str, factor: int) -> None:
 
 
 def make_degradation(task: str, mask: str, factor: int, images: torch.Tensor, indices: Sequence[int],
-                     seed: int) -> Degradation:
+                     seed: int, fill: str = "mean") -> Degradation:
     """The degradation of a batch of images (B, C, H, W) with dataset indices `indices`."""
-    check_task(task, mask, factor)
+    check_task(task, mask, factor, fill)
     height, width = images.shape[-2:]
     if task == "inpaint":
         if mask == "center":
@@ -143,7 +190,7 @@ def make_degradation(task: str, mask: str, factor: int, images: torch.Tensor, in
                                for i in indices])
         else:
             masks = file_mask(mask, height, width).expand(len(indices), 1, height, width)
-        return Degradation(mask=masks.to(images.device, images.dtype).contiguous())
+        return Degradation(mask=masks.to(images.device, images.dtype).contiguous(), fill=fill)
     if task == "super-resolution":
         if height % factor or width % factor:
             raise ValueError(f"--factor {factor} does not divide the {height}x{width} images: use a "

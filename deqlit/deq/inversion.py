@@ -13,7 +13,9 @@ Methods (paper Algorithms 1 and 2):
   which the start `init: exact` also uses before the gradient method refines them.
 
 Restoration (deq/degradations.py): with task inpaint or super-resolution the loss compares
-A(x_0) with y = A(target) only, and the model completes the rest (deq and baseline).
+A(x_0) with y = A(target) only, and the model completes the rest (deq and baseline). The starts
+ddim-inversion and exact invert the guess of the whole image (the known pixels, the hole filled
+or y upsampled): exact starts the chain's x_0 at that guess, then the steps fit y.
 
 Every image is optimized on its own: per-image seeds, Adam (elementwise), a per-image early stop,
 per-image solver stops (deq/solvers.py) and a per-image warm-start shift. So an image's latent
@@ -72,6 +74,7 @@ class InversionSettings:
     task: str = "reconstruct"      # or inpaint / super-resolution: the loss sees A(x_0) only
     mask: str = "center"           # inpaint: center, random:P or a PNG (white = known)
     factor: int = 2                # super-resolution: the average-pooling factor
+    fill: str = "mean"             # inpaint: the start's guess of the hole, mean or harmonic
 
     def __post_init__(self) -> None:
         self.init = canonical_init(self.init)
@@ -93,13 +96,10 @@ class InversionSettings:
         need(math.isfinite(self.early_stop_loss) and self.early_stop_loss >= 0,
              f"early_stop_loss must be >= 0, got {self.early_stop_loss!r}")
         need(0 < self.tau <= 1, f"tau must be in (0, 1], got {self.tau!r}")
-        check_task(self.task, self.mask, self.factor)
+        check_task(self.task, self.mask, self.factor, self.fill)
         need(self.task == "reconstruct" or self.method != "exact",
              f"--task {self.task} knows only part of each image, and exact inversion inverts whole "
              f"images: use --method deq (the DEQ gradient method) or --method baseline")
-        need(self.task == "reconstruct" or self.init != "exact",
-             f"--task {self.task}: init 'exact' inverts whole images; use --init gaussian or "
-             f"ddim-inversion (of the degraded image)")
         get_solver(self.solver)
         unknown = set(self.solver_options) - set(option_defaults(self.solver))
         need(not unknown, f"solver {self.solver!r} takes no option(s) {sorted(unknown)}; it accepts "
@@ -192,7 +192,7 @@ class BatchInverter:
         # What the loss sees of each image: y = A(x_0) (all of it for plain inversion), and the
         # image a person is shown of y, which also seeds the DDIM-inversion start and warm start.
         self.degradation = make_degradation(settings.task, settings.mask, settings.factor, targets,
-                                            self.indices, settings.seed)
+                                            self.indices, settings.seed, settings.fill)
         self.observed = self.degradation.apply(targets)
         self.shown = self.degradation.shown(self.observed, targets)
         self.started = time.perf_counter()
@@ -332,6 +332,9 @@ class BatchInverter:
             else self.degradation.unknown(self.targets).cpu(),   # (B, 1, H, W) bool, inpainting
             "initial": initial.float().cpu(),
             "reconstructions": recon.float().cpu(),
+            # The nearest image to it that honours y (the known pixels pasted; for SR the
+            # residual of the low-pass image added back); reconstructions itself for plain inversion.
+            "restored": self.degradation.project(recon, self.observed).float().cpu(),
             "min_loss": self.best_loss.cpu(),
             "final_loss": self.last_loss.cpu(),
             "initial_loss": self.degradation.loss(initial, self.observed).cpu(),
