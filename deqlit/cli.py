@@ -8,6 +8,7 @@ import re
 import shlex
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -86,8 +87,7 @@ def describe_error(err: BaseException) -> tuple[str, int] | None:
     if full is not None:
         if full.filename and "no space left" in str(full):
             return str(full), 1
-        where = full.filename or "a file under the output folder"
-        return f"no space left on device while writing {where}; free space or choose another --out", 1
+        return f"no space left on device while writing {_full_file(full)}; free space or choose another --out", 1
     from deqlit.deq.inversion_report import InversionNotConverged
     from deqlit.parallel.launch import describe_lost_peer
     lost = describe_lost_peer(err)          # another process of a multi-process run went silent
@@ -109,6 +109,19 @@ def describe_error(err: BaseException) -> tuple[str, int] | None:
     return None
 
 
+def _full_file(err: OSError) -> str:
+    """The file a full disk refused: a move's destination (filename2), the file named, or where
+    the traceback says it was (TensorBoard's writer thread names none)."""
+    if err.filename2 or err.filename:
+        return str(err.filename2 or err.filename)
+    tb = err.__traceback__
+    while tb is not None:
+        if "tensorboard" in tb.tb_frame.f_code.co_filename:
+            return "TensorBoard's event file (RUN/tb/)"
+        tb = tb.tb_next
+    return "a file under the output folder"
+
+
 def resume_command(script: str, argv: list[str], resume_flag: str = "--resume") -> str:
     """The command line that continues this run: the same arguments, plus --resume if absent."""
     has = any(a == resume_flag or a.startswith(resume_flag + "=") for a in argv)
@@ -123,15 +136,27 @@ def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
     RunInterrupted (guards.interrupts_as_exceptions) prints what was saved and the --resume
     command, and exits 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
     """
-    from deqlit.guards import RunInterrupted
+    from deqlit.guards import RunInterrupted, find_enospc
     from deqlit.runs.guards import quiet_lightning_tips
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DEQLIT_DEBUG", "0") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     quiet_lightning_tips()
+    thread_errors: list[BaseException] = []
+    previous_hook = threading.excepthook
+
+    def quiet_full_disk(args: Any) -> None:
+        # A full disk in a writer thread (TensorBoard's): one error line, not a thread's traceback.
+        if not debug and args.exc_value is not None and find_enospc(args.exc_value) is not None:
+            thread_errors.append(args.exc_value)
+            return
+        previous_hook(args)
+    threading.excepthook = quiet_full_disk
     try:
         main(argv)
+        if thread_errors:        # the run itself went on: the thread's error is the one to report
+            raise thread_errors[0]
     except RunInterrupted as err:
         print(f"{script}: {err}", file=sys.stderr)
         if resume_flag and err.resumable:
@@ -149,3 +174,5 @@ def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
         message, code = described
         print(f"error: {message}", file=sys.stderr)
         sys.exit(code)
+    finally:
+        threading.excepthook = previous_hook

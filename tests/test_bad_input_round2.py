@@ -260,3 +260,47 @@ def test_world_size_advice_names_the_launcher(monkeypatch):
     with pytest.raises(UserInputError) as err:
         prepare_launch(cfg, join=False)
     assert "torchrun --nproc_per_node 3" in str(err.value) and "--trainer.devices" not in str(err.value)
+
+
+# ---- 7. a full disk in TensorBoard's writer thread is one error line ---------------------------
+def _tensorboard_on_a_full_disk(folder: Path, main_fails: bool):
+    """An entry point whose TensorBoard event file is /dev/full (every write: ENOSPC): its writer
+    thread fails, and then the main thread's next flush too (main_fails) or nothing more."""
+    import time
+
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    def main(argv):
+        writer = EventFileWriter(str(folder))
+        events = next(folder.glob("events.*"))
+        events.unlink()
+        events.symlink_to("/dev/full")
+        writer.add_event(Event())
+        worker = writer._async_writer._worker
+        deadline = time.monotonic() + 10
+        while worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if main_fails:
+            writer.flush()         # raises the thread's OSError here
+    return main
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("main_fails", [True, False])
+def test_full_disk_in_tensorboards_writer_thread_is_one_line(tmp_path, capsys, main_fails):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_main(_tensorboard_on_a_full_disk(tmp_path, main_fails), [], script="train.py")
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "Traceback" not in err and "Exception in thread" not in err, err
+    assert error_line(err) == ("error: no space left on device while writing TensorBoard's event file "
+                               "(RUN/tb/); free space or choose another --out")
+
+
+def test_full_disk_in_a_move_names_the_destination():
+    import errno
+
+    from deqlit.cli import describe_error
+    moved = OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpabc", None, "/run/checkpoints/step-60.ckpt")
+    assert describe_error(moved)[0].startswith("no space left on device while writing /run/checkpoints/step-60.ckpt;")
