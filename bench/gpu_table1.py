@@ -7,8 +7,8 @@ For each of the paper's settings (CIFAR-10 UNet at T = 1000, CelebA's at T = 500
 T = 25; random weights: timing does not depend on them) it times, with CUDA events after a
 warm-up, batch 1:
 - sequential DDIM: T network calls of one image;
-- DEQ-DDIM (anderson, triangular-anderson): K solver iterations, each one batched network call
-  over all T states (in chunks of --max-batch rows).
+- DEQ-DDIM (anderson, triangular-anderson, newton-scan): K solver iterations, each one batched
+  network call over all T states (in chunks of --max-batch rows).
 A random-weight network is nearly linear, so its fixed point is found in a handful of iterations,
 which would flatter the DEQ. So by default every solve runs exactly K = --deq-iters iterations
 (tol 0), K = 15: what the trained faces model needs at T = 1000 to reach relative residual 1e-3
@@ -35,7 +35,10 @@ from deqlit.models.unet import DDIMUNet
 from deqlit.sampling import generate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SOLVERS = ("anderson", "triangular-anderson")
+SOLVER_OPTIONS = {"anderson": {"m": 5, "lam": 1e-3, "beta": 1.0},
+                  "triangular-anderson": {"m": 5, "lam": 1e-3, "beta": 1.0},
+                  "newton-scan": {}}        # quasi-Newton, its correction a parallel scan
+SOLVERS = tuple(SOLVER_OPTIONS)
 # (label, paper config, T): the paper's Table 1 (LSUN church and bedroom share one architecture).
 SETTINGS = (("CIFAR10", "cifar10", 1000), ("CelebA", "celeba", 500), ("LSUN", "lsun", 25))
 # The paper's figures on an RTX A6000 (seconds per image): DDIM, DEQ-DDIM.
@@ -99,7 +102,7 @@ def run_setting(label: str, model: torch.nn.Module, T: int, args, device: torch.
     iters = args.deq_iters if args.deq_iters > 0 else chain.T
     tol = 0.0 if args.deq_iters > 0 else args.tol
     for solver in SOLVERS:
-        options = {"m": 5, "lam": 1e-3, "beta": 1.0}
+        options = SOLVER_OPTIONS[solver]
         generate(model, x_T, chain, solver, max_batch=args.max_batch, max_iter=2, tol=0.0, **options)
         reset_peak(device)
         stats_box = {}
@@ -121,8 +124,8 @@ def run_setting(label: str, model: torch.nn.Module, T: int, args, device: torch.
 
 def print_table(rows: list[dict]) -> None:
     print("\nTable 1 (single image; random weights; seconds per image [speed-up over DDIM]; peak memory)")
-    print("| data | T | DDIM | DEQ-DDIM anderson | DEQ-DDIM triangular-anderson | paper DDIM / DEQ (A6000) |")
-    print("|---|---|---|---|---|---|")
+    print("| data | T | DDIM | " + " | ".join(f"DEQ-DDIM {s}" for s in SOLVERS) + " | paper DDIM / DEQ (A6000) |")
+    print("|---" * (len(SOLVERS) + 4) + "|")
     for label in dict.fromkeys(r["data"] for r in rows):
         mine = [r for r in rows if r["data"] == label]
         cells = [f"{r['seconds_per_image']:.3g} s" +

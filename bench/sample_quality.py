@@ -34,7 +34,7 @@ from deqlit.sampling import generate
 RESULTS = Path(__file__).resolve().parent / "results"
 TOLS = (1e-2, 1e-3)
 SOLVER_OPTIONS = {"picard": {}, "anderson": {"m": 5, "lam": 1e-3, "beta": 1.0},
-                  "triangular-anderson": {"m": 5, "lam": 1e-3, "beta": 1.0}}
+                  "triangular-anderson": {"m": 5, "lam": 1e-3, "beta": 1.0}, "newton-scan": {}}
 # Images per T, sized for ~20 min on 2 CPU cores (each DEQ iteration costs T network rows an image).
 DEFAULT_IMAGES = {25: 16, 100: 4, 1000: 2}
 FIELDS = ("T", "solver", "tol", "images", "iterations_mean", "iterations_max", "x0_rmse_vs_sequential",
@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--ckpt", default=None)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--replot", help="only redraw the PNG from this CSV")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows in --out's CSV of the (T, solver) pairs not run now, e.g. "
+                        "--solvers newton-scan --skip-solvers-at-1000 --append adds one solver")
     args = p.parse_args(argv)
     if args.replot:
         with open(args.replot) as f:
@@ -169,10 +172,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "fd_random_vs_faces": fd, "kd_random_vs_faces": kd, "seconds": seconds})
                 print(f"T={chain.T} {solver:20s} tol {tol:g}: iterations {iters.float().mean():.1f} "
                       f"[max {int(iters.max())}], x0 RMSE vs sequential {rmse:.2e}, fd-random vs "
-                      f"sequential {fd_seq:.3g}, vs faces {fd:.4g} (sequential {seq_fd:.4g})",
+                      f"sequential {fd_seq:.3g}, vs faces {fd:.4g} (sequential {seq_fd:.4g}, "
+                      f"{100 * (fd / seq_fd - 1):+.2f}%)",
                       flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.append and (out / "sample_quality.csv").exists():
+        with (out / "sample_quality.csv").open() as f:
+            old = list(csv.DictReader(f))
+        ran = {(int(r["T"]), r["solver"]) for r in rows}
+        rows = [r for r in old if (int(r["T"]), r["solver"]) not in ran] + rows
+        order = ["sequential"] + list(SOLVER_OPTIONS)
+        rows.sort(key=lambda r: (int(r["T"]), order.index(r["solver"]), -float(r["tol"])))
     with (out / "sample_quality.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()

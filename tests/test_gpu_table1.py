@@ -34,7 +34,8 @@ def test_tiny_run_writes_every_row_and_deq_matches_sequential(table1, tmp_path, 
     rows = read(out)
     assert list(rows[0]) == list(table1.FIELDS)
     expected = [(label, m) for label, _, _ in table1.SETTINGS
-                for m in ("DDIM (sequential)", "DEQ-DDIM (anderson)", "DEQ-DDIM (triangular-anderson)")]
+                for m in ("DDIM (sequential)", "DEQ-DDIM (anderson)", "DEQ-DDIM (triangular-anderson)",
+                          "DEQ-DDIM (newton-scan)")]
     assert [(r["data"], r["method"]) for r in rows] == expected
     for r in rows:
         T = int(r["T"])
@@ -56,7 +57,7 @@ def test_fixed_iteration_mode_runs_exactly_k_iterations(table1, tmp_path):
                  "--data", "CIFAR10", "--out", str(out)])
     rows = read(out)
     deq = [r for r in rows if r["method"].startswith("DEQ")]
-    assert len(rows) == 3 and all(int(r["iterations"]) == 3 and r["max_batch"] == "5" for r in deq)
+    assert len(rows) == 1 + len(table1.SOLVERS) and all(int(r["iterations"]) == 3 and r["max_batch"] == "5" for r in deq)
     # 3 of 12 iterations leave x_0 unsettled: the check above is not vacuous.
     assert all(float(r["x0_rmse_vs_sequential"]) > 1e-6 for r in deq)
 

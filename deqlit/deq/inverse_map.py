@@ -36,7 +36,7 @@ import torch
 from deqlit.deq.fixed_point import NoiseModel, batched_eps
 from deqlit.deq.inversion_report import (InversionNotConverged, InversionReport, condition_text,
                                          failure_message)
-from deqlit.deq.solvers import SolverDivergedError, get_solver, solve
+from deqlit.deq.solvers import SolverDivergedError, get_solver, option_defaults, solve
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.inverse import (check_noise, contraction_factors, ddim_inversion_states,
                                       extrapolated_inversion_states,
@@ -103,6 +103,17 @@ class InverseChainMap:
             terms = terms + self._noise_terms
         carry = self.reducer.carry_from_later(terms.sum(0, keepdim=True))   # all earlier states
         return self._scale * (self._y0[None] - (terms.cumsum(0) + carry))  # inclusive: j <= i
+
+    def scan_coefficients(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The chain's structure for newton_scan.py, per solver row r = x_{T-r} of the block:
+        (sqrt(abar_{T-r}) (rows,), the weight -c_{T-r-1} of x_{T-r}'s eps in the states (rows,),
+        True: a state's own eps enters it, Eq. 3), float64 on the CPU."""
+        scale = self.chain.abar.double().sqrt()[1:][self.natural].flip(0)
+        return scale, -self.chain.c.double()[self.natural].flip(0), True
+
+    def row_eps(self) -> torch.Tensor:
+        """eps of the block's states at the last call, in solver order (rows, B, ...)."""
+        return self._eps.flip(0)
 
     def __call__(self, X: torch.Tensor, frozen_from: Optional[int] = None) -> torch.Tensor:
         if X.shape[0] != self.block.rows:
@@ -174,12 +185,15 @@ def exact_invert(model: NoiseModel, x0: torch.Tensor, chain: Chain, *, mode: str
         raise ValueError("exact inversion per step is sequential over the timesteps and cannot be "
                          "split over time shards: use mode all-timesteps (--inversion.exact.mode "
                          "all-timesteps), or time_shards 1 to split the images instead")
+    if mode == "per-step" and solver == "newton-scan":
+        raise ValueError("newton-scan solves the all-timestep chain (--inversion.exact.mode "
+                         "all-timesteps); a step of mode per-step has one state: use anderson or picard")
     if mode == "per-step" and solver_options.get("freeze"):
         raise ValueError("freeze applies to the all-timesteps solve only (a step has one state)")
     check_noise(chain, x0, noise)
     max_iter = DEFAULT_MAX_ITER[mode] if max_iter is None else int(max_iter)
     options = dict(max_iter=max_iter, tol=tol, triangular=False, **solver_options)
-    if mode == "all-timesteps" and solver != "picard":
+    if mode == "all-timesteps" and "m" in option_defaults(solver):     # Anderson's history
         options.setdefault("m", ALL_TIMESTEP_HISTORY)
     factors = contraction_factors(chain).tolist()
     try:

@@ -32,6 +32,15 @@ g_r = 1 / sqrt(1 - abar_r), the eps Jacobian of pure noise (for eps(x) = (x - s 
 with x0 fixed, (2) is then exact); afterwards the secant of the last two iterates,
 g_r = <eps(x_r) - eps(x'_r), x_r - x'_r> / ||x_r - x'_r||^2, kept where x_r did not move.
 
+The inverse map's safeguards. On inclusive rows the scan divides by 1 - w_r g_r s_r, and the a_r
+of (3) are > 1: an error in g is amplified along the chain instead of damped (forward: 0 < a_r < 1).
+So there (measured on the shipped faces model, bench/exact_inversion.py):
+  - the first call takes Picard's step (g = 0): the pure-noise prior makes 1 - w g s vanish at x_1
+    (eps of pure noise cancels that inverse step exactly) and took T = 10 from 22 dB to 7;
+  - g is clamped to [0, INVERSE_GAIN_CAP / (w_r s_r)], i.e. a_r <= 1 / (1 - cap);
+  - an image whose residual ||R|| grew over its last call has its g scaled by BACKOFF from then on
+    (T = 100: without it 61.5 dB after 4 calls, then down to 50 after 6).
+
 Triangular guarantee (forward). A row whose input X_r and every later row's are exact has R = 0
 there, so U_r = 0 on it and on the row below: the update is Picard's on the settled rows, and the
 shared loop (solvers._run) also copies h(X) onto them. So after n calls the rows >= T - n are
@@ -49,6 +58,8 @@ if TYPE_CHECKING:
     from deqlit.deq.solvers import SolverStats
 
 Map = Callable[..., torch.Tensor]
+INVERSE_GAIN_CAP = 0.2      # largest w g s on an inclusive (inverse) row; T = 10: 0.5 lost 1-8 dB
+BACKOFF = 0.5               # g factor of an inverse-map image whose residual grew
 
 
 def compose_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,15 +146,26 @@ def newton_scan(f: Map, x0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e
     scale, weight, inclusive = chain_structure(f)
     dtype = torch.float64
     scale, weight = scale.to(device=x0.device, dtype=dtype), weight.to(device=x0.device, dtype=dtype)
-    prior = (1.0 - scale.pow(2)).clamp(min=1e-12).rsqrt()[:, None].expand(-1, x0.shape[1])
-    state: dict[str, Optional[torch.Tensor]] = {"g": prior.clone(), "eps": None}
+    B = x0.shape[1]
+    prior = (1.0 - scale.pow(2)).clamp(min=1e-12).rsqrt()[:, None].expand(-1, B)
+    state: dict[str, Optional[torch.Tensor]] = {
+        "g": torch.zeros_like(prior) if inclusive else prior.clone(), "eps": None,
+        "backoff": torch.ones(B, dtype=dtype, device=x0.device)}
+    cap = (INVERSE_GAIN_CAP / (weight * scale).clamp(min=1e-300))[:, None]     # (R, 1)
 
     def mix(xs, fxs, gs):
         eps = f.row_eps().clone()
         if state["eps"] is not None and len(xs) >= 2:
             state["g"] = secant(state["g"], eps, state["eps"], xs[-1], xs[-2])
         state["eps"] = eps
-        U = scan_correction(scale, weight, inclusive, state["g"], gs[-1], reducer)
+        g = state["g"]
+        if inclusive:                                  # the inverse map's safeguards (header)
+            if len(gs) >= 2:
+                norms = reducer.sum(torch.stack([r.double().pow(2).flatten(2).sum((0, 2)) for r in gs[-2:]]))
+                state["backoff"] = torch.where(norms[1] > norms[0], state["backoff"] * BACKOFF,
+                                               state["backoff"])
+            g = torch.minimum(g.clamp(min=0), cap) * state["backoff"]
+        U = scan_correction(scale, weight, inclusive, g, gs[-1], reducer)
         return fxs[-1] + scale.to(U.dtype).reshape((-1,) + (1,) * (U.dim() - 1)) * U
 
     return _run("newton-scan", f, x0, max_iter=max_iter, tol=tol, mix=mix, m=2, freeze=freeze,
