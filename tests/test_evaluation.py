@@ -203,6 +203,7 @@ def test_training_logs_random_feature_metrics_every_n_steps(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from deqlit.lit.metrics_callback import SampleMetrics, metrics_callbacks
+    from deqlit.runs.sections import resolve
     from deqlit.runs.training import run_training
     torch.set_num_threads(1)
     cfg = _tiny_train_cfg(tmp_path)
@@ -213,9 +214,9 @@ def test_training_logs_random_feature_metrics_every_n_steps(tmp_path):
         assert steps == [2, 4], (tag, steps)
         assert all(math.isfinite(e.value) for e in events.Scalars(tag))
     # Sample i always starts from seed + i: the figures do not depend on the batching.
-    (callback,) = metrics_callbacks(cfg)
+    (callback,) = metrics_callbacks(resolve(cfg, "train"))     # as run_training resolves it
     callback.on_fit_start(None, module)
     by_three = callback.measure(module)["fd-random"]
     callback.batch_size = 1
     assert callback.measure(module)["fd-random"] == pytest.approx(by_three, rel=1e-6)
-    assert isinstance(callback, SampleMetrics) and metrics_callbacks({"train": {}}) == []
+    assert isinstance(callback, SampleMetrics) and metrics_callbacks({"train": {"metrics_every": 0}}) == []

@@ -289,7 +289,8 @@ def test_sequential_forward_gives_the_same_solution_and_gradients_as_the_exact_s
         module = JointFineTuneModule(net, ABAR, 2, (1, 8, 8), timesteps=4, grad=grad, solver=solver,
                                      solver_options=options, network_lr=network_lr)
         x = x_T.clone().requires_grad_(True)
-        X, X_star, _, _ = module.solve_chain(x)
+        X, deq, _ = module.solve_chain(x)
+        X_star = deq.last_solution
         params = [p for p in net.parameters() if p.requires_grad]
         grads = torch.autograd.grad(X[0].pow(2).sum(), [x] + params)
         results.append((X_star, grads))

@@ -14,6 +14,7 @@ from PIL import Image
 
 from deqlit.data.registry import load_images
 from deqlit.guards import UserInputError
+from deqlit.guards import UserInputError
 from deqlit.lit.joint_module import JointFineTuneModule
 from deqlit.lit.latent_store import DiskLatentStore, read_disk_latents, table_bytes, wants_disk
 from deqlit.lit.latent_table import LatentTable, RowAdam
@@ -231,7 +232,8 @@ def test_a_disk_run_resumed_after_a_crash_equals_an_uninterrupted_one(tmp_path):
                            atol=1e-6), name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match="latents_on_disk true"):
+        # the resume check names the setting before the checkpoint is read
+        with pytest.raises(UserInputError, match=r"joint\.latents_on_disk \(saved True, now False\)"):
             run_joint(folder_config(tmp_path, "split", 6), resume="last")
 
 

@@ -1,4 +1,4 @@
-"""Every command in README's "What you can run" table runs, shrunk (tiny T, one image, one step),
+"""Every command in README's "What you can run" table runs, shrunk (tiny T, one or two images, one step),
 so that a documented command cannot break again. Commands that need data or checkpoints this
 machine does not have must fail with the clear "never downloads" message, exit 2."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from deqlit.cli import run_main
 
 REPO = Path(__file__).resolve().parent.parent
 SHRINK = {
-    "invert.py": ["--num-images", "1", "--batch-size", "1", "--max-steps", "1", "--timesteps", "3",
+    "invert.py": ["--num-images", "2", "--batch-size", "2", "--max-steps", "1", "--timesteps", "3",
                   "--inversion.max_iter", "3", "--no-progress"],
     "sample.py": ["--num-images", "1", "--timesteps", "3", "--max-iter", "3", "--no-progress"],
     "train.py": ["--max-steps", "1", "--train.sample_every", "0", "--batch-size", "2"],
@@ -53,15 +53,20 @@ def shrunk(command: str, tmp: Path, runs: dict[str, Path]) -> tuple[str, list[st
     """(script, argv) with the shrinking flags, an --out in tmp, and paths of earlier runs."""
     words = shlex.split(command)[1:]
     script, argv = words[0], words[1:]
-    argv = [str(runs["invert.py"] / "latents.pt") if a == "runs/invert-faces/latents.pt" else a for a in argv]
+    earlier = {"runs/invert-faces/latents.pt": runs.get("invert.py", Path()) / "latents.pt",
+               "runs/invert-faces": runs.get("invert.py", Path())}     # a file or its run folder
+    argv = [str(earlier[a]) if a in earlier else a for a in argv]
     extra = list(SHRINK[script])
     if "--metrics" in argv:          # distances between distributions need 2 images at least
         extra[extra.index("--num-images") + 1] = "2"
     if "--trainer.devices" in argv:  # one image per process at least
         extra[extra.index("--num-images") + 1] = argv[argv.index("--trainer.devices") + 1]
-    if "--latents" in argv:          # the saved chain decides T
+    if "--latents" in argv or "--interpolate" in argv:          # the saved chain decides T
         at = extra.index("--timesteps")
         del extra[at:at + 2]
+    if "--interpolate" in argv:      # the shrunk inversion saved 2 latents
+        argv[argv.index("--pairs") + 1] = "0:1"
+        extra[extra.index("--num-images") + 1] = "2"
     if "--task" in argv and "joint" in argv:
         extra = ["--max-steps", "1", "--joint.num_images", "1", "--joint.timesteps", "3"]
     if "--resume" in argv:

@@ -3,7 +3,8 @@
 - `interrupts_as_exceptions()`: Ctrl-C and SIGTERM (what a cluster scheduler sends before it
   preempts a job) both raise KeyboardInterrupt once, so Lightning's graceful shutdown and the
   callbacks' `on_exception` run for either; on leaving, the exit they cause becomes
-  `RunInterrupted(signum)`, which the entry point turns into "saved ..., resume with ...".
+  `RunInterrupted(signum)`, which the entry point turns into "saved ..., resume with ...";
+  given the Trainer, a signal inside a training step waits for the step's end.
 - `check_output_dir` / `refuse_existing_run`: fail before any compute, never overwrite a model.
 """
 from __future__ import annotations
@@ -12,33 +13,62 @@ import contextlib
 import errno
 import logging
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
+
 from deqlit.guards import DiskFullError, OutputFolderError, RunInterrupted
 
 
 # ---- interrupts ------------------------------------------------------------------------------
 class Interrupts:
-    """What `interrupts_as_exceptions` saw: the first signal number, or None."""
+    """What `interrupts_as_exceptions` saw: the first signal number, or None; `in_step` while a
+    training step runs (StopAtStepBoundary), when the first signal waits for the step's end."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.in_step = False
+
+
+class StopAtStepBoundary(Callback):
+    """Lets a training step finish before an interrupt stops the run.
+
+    A KeyboardInterrupt raised inside a step leaves it half done: the optimizer has stepped (the
+    step counter grown) but the EMA has not, or the other way round, and the checkpoint saved on
+    the way out holds a state that no uninterrupted run passes through. So the signal handler only
+    records a signal that arrives inside a step, and it is raised here, before the next step starts
+    (a signal during the last step lets the run finish)."""
+
+    def __init__(self, seen: Interrupts) -> None:
+        self.seen = seen
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.seen.signum is not None:
+            self.seen.in_step = False
+            raise KeyboardInterrupt
+        self.seen.in_step = True
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.seen.in_step = False
 
 
 @contextlib.contextmanager
-def interrupts_as_exceptions() -> Iterator[Interrupts]:
+def interrupts_as_exceptions(trainer: Any = None) -> Iterator[Interrupts]:
     """Within the block, SIGINT and SIGTERM raise KeyboardInterrupt (the first one only).
 
-    Later signals are ignored, so that a second Ctrl-C or SIGTERM cannot break the checkpoint
-    being written on the way out. Lightning's signal connector keeps a handler it finds installed
-    and calls it after its own "Received SIGTERM" notice, so this also works around Trainer.fit;
-    Lightning turns the KeyboardInterrupt into sys.exit(1) after its graceful shutdown (the
-    callbacks' on_exception), and that exit, like a KeyboardInterrupt, leaves the block as
-    RunInterrupted(signum). Outside the main thread (where signals cannot be set) it does nothing.
+    With a `trainer`, a signal that arrives during a training step is raised when the step has
+    finished (StopAtStepBoundary, added to its callbacks). Later signals are ignored, so that a
+    second Ctrl-C or SIGTERM cannot break the checkpoint being written on the way out. Lightning's
+    signal connector keeps a handler it finds installed and calls it after its own "Received
+    SIGTERM" notice, so this also works around Trainer.fit; Lightning turns the KeyboardInterrupt
+    into sys.exit(1) after its graceful shutdown (the callbacks' on_exception), and that exit, like
+    a KeyboardInterrupt, leaves the block as RunInterrupted(signum). Outside the main thread
+    (where signals cannot be set) it does nothing.
     """
     seen = Interrupts()
     if threading.current_thread() is not threading.main_thread():
@@ -48,9 +78,17 @@ def interrupts_as_exceptions() -> Iterator[Interrupts]:
     def handler(signum: int, frame: Any) -> None:
         if seen.signum is None:
             seen.signum = signum
+            if seen.in_step:
+                print(f"{signal.Signals(signum).name} received: stopping when this step ends",
+                      file=sys.stderr, flush=True)
+                return
             raise KeyboardInterrupt
         # a repeat while shutting down: ignored on purpose
 
+    boundary = None
+    if trainer is not None:
+        boundary = StopAtStepBoundary(seen)
+        trainer.callbacks.append(boundary)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in previous:
         signal.signal(s, handler)
@@ -63,6 +101,8 @@ def interrupts_as_exceptions() -> Iterator[Interrupts]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+        if boundary is not None:
+            trainer.callbacks.remove(boundary)
 
 
 # ---- output folders --------------------------------------------------------------------------

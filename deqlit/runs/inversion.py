@@ -169,8 +169,11 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
     chain = Chain.build(schedule_from_config(cfg["diffusion"]), inv["timesteps"], inv["skip"], inv["eta"])
     # torchrun / srun: the world is joined once the inputs are checked, so that rank 0's checks
     # and its list of finished images reach every process before any of them starts.
+    # A method that cannot run on time shards is refused before the count of processes is read:
+    # no number of processes would run it.
+    settings = check_time_shardable(settings, time_shards_of(cfg["trainer"], cfg["parallel"]),
+                                    quiet=launched_worker())
     launch = prepare_launch(cfg, join=False)
-    settings = check_time_shardable(settings, launch.shards, quiet=launched_worker())
     check_inputs(cfg)
     # The network is read before anything is written: a refused or mismatched checkpoint leaves
     # --out as it was (no run.json that a later run would take for an earlier inversion).

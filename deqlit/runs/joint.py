@@ -258,7 +258,7 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
                             fast_dev_run=fast_dev_run, num_sanity_val_steps=0)
     start, cpu_start = time.time(), time.process_time()
     try:
-        with interrupts_as_exceptions(), warnings.catch_warnings():
+        with interrupts_as_exceptions(trainer), warnings.catch_warnings():
             # Both expected here: the network stays in eval mode on purpose (dropout would make the
             # fixed-point map random), and a checkpoint holds the state after the step's update,
             # which is what --resume continues from (tested equal to an uninterrupted run).

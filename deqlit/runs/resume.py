@@ -51,6 +51,8 @@ FREE_KEYS = {
                         "joint.ckpt", "checkpoint.path", "checkpoint.source", *_TRAINER_FREE}),
 }
 _MISSING = "(not set)"
+# How the processes are laid out: free while the data replicas stay the same (data_replicas).
+_LAYOUT_KEYS = frozenset({"trainer.devices", "trainer.num_nodes", "trainer.strategy"})
 
 
 def differences(saved: Any, now: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -133,7 +135,8 @@ def check_resume(cfg: dict[str, Any], out: Path, ckpt_path: str, task: str = "tr
         now = {"model": cfg["model"], "diffusion": cfg["diffusion"],
                task: {k: v for k, v in cfg[task].items() if k in saved[task]}}
     changes = changed_settings(saved, now, task)
-    refused = [(k, a, b) for k, a, b in changes if k not in FREE_KEYS[task] and not _grows(k, a, b)]
+    free = FREE_KEYS[task] | (_LAYOUT_KEYS if data_replicas(saved) == data_replicas(cfg) else frozenset())
+    refused = [(k, a, b) for k, a, b in changes if k not in free and not _grows(k, a, b)]
     source = saved_path or f"the checkpoint {ckpt_path}"
     if refused:
         start_from = (f"--ckpt {Path(ckpt_path).resolve().parent.parent / 'ema.pt'}" if task == "joint"
@@ -148,6 +151,17 @@ def check_resume(cfg: dict[str, Any], out: Path, ckpt_path: str, task: str = "tr
     return {"resumed_at": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": done,
             "checkpoint": str(ckpt_path),
             "changed": {k: {"saved": a, "now": b} for k, a, b in changes}}
+
+
+def data_replicas(cfg: dict[str, Any]) -> Any:
+    """How many copies of the batch a run's processes split the data into: the world over the
+    time shards (time shards split each chain, which gives the same weights as one process)."""
+    from deqlit.runs.launch import time_shards_of, world_of
+    section, parallel = cfg.get("trainer") or {}, cfg.get("parallel") or {}
+    world = world_of(section) or 1
+    if section.get("strategy") != "ddp_time":
+        return world
+    return world // max(1, time_shards_of(section, parallel, world))
 
 
 def _grows(key: str, saved: Any, now: Any) -> bool:

@@ -165,7 +165,7 @@ def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = Fals
         if job.resume_record is not None:
             record_resume(out, job.resume_record)
     try:
-        with interrupts_as_exceptions():
+        with interrupts_as_exceptions(trainer):
             try:
                 trainer.fit(job.module, datamodule=job.data, ckpt_path=ckpt_path,
                             weights_only=True)   # never unpickle code from a checkpoint
