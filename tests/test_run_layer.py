@@ -154,8 +154,8 @@ def test_joint_run_takes_max_steps_and_precision_from_the_trainer_section(tmp_pa
 
 
 def sample_x0(out: Path, *extra: str, launcher: tuple[str, ...] = ("python",)) -> torch.Tensor:
-    """x_0 of `sample.py` (T = 51, 2 images) started by `launcher`, read from its samples.pt."""
-    cmd = [*launcher, "sample.py", "--timesteps", "51", "--num-images", "2", "--no-progress",
+    """x_0 of `sample.py` (T = 11, 2 images) started by `launcher`, read from its samples.pt."""
+    cmd = [*launcher, "sample.py", "--timesteps", "11", "--num-images", "2", "--no-progress",
            "--trainer.accelerator", "cpu", "--out", str(out), *extra]
     if launcher[0] == "python":
         cmd[0] = sys.executable
