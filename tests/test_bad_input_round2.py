@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from deqlit.cli import run_main
-from tests.tiny import load_script, tiny_setup
+from tests.tiny import error_line, load_script, run_cli, tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {name: load_script(f"{name}.py", f"deqlit_{name}_script_round2") for name in ("train", "invert")}
@@ -44,20 +44,8 @@ def tiny_joint(tmp_path: Path, num_images: int = 2) -> list[str]:
 
 def run(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `python SCRIPT.py ARGV`, in this process."""
-    capsys.readouterr()
-    try:
-        run_main(SCRIPTS[script].main, argv, script=f"{script}.py")
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(SCRIPTS[script].main, argv, f"{script}.py", capsys)
 
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 class _Payload:

@@ -13,10 +13,9 @@ import pytest
 import torch
 import yaml
 
-from deqlit.cli import run_main
 from deqlit.config import ConfigError, load_config
 from deqlit.runs.sections import resolve
-from tests.tiny import load_script
+from tests.tiny import error_line, load_script, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 FACES = REPO / "configs" / "faces.yaml"
@@ -30,20 +29,8 @@ JOINT = ["--task", "joint", "--data", "faces", "--joint.timesteps", "3", "--join
 
 def run(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `python SCRIPT.py ARGV`, in this process."""
-    capsys.readouterr()
-    try:
-        run_main(SCRIPTS[script].main, argv, script=f"{script}.py")
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(SCRIPTS[script].main, argv, f"{script}.py", capsys)
 
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("script, argv, words", [

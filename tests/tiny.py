@@ -58,3 +58,23 @@ class GradRowCounter(torch.nn.Module):
             self.rows_with_grad += x.shape[0]
             self.largest_with_grad = max(self.largest_with_grad, x.shape[0])
         return self.model(x, t)
+
+
+def run_cli(main, argv: list[str], script: str, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `python SCRIPT ARGV` run in this process (cli.run_main)."""
+    from deqlit.cli import run_main
+    capsys.readouterr()
+    try:
+        run_main(main, argv, script=script)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_line(err: str) -> str:
+    """The one `error:` line of a script's stderr (and no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
