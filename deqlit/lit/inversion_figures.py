@@ -2,7 +2,9 @@
 
 grid.png (and TensorBoard's inversion/grid): one row per image, labelled with its dataset index;
 columns target | initial | final | latent x_T, tiles upscaled (nearest) to at least 96 px, the PSNR
-of each regenerated image under it, the latent scaled to its own range (deqlit/pictures.py).
+of each regenerated image under it, the latent scaled to its own range (deqlit/pictures.py). A
+restoration task: target | degraded input | restored | latent x_T, the PSNR on the hole
+(inpainting) or on the whole image (super-resolution) under the input and the restored image.
 
 curves.png: one panel per thing the run did:
 - loss against optimization step (methods deq and baseline): a thin line per image, the mean bold;
@@ -23,20 +25,48 @@ from PIL import Image
 from deqlit.pictures import as_picture, labelled_grid, save_picture
 
 COLUMNS = ("target", "initial", "final", "latent x_T")
+# A restoration task (inpaint, super-resolution): the degraded input as shown (the hole filled, or
+# y upsampled bicubically) and the restored image, each with its PSNR (inpainting: on the hole).
+RESTORATION_COLUMNS = ("target", "degraded input", "restored", "latent x_T")
 
 
 def inversion_picture(targets: torch.Tensor, initial: torch.Tensor, final: torch.Tensor,
                       x_T: torch.Tensor, indices: Sequence[int], initial_psnr: Sequence[float],
-                      final_psnr: Sequence[float], title: str = "", max_images: int = 16) -> Image.Image:
-    """Rows of (target | initial | final | latent x_T) for the first max_images images.
+                      final_psnr: Sequence[float], title: str = "", max_images: int = 16,
+                      columns: Sequence[str] = COLUMNS) -> Image.Image:
+    """Rows of (target | initial | final | latent x_T) for the first max_images images, the
+    columns labelled `columns` (a restoration: target | degraded input | restored | latent x_T).
 
     targets, initial, final (N, C, H, W) in [-1, 1]; x_T (N, C, H, W) any range; PSNRs in dB (N,).
     """
     n = min(max_images, len(targets))
     tiles = [[targets[b], initial[b], final[b], as_picture(x_T[b])] for b in range(n)]
     captions = [["", f"{initial_psnr[b]:.1f} dB", f"{final_psnr[b]:.1f} dB", ""] for b in range(n)]
-    return labelled_grid(tiles, column_labels=COLUMNS, row_labels=[f"#{int(i)}" for i in indices[:n]],
+    return labelled_grid(tiles, column_labels=columns, row_labels=[f"#{int(i)}" for i in indices[:n]],
                          captions=captions, title=title)
+
+
+def grid_inputs(batch: dict[str, Any], metrics: Sequence[dict[str, Any]], method: str, T: int) -> dict[str, Any]:
+    """inversion_picture's arguments for a batch result or the merged results (targets, initial,
+    reconstructions, x_T, indices; a restoration also task, observed_shown, restored) and their
+    per-image metrics, in the same order. A restoration shows target | degraded input | restored
+    | latent x_T, with the PSNR on the hole (inpainting) or the whole image (super-resolution)."""
+    common = {"targets": batch["targets"], "x_T": batch["x_T"], "indices": batch["indices"].tolist()}
+    task = batch.get("task", "reconstruct")
+    if task == "reconstruct":
+        return {**common, "initial": batch["initial"], "final": batch["reconstructions"],
+                "initial_psnr": [m["initial_psnr"] for m in metrics], "final_psnr": [m["psnr"] for m in metrics],
+                "title": f"{method} inversion, T = {T}: PSNR of the regenerated image under it"}
+    settings = batch.get("settings") or {}
+    if task == "inpaint":
+        shown_key, restored_key = "input_hole_psnr", "hole_psnr"
+        title = f"{method} inpainting ({Path(str(settings.get('mask', 'mask'))).name}), T = {T}: hole PSNR under each"
+    else:
+        shown_key, restored_key = "input_psnr", "restored_psnr"
+        title = f"{method} {settings.get('factor', '')}x super-resolution, T = {T}: PSNR under it"
+    return {**common, "initial": batch["observed_shown"], "final": batch["restored"],
+            "initial_psnr": [m[shown_key] for m in metrics], "final_psnr": [m[restored_key] for m in metrics],
+            "title": title, "columns": RESTORATION_COLUMNS}
 
 
 def picture_tensor(image: Image.Image) -> torch.Tensor:

@@ -22,15 +22,16 @@ from torch import nn
 from deqlit.deq.inversion import BatchInverter, InversionSettings
 from deqlit.diffusion.chain import Chain
 from deqlit.guards import atomic_torch_save
-from deqlit.lit.inversion_figures import inversion_picture, picture_tensor
-from deqlit.lit.inversion_outputs import partial_path
+from deqlit.lit.inversion_figures import grid_inputs, inversion_picture, picture_tensor
+from deqlit.lit.inversion_outputs import RESTORATION_KEYS, partial_path
 from deqlit.parallel.mesh import TimeMesh
 from deqlit.deq.reduce import LOCAL, LocalReducer
 
 
 # Per-image metrics (inversion_outputs.per_image_metrics) whose running means are logged.
 RUNNING_MEANS = ("psnr", "initial_psnr", "ssim", "exact_loss", "latent_autocorrelation",
-                 "latent_kurtosis", "exact_solve_network_evals", "exact_solve_residual")
+                 "latent_kurtosis", "exact_solve_network_evals", "exact_solve_residual",
+                 *RESTORATION_KEYS)       # the restoration scores: only a restoration task has them
 
 
 class InversionModule(L.LightningModule):
@@ -146,7 +147,8 @@ class InversionModule(L.LightningModule):
     def log_batch_result(self, result: dict[str, Any]) -> None:
         """Running means over the images done so far on this process (the x-axis: images done, so
         that a dataset-scale run draws one curve however its batches fall), and for the first batch
-        the labelled (target | initial | final | latent x_T) grid."""
+        the labelled grid of grid.png (target | initial | final | latent x_T; a restoration:
+        target | degraded input | restored | latent x_T)."""
         if self.logger is None:
             return
         per_image = result["metrics"]
@@ -161,8 +163,7 @@ class InversionModule(L.LightningModule):
             self.logger.log_metrics(summary, step=self.images_done)
         experiment = getattr(self.logger, "experiment", None)
         if self.batches_logged == 0 and hasattr(experiment, "add_image"):
-            picture = inversion_picture(result["targets"], result["initial"], result["reconstructions"],
-                                        result["x_T"], result["indices"].tolist(),
-                                        [m["initial_psnr"] for m in per_image], [m["psnr"] for m in per_image])
+            picture = inversion_picture(**{**grid_inputs(result, per_image, self.method, self.chain.T),
+                                           "title": ""})
             experiment.add_image("inversion/grid", picture_tensor(picture), self.images_done)
         self.batches_logged += 1

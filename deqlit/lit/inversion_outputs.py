@@ -24,9 +24,12 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from deqlit.diffusion.gaussianity import kurtosis, lag1_autocorrelation
 from deqlit.guards import atomic_torch_save
-from deqlit.lit.inversion_figures import plot_curves, save_inversion_picture, solve_curves
+from deqlit.lit.inversion_figures import grid_inputs, plot_curves, save_inversion_picture, solve_curves
 
 PART_GLOB = "part-*.pt"
+# Per-image scores of a restoration task (restoration_metrics), averaged like the others.
+RESTORATION_KEYS = ("hole_psnr", "hole_ssim", "initial_hole_psnr", "input_hole_psnr", "restored_psnr",
+                    "restored_ssim", "input_psnr")
 CURVES = "curves.png"
 
 
@@ -40,7 +43,8 @@ def partial_path(folder: Path, first_index: int) -> Path:
 
 def per_image_metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Metrics per image of a batch result (BatchInverter.result()): losses of the start and of
-    the end, MSE/PSNR/SSIM of the exact chain's reconstruction, how Gaussian the latent is."""
+    the end, MSE/PSNR/SSIM of the exact chain's reconstruction, how Gaussian the latent is, and
+    for a restoration task the scores of the restored image (restoration_metrics)."""
     targets, recon = result["targets"], result["reconstructions"].clamp(-1, 1)
     initial = result["initial"].clamp(-1, 1)
     x_T = result["x_T"]
@@ -65,6 +69,7 @@ def per_image_metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
             # The images of a batch are optimized together: each was worked on the whole time.
             "seconds": float(result["seconds"]),
         })
+        out[-1].update(restoration_metrics(result, b))
         report = result.get("exact_report")
         if report:   # the exact inverse solve that gave the start (init 'exact')
             out[-1].update(exact_solve_residual=report["image_residual"][b],
@@ -72,6 +77,44 @@ def per_image_metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
                            exact_solve_network_evals=int(report["network_evals"][b]),
                            exact_solve_depth=int(report["depth"]))
     return out
+
+
+def masked_psnr(x: torch.Tensor, target: torch.Tensor, where: Optional[torch.Tensor]) -> float:
+    """PSNR (dB, data range 2: images in [-1, 1]) of x (1, C, H, W) on the pixels `where`
+    (1, 1, H, W) bool, all channels of each; the whole image when `where` is None."""
+    error = (x - target).pow(2)
+    mse = error.mean() if where is None else error[where.expand_as(error)].mean()
+    return float(10 * torch.log10(4.0 / mse.clamp(min=1e-20)))
+
+
+def masked_ssim(x: torch.Tensor, target: torch.Tensor, where: Optional[torch.Tensor]) -> float:
+    """SSIM of x (1, C, H, W): torchmetrics' SSIM map (11x11 Gaussian windows, data range 2)
+    averaged over the pixels `where` (1, 1, H, W) bool; the whole image's SSIM when None."""
+    whole, ssim_map = structural_similarity_index_measure(x, target, data_range=2.0, return_full_image=True)
+    return float(whole if where is None else ssim_map[where.expand_as(ssim_map)].mean())
+
+
+def restoration_metrics(result: dict[str, Any], b: int) -> dict[str, float]:
+    """Image b's scores of a restoration (task inpaint or super-resolution; {} for reconstruct):
+    PSNR and SSIM of `restored` (the chain's x_0 projected onto A(x) = y) on the whole image and,
+    inpainting, on the hidden pixels alone (hole_*; the known ones are the target's there); the
+    hole PSNR of the start's image (initial_hole_psnr), and the PSNRs of the degraded input as
+    shown, the hole filled or y upsampled bicubically (input_*): the guess without the model."""
+    if result.get("task", "reconstruct") == "reconstruct":
+        return {}
+    t = result["targets"][b:b + 1]
+    restored = result["restored"][b:b + 1].clamp(-1, 1)
+    shown = result["observed_shown"][b:b + 1].clamp(-1, 1)
+    unknown = result.get("unknown")
+    hole = None if unknown is None else unknown[b:b + 1]
+    scores = {"restored_psnr": masked_psnr(restored, t, None), "restored_ssim": masked_ssim(restored, t, None),
+              "input_psnr": masked_psnr(shown, t, None)}
+    if hole is not None:      # projecting the start would change its known pixels only
+        initial = result["initial"][b:b + 1].clamp(-1, 1)
+        scores.update(hole_psnr=masked_psnr(restored, t, hole), hole_ssim=masked_ssim(restored, t, hole),
+                      initial_hole_psnr=masked_psnr(initial, t, hole),
+                      input_hole_psnr=masked_psnr(shown, t, hole))
+    return scores
 
 
 class InversionWriter(BasePredictionWriter):
@@ -129,7 +172,7 @@ def merge_outputs(out: Path, method: str, T: int, merge_limit: int) -> dict[str,
     means: dict[str, Optional[float]] = {}
     for key in ("min_loss", "final_loss", "exact_loss", "initial_loss", "initial_psnr", "mse", "psnr",
                 "ssim", "latent_autocorrelation", "latent_kurtosis", "seconds", "exact_solve_residual",
-                "exact_solve_network_evals"):
+                "exact_solve_network_evals", *[k for k in RESTORATION_KEYS if any(k in m for m in images)]):
         values = [m[key] for m in images if m.get(key) is not None]
         means[f"mean_{key}"] = sum(values) / len(values) if values else None
     metrics = {"settings": parts[0]["settings"] if parts else {},
@@ -147,11 +190,12 @@ def merge_outputs(out: Path, method: str, T: int, merge_limit: int) -> dict[str,
     merged = {"x_T": cat("x_T"), "noise": cat("noise", dim=1), "indices": cat("indices"),
               "targets": cat("targets"), "reconstructions": cat("reconstructions"),
               "initial": cat("initial"), "chain": parts[0]["chain"], "settings": parts[0]["settings"]}
+    task = parts[0].get("task", "reconstruct")
+    if task != "reconstruct":     # what the restoration saw and made (see BatchInverter.result)
+        merged.update(task=task, observed_shown=cat("observed_shown"), restored=cat("restored"),
+                      unknown=cat("unknown"))
     atomic_torch_save(merged, out / "latents.pt")
-    title = f"{method} inversion, T = {T}: PSNR of the regenerated image under it"
-    save_inversion_picture(out / "grid.png", merged["targets"], merged["initial"],
-                           merged["reconstructions"], merged["x_T"], merged["indices"].tolist(),
-                           [m["initial_psnr"] for m in images], [m["psnr"] for m in images], title=title)
+    save_inversion_picture(out / "grid.png", **grid_inputs(merged, images, method, T))
     evals = [(m["exact_solve_network_evals"], m["psnr"]) for m in images
              if m.get("exact_solve_network_evals") is not None]
     plot_curves(out / CURVES, f"{method} inversion, T = {T}, {len(images)} images",

@@ -63,6 +63,16 @@ def check_counts(inv: dict[str, Any]) -> None:
         raise ValueError(f"inversion.max_batch must be a positive integer or null, got {inv['max_batch']!r}")
 
 
+def check_factor(settings: InversionSettings, resolution: int) -> None:
+    """Super-resolution pools factor x factor blocks: the factor must divide the image size (checked
+    here, before the output folder is touched, rather than at the first batch)."""
+    if settings.task == "super-resolution" and resolution % settings.factor:
+        fits = [f for f in range(2, resolution + 1) if resolution % f == 0][:4]
+        raise ValueError(f"--factor {settings.factor} does not divide the {resolution}x{resolution} "
+                         f"images (data.resolution): use a factor that divides {resolution}, e.g. "
+                         f"--factor {' or '.join(map(str, fits))}")
+
+
 def check_inputs(cfg: dict, ckpt: Optional[str] = None) -> None:
     """One message naming everything that is missing: the dataset and the checkpoint."""
     from deqlit.data.folders import BUNDLED, DatasetNotFoundError, load_local_dataset
@@ -166,6 +176,7 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
     # 1. values, 2. inputs, 3. the output folder: nothing written before all three pass.
     settings = settings_from(inv)
     check_counts(inv)
+    check_factor(settings, data["resolution"])
     chain = Chain.build(schedule_from_config(cfg["diffusion"]), inv["timesteps"], inv["skip"], inv["eta"])
     # torchrun / srun: the world is joined once the inputs are checked, so that rank 0's checks
     # and its list of finished images reach every process before any of them starts.
