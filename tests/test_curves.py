@@ -64,7 +64,7 @@ def curves_of(points: dict[str, int], tags: set[str]) -> None:
 @pytest.mark.slow
 def test_a_short_training_run_logs_its_loss_curve(tmp_path):
     """train.log_every_n_steps is null in faces.yaml: 3 steps log 3 points, not none."""
-    from tests.test_train import TINY, train_script
+    from tests.tiny import TINY, train_script
     argv = ["--data", "faces", "--max-steps", "3", "--batch-size", "4", "--out", str(tmp_path / "t"),
             "--train.sample_every", "0"]
     for key, value in TINY.items():
@@ -110,7 +110,7 @@ def test_inversion_logs_its_solve_or_its_optimization_as_curves(tmp_path, method
 @pytest.mark.slow
 def test_a_joint_run_logs_its_curves(tmp_path):
     from deqlit.runs.joint import run_joint
-    from tests.test_joint import tiny_config
+    from tests.tiny import tiny_config
     cfg = tiny_config(tmp_path, "joint", 2)
     cfg["joint"].update(kid_every=0, compare_every=0, image_every=0, checkpoint_every=2)
     run_joint(cfg)

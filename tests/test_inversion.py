@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback
 
 from deqlit.deq.degradations import frobenius_loss
 from deqlit.deq.inversion import BatchInverter, InversionSettings
@@ -18,7 +17,7 @@ from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
 from deqlit.diffusion.sequential import ddim_sample
 from tests.conftest import GaussianDataNoise, perturbed_unet
-from tests.tiny import tiny_setup
+from tests.tiny import StopAfter, tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
 ABAR = alphas_cumprod(linear_betas())
@@ -179,22 +178,6 @@ def test_bad_settings_and_image_sizes_are_refused():
 
 
 # ---- the streamed run ---------------------------------------------------------------------------
-class StopAfter(Callback):
-    """Ctrl-C after `steps` optimization steps (Lightning then calls on_exception)."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_predict_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
-        original = module.log_step
-
-        def log_and_stop(inverter, loss):
-            original(inverter, loss)
-            if module.steps_done >= self.steps:
-                raise KeyboardInterrupt
-        module.log_step = log_and_stop
-
-
 def invert(config: Path, *extra: str) -> dict:
     from deqlit.commands.invert import main
     return main(["--config", str(config), "--no-progress", *extra])

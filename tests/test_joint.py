@@ -16,7 +16,8 @@ from deqlit.lit.joint_module import JointFineTuneModule, decay_factor
 from deqlit.lit.latent_table import RowAdam, to_sphere
 from deqlit.lit.joint_data import JointDataModule
 from deqlit.runs.joint import run_joint
-from tests.conftest import GaussianDataNoise, perturbed_unet
+from tests.conftest import GaussianDataNoise
+from tests.tiny import TINY_MODEL, tiny_config
 
 ABAR = alphas_cumprod(linear_betas())
 
@@ -187,25 +188,6 @@ def test_latents_start_from_per_image_seeds_whatever_the_batch():
 
 
 # ---- the run: train.py --task joint -------------------------------------------------------------
-TINY_MODEL = dict(ch=8, out_ch=1, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0,
-                  in_channels=1, resolution=8, resamp_with_conv=True, norm_groups=2)
-
-
-def tiny_config(tmp_path, out: str, max_steps: int) -> dict:
-    ckpt = tmp_path / "tiny.pt"
-    if not ckpt.exists():
-        torch.save(perturbed_unet(seed=3, scale=0.1, dtype=torch.float32).state_dict(), ckpt)
-    return {"data": {"name": "faces", "resolution": 8, "channels": 1, "root": "data"},
-            "model": dict(TINY_MODEL), "diffusion": {"beta_schedule": "linear", "num_diffusion_timesteps": 1000},
-            "checkpoint": {"path": str(ckpt), "ema": True},
-            "joint": {"split": "test", "num_images": 4, "batch_size": 2, "prior_batch_size": 4,
-                      "timesteps": 3, "grad": "ift", "adjoint": {"solver": "sweep"}, "solver": "picard",
-                      "max_iter": 3, "tol": 0.0, "init": "ddim-inversion", "latent_lr": 0.05,
-                      "network_lr": 1e-3, "ema_decay": 0.9, "checkpoint_every": 1, "image_every": 1,
-                      "compare_every": 2, "kid_every": 2, "kid_samples": 8, "out": str(tmp_path / out)},
-            "trainer": {"max_steps": max_steps, "enable_progress_bar": False, "accelerator": "cpu"}}
-
-
 @pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run_and_the_weights_load_and_sample(tmp_path):
     from deqlit.models.loading import load_weights

@@ -22,7 +22,7 @@ from deqlit.lit.joint_data import JointDataModule
 from deqlit.runs.joint import evaluate, run_joint
 from deqlit.models.build import build_noise_model
 from tests.conftest import perturbed_unet
-from tests.test_joint import TINY_MODEL
+from tests.tiny import TINY_MODEL
 
 COUNT = 20        # folder images: sorted files 0 and 10 are 'test', the other 18 'train'
 

@@ -298,7 +298,7 @@ def test_a_run_interrupted_on_one_process_resumes_on_two_time_shards(tiny_run):
     from deqlit.cli import parse
     from deqlit.commands.invert import build_parser
     from deqlit.runs.inversion import run_inversion
-    from tests.test_inversion import StopAfter
+    from tests.tiny import StopAfter
     common, one, folder = tiny_run
     out = folder / "resumed"
     _, cfg = parse(build_parser(), common + ["--out", str(out)], {"out": "inversion.out"})

@@ -187,7 +187,7 @@ def test_batches_smaller_than_the_replicas_are_refused_naming_the_fix():
 def tiny_joint_config(folder: Path, **joint) -> Path:
     """tests/test_joint's tiny run (float32 UNet, 4 faces at 8x8) with the onestep gradient, a
     trainer and a parallel section, written as a config file."""
-    from tests.test_joint import tiny_config
+    from tests.tiny import tiny_config
     cfg = tiny_config(folder, "unused", 2)
     cfg["joint"].update(grad="onestep", solver="triangular-anderson", m=3, max_iter=10, tol=1e-4,
                         init="gaussian", kid_every=0, image_every=0, compare_every=0, **joint)

@@ -7,7 +7,6 @@ real faces data, only with a tiny UNet (ch 16, two levels, 16x16) and a handful 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 from pathlib import Path
 
@@ -23,31 +22,8 @@ from deqlit.models.unet import DDIMUNet
 
 REPO = Path(__file__).resolve().parent.parent
 FACES_YAML = REPO / "configs" / "faces.yaml"
-RES = 16
-SAMPLE_COUNT = 4
 
-# The shrunken faces config, as the dotted overrides a user would type (values are YAML text).
-# norm_groups 8 divides both channel counts (16, 32); log_every_n_steps 1 so that a 4-step run logs
-# train/loss at all (run_training's default is 10); warmup_steps 1 so that the lr is not ~0.
-TINY = {
-    "model.ch": "16", "model.ch_mult": "[1, 2]", "model.num_res_blocks": "1",
-    "model.attn_resolutions": "[]", "model.norm_groups": "8", "model.resolution": str(RES),
-    "data.resolution": str(RES),
-    "train.steps_per_epoch": "3", "train.checkpoint_every": "2", "train.sample_every": "3",
-    "train.sample_timesteps": "5", "train.sample_count": str(SAMPLE_COUNT),
-    "train.warmup_steps": "1", "train.log_every_n_steps": "1",
-}
-
-
-def _load_train_script():
-    """train.py is a script at the repo root, not part of the package: import it by path."""
-    spec = importlib.util.spec_from_file_location("deqlit_train_script", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _load_train_script()
+from tests.tiny import RES, SAMPLE_COUNT, TINY, train_script  # noqa: E402  (the shrunken faces config)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,5 @@
-"""A tiny end-to-end setup for command tests: a folder of 8x8 PNGs, a small checkpoint, a config."""
+"""The tests' shared harness: a tiny end-to-end setup (a folder of 8x8 PNGs, a small checkpoint, a
+config), train.py's and the joint run's tiny configs, an in-process script runner, StopAfter."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from tests.conftest import perturbed_unet
@@ -78,3 +80,59 @@ def error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+# ---- train.py's tiny run (tests/test_train.py, test_curves.py) ----
+RES = 16
+SAMPLE_COUNT = 4
+# The shrunken faces config, as the dotted overrides a user would type (values are YAML text).
+# norm_groups 8 divides both channel counts (16, 32); log_every_n_steps 1 so that a 4-step run logs
+# train/loss at all (run_training's default is 10); warmup_steps 1 so that the lr is not ~0.
+TINY = {
+    "model.ch": "16", "model.ch_mult": "[1, 2]", "model.num_res_blocks": "1",
+    "model.attn_resolutions": "[]", "model.norm_groups": "8", "model.resolution": str(RES),
+    "data.resolution": str(RES),
+    "train.steps_per_epoch": "3", "train.checkpoint_every": "2", "train.sample_every": "3",
+    "train.sample_timesteps": "5", "train.sample_count": str(SAMPLE_COUNT),
+    "train.warmup_steps": "1", "train.log_every_n_steps": "1",
+}
+
+
+train_script = load_script("train.py", "deqlit_train_script")
+
+
+# ---- the joint run's tiny config (test_joint, test_joint_streaming, test_sharded_joint, test_curves) ----
+TINY_MODEL = dict(ch=8, out_ch=1, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0,
+                  in_channels=1, resolution=8, resamp_with_conv=True, norm_groups=2)
+
+
+def tiny_config(tmp_path, out: str, max_steps: int) -> dict:
+    ckpt = tmp_path / "tiny.pt"
+    if not ckpt.exists():
+        torch.save(perturbed_unet(seed=3, scale=0.1, dtype=torch.float32).state_dict(), ckpt)
+    return {"data": {"name": "faces", "resolution": 8, "channels": 1, "root": "data"},
+            "model": dict(TINY_MODEL), "diffusion": {"beta_schedule": "linear", "num_diffusion_timesteps": 1000},
+            "checkpoint": {"path": str(ckpt), "ema": True},
+            "joint": {"split": "test", "num_images": 4, "batch_size": 2, "prior_batch_size": 4,
+                      "timesteps": 3, "grad": "ift", "adjoint": {"solver": "sweep"}, "solver": "picard",
+                      "max_iter": 3, "tol": 0.0, "init": "ddim-inversion", "latent_lr": 0.05,
+                      "network_lr": 1e-3, "ema_decay": 0.9, "checkpoint_every": 1, "image_every": 1,
+                      "compare_every": 2, "kid_every": 2, "kid_samples": 8, "out": str(tmp_path / out)},
+            "trainer": {"max_steps": max_steps, "enable_progress_bar": False, "accelerator": "cpu"}}
+
+
+# ---- inversion ----
+class StopAfter(Callback):
+    """Ctrl-C after `steps` optimization steps (Lightning then calls on_exception)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_predict_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        original = module.log_step
+
+        def log_and_stop(inverter, loss):
+            original(inverter, loss)
+            if module.steps_done >= self.steps:
+                raise KeyboardInterrupt
+        module.log_step = log_and_stop
