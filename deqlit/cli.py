@@ -16,12 +16,15 @@ from deqlit.config import apply_overrides, find_config, load_config, set_path
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None, flag_to_key: dict[str, str],
-          default_data: str = "faces", task: str | None = None) -> tuple[argparse.Namespace, dict]:
+          default_data: str = "faces", task: str | None = None,
+          adjust: Any = None) -> tuple[argparse.Namespace, dict]:
     """Parse named flags, load the config, apply `--section.key value` overrides, and resolve it.
 
     `flag_to_key` maps an argparse dest (e.g. 'lr') to its config key (e.g. 'inversion.lr'); a flag
     left at None does not override the YAML. `task` picks the job's Trainer defaults
-    (deqlit.runs.sections.TASK_TRAINER). --print_config prints the resolved config and exits 0.
+    (deqlit.runs.sections.TASK_TRAINER). `adjust(cfg, args, argv)`, a command's own defaults that
+    depend on what was passed (invert.py's restoration tasks), runs before --print_config, which
+    prints the resolved config and exits 0; its returned line (or None) is args.note.
     Returns (args, resolved config).
     """
     from deqlit.runs.sections import print_config, resolve
@@ -56,6 +59,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, flag_to_key: 
         if value is not None:
             set_path(cfg, key, value)
     cfg = resolve(cfg, task)
+    args.note = adjust(cfg, args, list(argv or [])) if adjust is not None else None
     if args.print_config:
         print(print_config(cfg), end="")
         raise SystemExit(0)

@@ -109,3 +109,14 @@ def test_the_grid_of_a_restoration_shows_the_degraded_input_and_the_restored_ima
     assert float(shown_hole.std()) == 0.0                   # the mean fill: the hole shows flat
     part.pop("task")                                         # a reconstruction's batch result
     assert grid_inputs(part, part["metrics"], "deq", 4).get("columns", COLUMNS) == COLUMNS
+
+
+def test_print_config_shows_the_method_and_start_a_restoration_runs(tmp_path, capsys):
+    """--print_config prints what the run would use: deq from DDIM inversion, not the config's exact."""
+    from deqlit.commands.invert import main
+    config = tiny_setup(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(config), "--task", "inpaint", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert stop.value.code == 0
+    assert (printed["inversion"]["method"], printed["inversion"]["init"]) == ("deq", "ddim-inversion")

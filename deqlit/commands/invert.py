@@ -122,10 +122,9 @@ def restoration_summary(metrics: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, cfg = parse(build_parser(), argv, FLAGS)
-    note = restoration_defaults(cfg, args, argv)
-    if note and not launched_worker():
-        print(note)
+    args, cfg = parse(build_parser(), argv, FLAGS, adjust=restoration_defaults)
+    if args.note and not launched_worker():
+        print(args.note)
     metrics, out = run_inversion(cfg, resume=args.resume, progress=not args.no_progress)
     if not metrics:          # a process other than rank 0 of a multi-process run
         return metrics
