@@ -164,6 +164,26 @@ def load_parts(folder: Path) -> list[dict[str, Any]]:
     return sorted(parts, key=lambda p: int(p["indices"][0]))
 
 
+# Per-image tensors of a part file: dim 0 is the image, except the injected noise (T, N, ...).
+ROW_KEYS = ("x_T", "indices", "reconstructions", "targets", "initial", "observed_shown", "restored",
+            "unknown")
+
+
+def join_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Part files' payloads as one, its images in index order: every per-image tensor that all
+    parts hold (ROW_KEYS; noise along dim 1), the first part's chain, settings and task."""
+    order = torch.cat([p["indices"] for p in parts]).argsort()
+    merged: dict[str, Any] = {"chain": parts[0]["chain"], "settings": parts[0].get("settings"),
+                              "noise": None, **{key: None for key in ROW_KEYS[:5]}}
+    task = parts[0].get("task", "reconstruct")
+    if task != "reconstruct":     # what the restoration saw and made (see BatchInverter.result)
+        merged.update(task=task, **{key: None for key in ROW_KEYS[5:]})
+    for key, dim in [*((k, 0) for k in ROW_KEYS), ("noise", 1)]:
+        if all(p.get(key) is not None for p in parts):
+            merged[key] = torch.cat([p[key] for p in parts], dim=dim).index_select(dim, order)
+    return merged
+
+
 def merge_outputs(out: Path, method: str, T: int, merge_limit: int) -> dict[str, Any]:
     """metrics.json (always), latents.pt + grid.png + curves.png (runs of <= merge_limit
     images) from the part files. Returns the metrics dict."""
@@ -181,19 +201,7 @@ def merge_outputs(out: Path, method: str, T: int, merge_limit: int) -> dict[str,
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if not parts or len(images) > merge_limit:
         return metrics
-    order = torch.cat([p["indices"] for p in parts]).argsort()
-
-    def cat(key: str, dim: int = 0) -> Optional[torch.Tensor]:
-        if parts[0][key] is None:
-            return None
-        return torch.cat([p[key] for p in parts], dim=dim).index_select(dim, order)
-    merged = {"x_T": cat("x_T"), "noise": cat("noise", dim=1), "indices": cat("indices"),
-              "targets": cat("targets"), "reconstructions": cat("reconstructions"),
-              "initial": cat("initial"), "chain": parts[0]["chain"], "settings": parts[0]["settings"]}
-    task = parts[0].get("task", "reconstruct")
-    if task != "reconstruct":     # what the restoration saw and made (see BatchInverter.result)
-        merged.update(task=task, observed_shown=cat("observed_shown"), restored=cat("restored"),
-                      unknown=cat("unknown"))
+    merged = join_parts(parts)
     atomic_torch_save(merged, out / "latents.pt")
     save_inversion_picture(out / "grid.png", **grid_inputs(merged, images, method, T))
     evals = [(m["exact_solve_network_evals"], m["psnr"]) for m in images

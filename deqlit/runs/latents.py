@@ -18,9 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from deqlit.lit.inversion_outputs import PART_GLOB, read_result
-
-ROW_KEYS = ("x_T", "indices", "reconstructions", "targets", "initial")   # dim 0 is the image
+from deqlit.lit.inversion_outputs import PART_GLOB, ROW_KEYS, join_parts, read_result
 
 
 def read_latents(path: str | Path, limit: Optional[int] = None) -> dict[str, Any]:
@@ -77,16 +75,5 @@ def _from_parts(parts: list[Path], limit: Optional[int]) -> dict[str, Any]:
         count += len(data["indices"])
         if limit is not None and count >= limit:
             break
-    merged: dict[str, Any] = {"chain": pieces[0]["chain"], "settings": pieces[0].get("settings")}
-    for key in ROW_KEYS:
-        if all(p.get(key) is not None for p in pieces):
-            merged[key] = torch.cat([p[key] for p in pieces])
-    noise = [p.get("noise") for p in pieces]
-    merged["noise"] = torch.cat(noise, dim=1) if all(n is not None for n in noise) else None
-    order = merged["indices"].argsort()
-    for key in ROW_KEYS:
-        if key in merged:
-            merged[key] = merged[key].index_select(0, order)
-    if merged["noise"] is not None:
-        merged["noise"] = merged["noise"].index_select(1, order)
+    merged = join_parts(pieces)
     return first_rows(merged, limit)
