@@ -87,7 +87,8 @@ RES = 16
 SAMPLE_COUNT = 4
 # The shrunken faces config, as the dotted overrides a user would type (values are YAML text).
 # norm_groups 8 divides both channel counts (16, 32); log_every_n_steps 1 so that a 4-step run logs
-# train/loss at all (run_training's default is 10); warmup_steps 1 so that the lr is not ~0.
+# train/loss at every step (null would log every max(1, 4 // 10) = 1 step too, but the tests
+# must not depend on that rule); warmup_steps 1 so that the lr is not ~0.
 TINY = {
     "model.ch": "16", "model.ch_mult": "[1, 2]", "model.num_res_blocks": "1",
     "model.attn_resolutions": "[]", "model.norm_groups": "8", "model.resolution": str(RES),
