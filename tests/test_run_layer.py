@@ -153,9 +153,14 @@ def sample_x0(out: Path, *extra: str, launcher: tuple[str, ...] = ("python",)) -
 
 
 @pytest.mark.slow
-def test_sample_on_two_time_shards_started_by_trainer_devices_equals_one_process(tmp_path):
-    # float64: the two solves then take the same iterations, and only the order of the sums differs
-    one = sample_x0(tmp_path / "one", "--trainer.precision", "64-true")
+def test_sample_on_two_time_shards_started_by_trainer_devices_equals_one_process(tmp_path, capsys):
+    # float64: the two solves then take the same iterations, and only the order of the sums differs;
+    # the one-process run in this process (a second interpreter start would double the test's time)
+    code, _, err = run("sample", ["--timesteps", "11", "--num-images", "2", "--no-progress",
+                                  "--trainer.accelerator", "cpu", "--out", str(tmp_path / "one"),
+                                  "--trainer.precision", "64-true"], capsys)
+    assert code == 0, err
+    one = torch.load(tmp_path / "one" / "samples.pt", weights_only=True)["x0"]
     two = sample_x0(tmp_path / "two", "--trainer.precision", "64-true", "--trainer.devices", "2",
                     "--trainer.strategy", "ddp_time", "--parallel.time_shards", "2", "--compare-sequential")
     assert one.shape == two.shape == (2, 1, 32, 32)
