@@ -32,7 +32,7 @@ class DiffusionTrainModule(L.LightningModule):
                  weight_decay: float = 0.0, warmup_steps: int = 200,
                  ema_decay: float = 0.999, hflip: bool = True, sample_every: int = 1000,
                  sample_count: int = 16, sample_timesteps: int = 50,
-                 sample_solver: str = "triangular-anderson",
+                 sample_solver: str = "newton-scan",
                  seed: int = 0):
         super().__init__()
         self.save_hyperparameters()

@@ -74,7 +74,7 @@ class Sampling:
     timesteps: int = 25
     skip: str = "uniform"
     eta: float = 0.0
-    solver: str = "triangular-anderson"
+    solver: str = "newton-scan"
     max_iter: int = 100
     tol: float = 0.001
     max_batch: Optional[int] = 64
