@@ -120,3 +120,15 @@ def test_print_config_shows_the_method_and_start_a_restoration_runs(tmp_path, ca
     printed = yaml.safe_load(capsys.readouterr().out)
     assert stop.value.code == 0
     assert (printed["inversion"]["method"], printed["inversion"]["init"]) == ("deq", "ddim-inversion")
+
+
+def test_a_restoration_takes_few_steps_unless_asked(tmp_path, capsys):
+    """More steps fit the known pixels and degrade the hole: without --max-steps a restoration runs
+    RESTORATION_STEPS, said in its line; --max-steps and --inversion.max_steps are kept."""
+    from deqlit.commands.invert import RESTORATION_STEPS, main
+    for extra, steps in (([], RESTORATION_STEPS), (["--max-steps", "7"], 7),
+                         (["--inversion.max_steps", "8"], 8)):      # faces.yaml: max_steps 25
+        with pytest.raises(SystemExit):
+            main(["--task", "inpaint", "--print_config", *extra])
+        printed = capsys.readouterr().out
+        assert yaml.safe_load(printed)["inversion"]["max_steps"] == steps, extra
