@@ -258,3 +258,18 @@ def test_train_py_joint_under_torchrun_and_lightnings_launcher_equals_one_proces
             assert record["changed"]["trainer.devices"] == {"saved": 1, "now": 2}
         import json
         assert json.loads((tmp_path / name / "metrics.json").read_text())["steps"] == 2
+
+
+def test_ifts_sweep_adjoint_becomes_the_exact_plain_iteration_on_time_shards(capsys):
+    """faces.yaml's adjoint 'sweep' goes row by row; on time shards the run takes plain iteration
+    to tol 0 with freezing (the same exact adjoint) and says so once; one process keeps the sweep,
+    and so does onestep (which has no adjoint)."""
+    from deqlit.runs.joint import time_shardable_adjoint
+    for shards, grad, expected in ((2, "ift", {"solver": "picard", "tol": 0.0, "freeze": True}),
+                                   (1, "ift", {"solver": "sweep"}), (2, "onestep", {"solver": "sweep"})):
+        joint = {"grad": grad, "adjoint": {"solver": "sweep"}}
+        cfg = {"joint": dict(joint)}
+        time_shardable_adjoint(cfg, joint, shards)
+        assert joint["adjoint"] == cfg["joint"]["adjoint"] == expected, (shards, grad)
+        printed = capsys.readouterr().out
+        assert (printed.count("\n") == 1 and "--joint.adjoint" in printed) == (expected["solver"] == "picard")

@@ -40,7 +40,7 @@ from deqlit.deq.degradations import frobenius_loss
 from deqlit.diffusion.gaussianity import kurtosis, lag1_autocorrelation, typicality_chi2
 from deqlit.lit.joint_module import JointFineTuneModule
 from deqlit.lit.checkpoints import ExportEMA, SaveLast
-from deqlit.runs.launch import Launch, on_rank_zero_of, prepare_launch, world_of
+from deqlit.runs.launch import Launch, launched_worker, on_rank_zero_of, prepare_launch, world_of
 from deqlit.runs.resume import check_resume, record_resume, resume_checkpoint
 from deqlit.runs.sections import module_arguments, resolve
 from deqlit.runs.trainer import build_trainer
@@ -213,6 +213,24 @@ def build_joint(cfg: dict, ckpt: Optional[str] = None, resume: bool = False,
     return module, datamodule
 
 
+def time_shardable_adjoint(cfg: dict[str, Any], joint: dict[str, Any], shards: int) -> None:
+    """ift's adjoint 'sweep' (faces.yaml's, for a CPU) solves the rows one after another and cannot
+    be split over time shards; the default adjoint (plain iteration, tol 0, freezing) solves the same
+    triangular system exactly in T calls that each evaluate all shards at once. Switch to it, and say
+    so on the first process, where time shards run a sweep."""
+    adjoint = joint.get("adjoint") or {}
+    if shards <= 1 or joint.get("grad") != "ift" or adjoint.get("solver") != "sweep":
+        return
+    exact = {"solver": "picard", "tol": 0.0, "freeze": True}
+    joint["adjoint"] = dict(exact)
+    cfg["joint"]["adjoint"] = dict(exact)
+    if not launched_worker():
+        print(f"--parallel.time_shards {shards}: ift's adjoint runs as plain iteration to tol 0 with "
+              f"freezing (the same exact adjoint in T calls over all shards; 'sweep' goes row by row "
+              f"and cannot be split); --joint.adjoint '{{solver: picard, tol: 0.0, freeze: true}}' "
+              f"says so explicitly", flush=True)
+
+
 def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = False,
               ckpt: Optional[str] = None) -> JointFineTuneModule:
     """Fine-tune as the config says: its Trainer is the trainer section's (runs.trainer), launched
@@ -223,6 +241,7 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
     ckpt_dir = out / "checkpoints"
     launch = prepare_launch(cfg)
     check_launch(launch, joint)
+    time_shardable_adjoint(cfg, joint, launch.shards)
     ckpt_path = resume_checkpoint(resume, ckpt_dir) if resume else None
 
     def check_folder() -> Optional[dict[str, Any]]:
