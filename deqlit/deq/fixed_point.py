@@ -115,6 +115,7 @@ class FixedPointMap:
         self._d = self.chain.d[self.q0:self.q1].to(device=device, dtype=dtype)
         self._timesteps = self.chain.timestep_tensor(device)[self.q0:self.q1]    # time of x_{q+1}
         self._eps = torch.zeros((self.q_states - self.q0,) + tuple(x_T.shape), dtype=dtype, device=device)
+        self._eps_seen: Optional[torch.Tensor] = None     # the last call's eps, with or without gradient
         self._eps_top = None
         if self.block.is_last:
             self._eps_top = batched_eps(self.model, x_T[None], self._timesteps[-1:], self.max_batch)[0]
@@ -133,10 +134,12 @@ class FixedPointMap:
         return self.chain.abar.double().sqrt()[rows], c[rows], False
 
     def row_eps(self) -> torch.Tensor:
-        """cached_eps aligned with the block's rows (rows, B, ...): zero for x_0, which makes no term."""
+        """The last call's eps aligned with the block's rows (rows, B, ...), detached, with or
+        without gradient: zero for x_0, which makes no term."""
+        eps = self._eps if self._eps_seen is None else self._eps_seen
         if self.block.start > 0:
-            return self._eps
-        return torch.cat([torch.zeros_like(self._eps[:1]), self._eps])
+            return eps
+        return torch.cat([torch.zeros_like(eps[:1]), eps])
 
     def top_eps(self) -> Optional[torch.Tensor]:
         """eps(x_T) (B, C, H, W) on the last block (with a graph when x_T requires grad), else None."""
@@ -179,6 +182,9 @@ class FixedPointMap:
         eps_own = torch.cat(parts)
         if not torch.is_grad_enabled():
             self._eps[lo - self.q0:hi - self.q0] = fresh
+        # newton-scan's secant reads the eps this call saw; the cache above stays as it was under
+        # gradient (its frozen rows must not carry a graph), so keep a detached view of the call's.
+        self._eps_seen = eps_own[:self._eps.shape[0]].detach()
         return self.states_from_eps(eps_own)
 
     def states_from_eps(self, eps_own: torch.Tensor) -> torch.Tensor:
