@@ -24,9 +24,10 @@ ABAR = alphas_cumprod(linear_betas())
 T = 11                                   # divisible by neither 2 nor 4
 SOLVERS = ["picard", "anderson", "triangular-anderson"]
 CASES = [(s, eta, freeze) for s in SOLVERS for eta in (0.0, 0.5) for freeze in (False, True)]
-STALL_S, STALL_TIMEOUT_S = 8.0, 3.0
+STALL_S, STALL_TIMEOUT_S = 6.0, 3.0
 TOL = 1e-2          # loose enough that some solves stop on it (and freeze rows) before T
-WORLD4_CASES = [c for c in CASES if c[2] == (c[1] > 0)]   # each solver, eta 0 and 0.5, both freeze modes
+# 4 processes on the tests' 2 cores: one case a solver, eta 0 and 0.5 and both freeze modes among them
+WORLD4_CASES = [("picard", 0.0, False), ("anderson", 0.5, True), ("triangular-anderson", 0.5, True)]
 
 
 def inputs(eta: float, batch: int = 2):
@@ -365,7 +366,7 @@ def test_sample_py_under_torchrun_with_ddp_time_equals_one_process(tmp_path):
 @pytest.mark.slow
 def test_a_silent_process_makes_the_others_stop_after_the_timeout(tmp_path):
     """A peer that is alive but never joins the collective: the others raise once the process
-    group's timeout passes (here 3 s, while the peer stays silent for 8 s), they do not hang."""
+    group's timeout passes (here 3 s, while the peer stays silent for 6 s), they do not hang."""
     results = launch(2, "stall", tmp_path, wait_s=120.0)
     assert "error" in results[0] and "timed out" in results[0]["error"].lower(), results[0]
     assert "error" not in results[1]
