@@ -69,7 +69,9 @@ def shrunk(command: str, tmp: Path, runs: dict[str, Path]) -> tuple[str, list[st
         argv[argv.index("--pairs") + 1] = "0:1"
         extra[extra.index("--num-images") + 1] = "2"
     if "--task" in argv and "joint" in argv:
-        extra = ["--max-steps", "1", "--joint.num_images", "1", "--joint.timesteps", "3"]
+        extra = ["--max-steps", "1", "--joint.num_images", "1", "--joint.timesteps", "3",
+                 "--joint.kid_every", "0", "--joint.compare_every", "0", "--joint.image_every", "0",
+                 "--joint.reference_images", "2", "--joint.prior_batch_size", "2"]
     if "--resume" in argv:
         out = runs[script]
         if script == "train.py":
