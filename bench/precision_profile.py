@@ -2,7 +2,7 @@
 and backward on the rows one joint step evaluates, in float32 and in float64, profiled per
 operator with torch.profiler.
 
-    OMP_NUM_THREADS=1 python bench/precision_profile.py            # rows 40 (T = 10 x batch 4)
+    OMP_NUM_THREADS=1 python bench/precision_profile.py            # 48 rows: 40 chain + 8 prior
 
 A joint step (faces.yaml: T = 10, batch 4, prior batch 8) calls the network on T x 4 chain rows
 and on the 8 prior images, forward and backward. This script times exactly that work, a few

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from deqlit.config import find_config, load_config
 from deqlit.data.registry import load_images
@@ -36,6 +35,7 @@ from deqlit.deq.inversion import BatchInverter, InversionSettings
 from deqlit.deq.solvers import options_from
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.gaussianity import lag1_autocorrelation
+from deqlit.lit.inversion_outputs import masked_psnr
 from deqlit.models.build import build_noise_model
 from deqlit.pictures import labelled_grid, save_picture
 
@@ -44,15 +44,10 @@ TASKS = {"inpaint": dict(task="inpaint", mask="center"), "super-resolution": dic
 
 
 def psnr_on(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor | None = None) -> list[float]:
-    """PSNR per image (data range 2) over all pixels or the pixels of `where` (B, 1, H, W)."""
-    out = []
-    for k in range(len(a)):
-        x, y = a[k].clamp(-1, 1).double(), b[k].double()
-        if where is not None:
-            mask = where[k].expand_as(x)
-            x, y = x[mask], y[mask]
-        out.append(float(peak_signal_noise_ratio(x, y, data_range=2.0)))
-    return out
+    """PSNR per image (data range 2) of a (clamped to [-1, 1]) against b, over all pixels or the
+    pixels of `where` (B, 1, H, W): invert.py's own score (lit/inversion_outputs.masked_psnr)."""
+    return [masked_psnr(a[k:k + 1].clamp(-1, 1).double(), b[k:k + 1].double(),
+                        None if where is None else where[k:k + 1]) for k in range(len(a))]
 
 
 def run_method(model, chain, faces, settings: InversionSettings, steps: int | None,

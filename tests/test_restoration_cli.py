@@ -124,7 +124,7 @@ def test_print_config_shows_the_method_and_start_a_restoration_runs(tmp_path, ca
 
 def test_a_restoration_takes_few_steps_unless_asked(tmp_path, capsys):
     """More steps fit the known pixels and degrade the hole: without --max-steps a restoration runs
-    RESTORATION_STEPS, said in its line; --max-steps and --inversion.max_steps are kept."""
+    RESTORATION_STEPS (as --print_config shows); --max-steps and --inversion.max_steps are kept."""
     from deqlit.commands.invert import RESTORATION_STEPS, main
     for extra, steps in (([], RESTORATION_STEPS), (["--max-steps", "7"], 7),
                          (["--inversion.max_steps", "8"], 8)):      # faces.yaml: max_steps 25

@@ -175,6 +175,15 @@ def check_task(task: str, mask: str, factor: int, fill: str = "mean") -> None:
         raise ValueError(f"super-resolution needs an integer --factor >= 2, got {factor!r}")
 
 
+def check_factor_divides(factor: int, height: int, width: int) -> None:
+    """Super-resolution pools factor x factor blocks: raise ValueError, naming factors that fit,
+    unless the factor divides both sides of the images."""
+    if height % factor or width % factor:
+        fits = [f for f in range(2, min(height, width) + 1) if height % f == 0 and width % f == 0][:4]
+        raise ValueError(f"--factor {factor} does not divide the {height}x{width} images (data.resolution): "
+                         f"use a factor that divides both, e.g. --factor {' or '.join(map(str, fits))}")
+
+
 def make_degradation(task: str, mask: str, factor: int, images: torch.Tensor, indices: Sequence[int],
                      seed: int, fill: str = "mean") -> Degradation:
     """The degradation of a batch of images (B, C, H, W) with dataset indices `indices`."""
@@ -192,8 +201,6 @@ def make_degradation(task: str, mask: str, factor: int, images: torch.Tensor, in
             masks = file_mask(mask, height, width).expand(len(indices), 1, height, width)
         return Degradation(mask=masks.to(images.device, images.dtype).contiguous(), fill=fill)
     if task == "super-resolution":
-        if height % factor or width % factor:
-            raise ValueError(f"--factor {factor} does not divide the {height}x{width} images: use a "
-                             f"factor that divides {height}")
+        check_factor_divides(factor, height, width)
         return Degradation(factor=factor)
     return Degradation()

@@ -82,9 +82,9 @@ def per_image_metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
 def masked_psnr(x: torch.Tensor, target: torch.Tensor, where: Optional[torch.Tensor]) -> float:
     """PSNR (dB, data range 2: images in [-1, 1]) of x (1, C, H, W) on the pixels `where`
     (1, 1, H, W) bool, all channels of each; the whole image when `where` is None."""
-    error = (x - target).pow(2)
-    mse = error.mean() if where is None else error[where.expand_as(error)].mean()
-    return float(10 * torch.log10(4.0 / mse.clamp(min=1e-20)))
+    if where is not None:
+        x, target = x[where.expand_as(x)], target[where.expand_as(target)]
+    return float(peak_signal_noise_ratio(x, target, data_range=2.0))
 
 
 def masked_ssim(x: torch.Tensor, target: torch.Tensor, where: Optional[torch.Tensor]) -> float:

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from deqlit.config import save_config
+from deqlit.deq.degradations import check_factor_divides
 from deqlit.deq.inversion import InversionSettings
 from deqlit.deq.solvers import options_from
 from deqlit.diffusion.chain import Chain
@@ -64,13 +65,9 @@ def check_counts(inv: dict[str, Any]) -> None:
 
 
 def check_factor(settings: InversionSettings, resolution: int) -> None:
-    """Super-resolution pools factor x factor blocks: the factor must divide the image size (checked
-    here, before the output folder is touched, rather than at the first batch)."""
-    if settings.task == "super-resolution" and resolution % settings.factor:
-        fits = [f for f in range(2, resolution + 1) if resolution % f == 0][:4]
-        raise ValueError(f"--factor {settings.factor} does not divide the {resolution}x{resolution} "
-                         f"images (data.resolution): use a factor that divides {resolution}, e.g. "
-                         f"--factor {' or '.join(map(str, fits))}")
+    """Checked here, before the output folder is touched, rather than at the first batch."""
+    if settings.task == "super-resolution":
+        check_factor_divides(settings.factor, resolution, resolution)
 
 
 def check_inputs(cfg: dict, ckpt: Optional[str] = None) -> None:
@@ -178,12 +175,12 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
     check_counts(inv)
     check_factor(settings, data["resolution"])
     chain = Chain.build(schedule_from_config(cfg["diffusion"]), inv["timesteps"], inv["skip"], inv["eta"])
-    # torchrun / srun: the world is joined once the inputs are checked, so that rank 0's checks
-    # and its list of finished images reach every process before any of them starts.
     # A method that cannot run on time shards is refused before the count of processes is read:
     # no number of processes would run it.
     settings = check_time_shardable(settings, time_shards_of(cfg["trainer"], cfg["parallel"]),
                                     quiet=launched_worker())
+    # torchrun / srun: the world is joined once the inputs are checked, so that rank 0's checks
+    # and its list of finished images reach every process before any of them starts.
     launch = prepare_launch(cfg, join=False)
     check_inputs(cfg)
     # The network is read before anything is written: a refused or mismatched checkpoint leaves

@@ -213,7 +213,7 @@ def build_joint(cfg: dict, ckpt: Optional[str] = None, resume: bool = False,
     return module, datamodule
 
 
-def time_shardable_adjoint(cfg: dict[str, Any], joint: dict[str, Any], shards: int) -> None:
+def time_shardable_adjoint(joint: dict[str, Any], shards: int) -> None:
     """ift's adjoint 'sweep' (faces.yaml's, for a CPU) solves the rows one after another and cannot
     be split over time shards; the default adjoint (plain iteration, tol 0, freezing) solves the same
     triangular system exactly in T calls that each evaluate all shards at once. Switch to it, and say
@@ -221,9 +221,7 @@ def time_shardable_adjoint(cfg: dict[str, Any], joint: dict[str, Any], shards: i
     adjoint = joint.get("adjoint") or {}
     if shards <= 1 or joint.get("grad") != "ift" or adjoint.get("solver") != "sweep":
         return
-    exact = {"solver": "picard", "tol": 0.0, "freeze": True}
-    joint["adjoint"] = dict(exact)
-    cfg["joint"]["adjoint"] = dict(exact)
+    joint["adjoint"] = {"solver": "picard", "tol": 0.0, "freeze": True}   # cfg["joint"]: config.yaml records what ran
     if not launched_worker():
         print(f"--parallel.time_shards {shards}: ift's adjoint runs as plain iteration to tol 0 with "
               f"freezing (the same exact adjoint in T calls over all shards; 'sweep' goes row by row "
@@ -241,7 +239,7 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
     ckpt_dir = out / "checkpoints"
     launch = prepare_launch(cfg)
     check_launch(launch, joint)
-    time_shardable_adjoint(cfg, joint, launch.shards)
+    time_shardable_adjoint(joint, launch.shards)
     ckpt_path = resume_checkpoint(resume, ckpt_dir) if resume else None
 
     def check_folder() -> Optional[dict[str, Any]]:
