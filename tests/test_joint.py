@@ -252,12 +252,23 @@ def test_a_cpu_time_budget_stops_the_run_and_is_recorded(tmp_path, capsys):
     assert f"PSNR {metrics['ema']['psnr_mean']:.1f} dB mean" in last
 
 
-def test_a_config_without_a_joint_section_is_refused(tmp_path):
-    from deqlit.guards import UserInputError
+def test_a_config_without_a_joint_section_takes_the_one_home_of_its_defaults(tmp_path):
+    """Since the typed sections, a config without a joint section is not refused (as it was): it
+    resolves to the defaults of JointRun and of JointFineTuneModule's signature, like an empty one.
+    (This test used to expect a refusal and passed only where an earlier runs/joint made the run
+    stop on its output folder.)"""
+    import dataclasses
+    import inspect
+    from deqlit.runs.sections import JointRun, resolve
     cfg = tiny_config(tmp_path, "x", 1)
     del cfg["joint"]
-    with pytest.raises(UserInputError, match="joint"):
-        run_joint(cfg)
+    resolved = resolve(cfg, "joint")["joint"]
+    assert resolved == resolve({**cfg, "joint": {}}, "joint")["joint"]
+    for field in dataclasses.fields(JointRun):
+        assert resolved[field.name] == field.default, field.name
+    module_defaults = inspect.signature(JointFineTuneModule).parameters
+    for key in ("grad", "solver", "latent_lr", "network_lr", "tau"):
+        assert resolved[key] == module_defaults[key].default, key
 
 
 @pytest.mark.parametrize("grad,network_lr", [("ift", 1e-5), ("onestep", 1e-5), ("onestep", 0.0)])
