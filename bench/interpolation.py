@@ -8,7 +8,9 @@ For each set of latents and each path (slerp, lerp), every pair of the 16 latent
 joined and its midpoint (t = 0.5) decoded through the saved chain (deqlit.commands.interpolate,
 the core of sample.py --interpolate). Reported: fd-random of the midpoints to the training faces
 divided by the fd-random of as many fresh samples of the same network (several seeds of fresh
-samples, to show the spread), and the Gaussianity of the midpoint latents (lag-1 autocorrelation,
+samples, to show the spread) and by the fd-random of the control: midpoints of 16 white-noise
+latents paired the same way (pairwise midpoints share endpoints, a less varied set that fd-random
+scores worse whatever the latents), and the Gaussianity of the midpoint latents (lag-1 autocorrelation,
 kurtosis, Shapiro-Wilk rejection rate, largest 8x8 patch correlation) beside the endpoints'.
 Target (issue 21): joint latents' midpoints within 10% of fresh samples' fd-random.
 
@@ -95,22 +97,30 @@ def main() -> None:
             latents = torch.stack([interpolate(x_T[i], x_T[j], 3, method)[1] for i, j in pairs])
             images = decode(model, latents, chain, "sequential", {})
             # Fresh samples of several seeds: the spread of fresh samples' own fd-random.
-            scores = [midpoint_distances(model, images, chain, cfg, seed) for seed in args.fresh_seeds]
+            scores = [midpoint_distances(model, images, chain, cfg, seed, pairs, method) for seed in args.fresh_seeds]
             fresh = [s["fresh_fd_random"] for s in scores]
+            control = [s["fresh_midpoints_fd_random"] for s in scores]
             mid = scores[0]["midpoints_fd_random"]
             ratios = [mid / f for f in fresh]
+            control_ratios = [mid / c for c in control]
             inner = latent_stats(latents)
             entry = {"midpoints_fd_random": mid, "fresh_fd_random": fresh, "ratio_to_fresh": ratios,
                      "ratio_to_fresh_mean": sum(ratios) / len(ratios), "num_midpoints": len(latents),
+                     "fresh_midpoints_fd_random": control, "ratio_to_fresh_midpoints": control_ratios,
+                     "ratio_to_fresh_midpoints_mean": sum(control_ratios) / len(control_ratios),
+                     "control_over_fresh_mean": sum(c / f for c, f in zip(control, fresh)) / len(fresh),
                      "num_reference": scores[0].get("num_reference"), "midpoint_latents": inner,
                      "seconds": time.perf_counter() - begin}
             summary[name][method] = entry
             rows.append({"latents": name, "method": method, "midpoints_fd_random": mid,
                          "fresh_fd_random_mean": sum(fresh) / len(fresh), "ratio_to_fresh": entry["ratio_to_fresh_mean"],
+                         "ratio_to_white_midpoints": entry["ratio_to_fresh_midpoints_mean"],
+                         "white_midpoints_over_fresh": entry["control_over_fresh_mean"],
                          **{f"midpoint_{k}": v for k, v in inner.items()},
                          **{f"endpoint_{k}": v for k, v in endpoints.items()}})
             print(f"{name} {method}: midpoints fd-random {mid:.4g} = {entry['ratio_to_fresh_mean']:.3f}x fresh "
-                  f"samples' ({', '.join(f'{f:.4g}' for f in fresh)}); midpoint latents: lag-1 "
+                  f"samples' ({', '.join(f'{f:.4g}' for f in fresh)}), {entry['ratio_to_fresh_midpoints_mean']:.3f}x "
+                  f"white latents' midpoints ({', '.join(f'{c:.4g}' for c in control)}); midpoint latents: lag-1 "
                   f"{inner['lag1_autocorrelation_mean']:.3f}, kurtosis {inner['kurtosis_mean']:.2f}, Shapiro "
                   f"rejection {inner['shapiro_rejection_rate']:.2f} (endpoints "
                   f"{endpoints['lag1_autocorrelation_mean']:.3f}, {endpoints['kurtosis_mean']:.2f}, "
@@ -122,7 +132,9 @@ def main() -> None:
     joint_slerp = summary["joint"]["slerp"]["ratio_to_fresh_mean"]
     summary["target"] = {"joint_slerp_within_10pct_of_fresh": abs(joint_slerp - 1) <= 0.10,
                          "joint_slerp_ratio": joint_slerp,
-                         "exact_slerp_ratio": summary["exact"]["slerp"]["ratio_to_fresh_mean"]}
+                         "exact_slerp_ratio": summary["exact"]["slerp"]["ratio_to_fresh_mean"],
+                         "joint_slerp_ratio_to_white_midpoints": summary["joint"]["slerp"]["ratio_to_fresh_midpoints_mean"],
+                         "exact_slerp_ratio_to_white_midpoints": summary["exact"]["slerp"]["ratio_to_fresh_midpoints_mean"]}
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "interpolation.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -74,6 +74,30 @@ def test_white_noise_passes_and_correlated_or_heavy_tailed_latents_fail():
 
 
 # ---- the command's core (commands/interpolate.py) -------------------------------------------------
+def test_the_control_midpoints_follow_the_pairing_and_white_latents_score_as_their_control():
+    """The control of fd-random: midpoints of white-noise latents paired like the real ones. Pairs
+    (0, 1) and (1, 0) share their midpoint (slerp is symmetric at t = 0.5), and latents that are
+    themselves the control's white noise score exactly 1 against it."""
+    from deqlit.commands.interpolate import decode, midpoint_distances, pairwise_midpoints
+    from deqlit.diffusion.chain import Chain
+    from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
+    from tests.conftest import perturbed_unet
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    mids = pairwise_midpoints(z, [(0, 1), (1, 0), (0, 2)], "slerp")
+    assert torch.allclose(mids[0], mids[1], atol=1e-6) and not torch.allclose(mids[0], mids[2])
+    model = perturbed_unet(dtype=torch.float32)
+    chain = Chain.build(alphas_cumprod(linear_betas()), 3)
+    pairs, seed = [(0, 1), (1, 2), (0, 2)], 5
+    gen = torch.Generator().manual_seed(seed)             # the control's draws, in its order
+    torch.randn(len(pairs), 1, 8, 8, generator=gen)        # the fresh samples' latents come first
+    white = torch.randn(3, 1, 8, 8, generator=gen)
+    cfg = {"data": {"name": "faces", "root": "data"}}
+    images = decode(model, pairwise_midpoints(white, pairs, "slerp"), chain, "sequential", {})
+    report = midpoint_distances(model, images, chain, cfg, seed, pairs, "slerp")
+    assert report["ratio_to_fresh_midpoints"] == pytest.approx(1.0)
+    assert report["ratio_to_fresh"] != pytest.approx(1.0)
+
+
 def test_interpolation_run_writes_strips_and_figures(tmp_path):
     from PIL import Image
     from deqlit.commands.interpolate import run_interpolation
@@ -93,6 +117,8 @@ def test_interpolation_run_writes_strips_and_figures(tmp_path):
     mid = report["midpoints"]
     assert mid["num_midpoints"] == 2 and mid["ratio_to_fresh"] == pytest.approx(
         mid["midpoints_fd_random"] / mid["fresh_fd_random"])
+    assert mid["ratio_to_fresh_midpoints"] == pytest.approx(
+        mid["midpoints_fd_random"] / mid["fresh_midpoints_fd_random"])
     assert json.loads((tmp_path / "metrics.json").read_text())["method"] == "slerp"
     with pytest.raises(ValueError, match="eta = 0.5"):
         run_interpolation(model, cfg, {"x_T": x_T, "chain": chain.with_eta(0.5).to_dict()}, "0:1", 3,

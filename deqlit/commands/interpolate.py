@@ -6,7 +6,7 @@ saved with the latents (for a joint fine-tuning run, with its fine-tuned weights
 written as a strip PNG per pair whose endpoints are the reconstructions. metrics.json reports the
 Gaussianity of every interpolated latent (lag-1 autocorrelation, kurtosis, Shapiro-Wilk, the
 patch correlation) and fd-random of the midpoints (t = 0.5) to the training images, beside the
-fd-random of as many fresh samples.
+fd-random of as many fresh samples and of the midpoints of white-noise latents paired the same way.
 """
 from __future__ import annotations
 
@@ -38,16 +38,33 @@ def decode(model, x_T: torch.Tensor, chain: Chain, solver: str, options: dict[st
     return torch.cat([generate(model, chunk, chain, solver, **options)[0] for chunk in x_T.split(16)])
 
 
-def midpoint_distances(model, midpoints: torch.Tensor, chain: Chain, cfg: dict, seed: int) -> dict[str, Any]:
-    """fd-random of the decoded midpoints and of as many fresh samples, to the training images."""
+def pairwise_midpoints(latents: torch.Tensor, pairs: list[tuple[int, int]], method: str) -> torch.Tensor:
+    """The t = 0.5 latent of every pair (i, j) of rows of latents (N, C, H, W) -> (len(pairs), C, H, W)."""
+    return torch.stack([interpolate(latents[i], latents[j], 3, method)[1] for i, j in pairs])
+
+
+def midpoint_distances(model, midpoints: torch.Tensor, chain: Chain, cfg: dict, seed: int,
+                       pairs: list[tuple[int, int]], method: str) -> dict[str, Any]:
+    """fd-random to the training images of the decoded midpoints (one per pair), of as many fresh
+    samples, and of the control: the midpoints of fresh latents paired the same way.
+
+    The control matters: midpoints of N latents taken pairwise share their endpoints, so they vary
+    less than as many independent samples, and fd-random scores such a set worse even when every
+    latent is white noise (measured on the shipped faces model, 120 pairs of 16 white latents: 1.32x
+    fresh samples). ratio_to_fresh_midpoints is 1 for latents as typical as white noise.
+    """
     from deqlit.evaluation import DatasetMetrics
     if len(midpoints) < 2:
         return {"note": "fd-random needs at least 2 midpoints: pass more --pairs"}
     metrics = DatasetMetrics.from_config("fd-random", cfg, model)
-    fresh_x_T = torch.randn(midpoints.shape, generator=torch.Generator().manual_seed(seed)).to(midpoints)
+    gen = torch.Generator().manual_seed(seed)
+    fresh_x_T = torch.randn(midpoints.shape, generator=gen).to(midpoints)
     fresh = decode(model, fresh_x_T, chain, "sequential", {})
-    mid, new = metrics(midpoints)["fd-random"], metrics(fresh)["fd-random"]
+    white_ends = torch.randn((1 + max(max(p) for p in pairs),) + midpoints.shape[1:], generator=gen).to(midpoints)
+    control = decode(model, pairwise_midpoints(white_ends, pairs, method), chain, "sequential", {})
+    mid, new, ctrl = (metrics(images)["fd-random"] for images in (midpoints, fresh, control))
     return {"midpoints_fd_random": mid, "fresh_fd_random": new, "ratio_to_fresh": mid / new,
+            "fresh_midpoints_fd_random": ctrl, "ratio_to_fresh_midpoints": mid / ctrl,
             "num_midpoints": len(midpoints), **metrics.reference}
 
 
@@ -88,6 +105,6 @@ def run_interpolation(model, cfg: dict, saved: dict[str, Any], pairs_text: str, 
                                   "kurtosis_mean": float(kurtosis(inner).mean()),
                                   "shapiro_rejection_rate": inner_stats["shapiro_rejection_rate"],
                                   "patch_correlation_max": max(inner_stats["patch_correlation"])}
-    report["midpoints"] = midpoint_distances(model, torch.stack(midpoints), chain, cfg, seed)
+    report["midpoints"] = midpoint_distances(model, torch.stack(midpoints), chain, cfg, seed, pairs, method)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     return report

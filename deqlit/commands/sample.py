@@ -229,7 +229,8 @@ def interpolate_main(args: argparse.Namespace, cfg: dict, device, dtype, mesh) -
     report["checkpoint"] = str(ckpt_path)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     mid = report.get("midpoints", {})
-    ratio = f"; midpoints' fd-random {mid['ratio_to_fresh']:.2f}x fresh samples'" if "ratio_to_fresh" in mid else ""
+    ratio = (f"; midpoints' fd-random {mid['ratio_to_fresh']:.2f}x fresh samples', "
+             f"{mid['ratio_to_fresh_midpoints']:.2f}x white-noise latents' midpoints") if "ratio_to_fresh" in mid else ""
     inner = report.get("interpolated", {})
     white = (f"; interpolated latents: lag-1 autocorrelation <= {inner['lag1_autocorrelation_max']:.3f}, "
              f"Shapiro-Wilk rejection rate {inner['shapiro_rejection_rate']:.2f}") if inner else ""
