@@ -4,10 +4,14 @@ forked from one forkserver that has imported torch, Lightning and deqlit once fo
 a spawned process imports them itself (1.5 s; 4.5 s with Lightning, on 2 busy cores several times
 that), and a 4-process world paid it four times per start. The forkserver is a single-threaded
 interpreter of its own that never computes: what a test process inherits is those imports, no thread
-pool and no process group of the pytest process."""
+pool and no process group of the pytest process. Command: a script's command (torchrun, Lightning's
+launcher) started in the background while the test computes its one-process reference."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import time
 import traceback
 from datetime import timedelta
@@ -81,3 +85,39 @@ def launch(world: int, job: str, out_dir: Path, target: Callable, wait_s: float 
     return results
 
 
+
+
+class Command:
+    """A command started now, in the background, and judged later: a test starts its multi-process
+    command first and computes its one-process reference in the meantime (on one thread), so that
+    the command's interpreter starts (several seconds each, mostly on one core) overlap that work.
+    Its output goes to files (a pipe nobody reads while the test computes could fill and stall it);
+    it runs in a session of its own, so that a failing test kills it and whatever it started
+    (torchrun's and Lightning's processes). Use as a context manager; .result() waits for it."""
+
+    def __init__(self, argv: list[str], folder: Path, name: str, timeout_s: float = 400, **popen):
+        self.argv, self.timeout_s = argv, timeout_s
+        self.out, self.err = folder / f"{name}.stdout", folder / f"{name}.stderr"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True, start_new_session=True,
+                                         **popen)
+
+    def result(self) -> subprocess.CompletedProcess:
+        """Wait (at most timeout_s, counted from now) and return what subprocess.run would."""
+        try:
+            self.proc.wait(self.timeout_s)
+        finally:
+            self.kill()
+        return subprocess.CompletedProcess(self.argv, self.proc.returncode, self.out.read_text(),
+                                           self.err.read_text())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> "Command":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()

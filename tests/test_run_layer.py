@@ -140,30 +140,26 @@ def test_joint_run_takes_max_steps_and_precision_from_the_trainer_section(tmp_pa
     assert (out / "resumes.yaml").is_file()
 
 
-def sample_x0(out: Path, *extra: str, launcher: tuple[str, ...] = ("python",)) -> torch.Tensor:
-    """x_0 of `sample.py` (T = 11, 2 images) started by `launcher`, read from its samples.pt."""
-    cmd = [*launcher, "sample.py", "--timesteps", "11", "--num-images", "2", "--no-progress",
-           "--trainer.accelerator", "cpu", "--out", str(out), *extra]
-    if launcher[0] == "python":
-        cmd[0] = sys.executable
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    return torch.load(out / "samples.pt", weights_only=True)["x0"]
-
-
 @pytest.mark.slow
-def test_sample_on_two_time_shards_started_by_trainer_devices_equals_one_process(tmp_path, capsys):
-    # float64: the two solves then take the same iterations, and only the order of the sums differs;
-    # the one-process run in this process (a second interpreter start would double the test's time)
-    code, _, err = run("sample", ["--timesteps", "11", "--num-images", "2", "--no-progress",
-                                  "--trainer.accelerator", "cpu", "--out", str(tmp_path / "one"),
-                                  "--trainer.precision", "64-true"], capsys)
-    assert code == 0, err
+def test_sample_on_two_time_shards_started_by_trainer_devices_equals_one_process(tmp_path, capsys, one_thread):
+    # float64: the two solves then take the same iterations (T = 7: blocks of 4 and 3 rows, and the
+    # solve stops on tol after 6 < T iterations), and only the order of the sums differs. The
+    # command starts first: its two interpreter starts (Lightning's launcher starts the second)
+    # overlap the one-process run, in this process on one thread.
+    from tests.processes import Command
+    common = ["--timesteps", "7", "--num-images", "2", "--no-progress", "--trainer.accelerator", "cpu",
+              "--trainer.precision", "64-true"]
+    with Command([sys.executable, "sample.py", *common, "--out", str(tmp_path / "two"), "--trainer.devices", "2",
+                  "--trainer.strategy", "ddp_time", "--parallel.time_shards", "2", "--compare-sequential"],
+                 tmp_path, "two", timeout_s=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}) as command:
+        code, _, err = run("sample", common + ["--out", str(tmp_path / "one")], capsys)
+        assert code == 0, err
+        done = command.result()
+    assert done.returncode == 0, done.stderr[-2000:]
     one = torch.load(tmp_path / "one" / "samples.pt", weights_only=True)["x0"]
-    two = sample_x0(tmp_path / "two", "--trainer.precision", "64-true", "--trainer.devices", "2",
-                    "--trainer.strategy", "ddp_time", "--parallel.time_shards", "2", "--compare-sequential")
+    two = torch.load(tmp_path / "two" / "samples.pt", weights_only=True)["x0"]
     assert one.shape == two.shape == (2, 1, 32, 32)
     assert torch.allclose(one, two, rtol=0, atol=1e-9), (one - two).abs().max()
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["iterations"] < 7                    # stopped on tol, on both shards at once
     assert metrics["x0_rmse_vs_sequential"] < 1e-2      # and the DEQ's x_0 is the sequential chain's
