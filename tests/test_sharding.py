@@ -337,10 +337,11 @@ def test_ddp_time_strategy_splits_data_over_replicas_and_sums_gradients_over_tim
 
 
 @pytest.mark.slow
-def test_sample_py_under_torchrun_with_ddp_time_equals_one_process(tmp_path):
+def test_sample_py_under_torchrun_with_ddp_time_equals_one_process(tmp_path, one_thread):
     """`torchrun --standalone --nproc_per_node 2 sample.py --trainer.strategy ddp_time
-    --parallel.time_shards 2` writes the samples that one process writes (float64, eta 0.5)."""
-    import subprocess
+    --parallel.time_shards 2` writes the samples that one process writes (float64, eta 0.5). The
+    command starts first, and the one-process run (in this process, on one thread) overlaps its
+    interpreter starts."""
     import sys
     from deqlit.commands.sample import main
     from tests.conftest import REPO
@@ -350,12 +351,13 @@ def test_sample_py_under_torchrun_with_ddp_time_equals_one_process(tmp_path):
     common = ["--config", str(config), "--timesteps", "5", "--num-images", "3", "--eta", "0.5",
               "--solver", "triangular-anderson", "--tol", "1e-8", "--trainer.precision", "64-true",
               "--no-progress"]
-    main(common + ["--out", str(tmp_path / "one")])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(REPO / "sample.py"), *common, "--out", str(tmp_path / "two"),
-                          "--trainer.strategy", "ddp_time", "--parallel.time_shards", "2"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    with processes.Command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(REPO / "sample.py"), *common, "--out", str(tmp_path / "two"),
+                            "--trainer.strategy", "ddp_time", "--parallel.time_shards", "2"],
+                           tmp_path, "torchrun", timeout_s=300, cwd=REPO, env=env) as command:
+        main(common + ["--out", str(tmp_path / "one")])
+        run = command.result()
     assert run.returncode == 0, run.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "samples.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / "samples.pt", weights_only=True)
