@@ -6,8 +6,9 @@ tests run invert.py under torchrun."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,33 +257,61 @@ def test_one_joint_fine_tuning_step_on_time_shards_equals_one_process(sharded, w
 
 
 # ---- invert.py under torchrun ------------------------------------------------------------------
-def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+def torchrun(folder: Path, name: str, *args: str):
+    """`torchrun --standalone --nproc_per_node 2 invert.py ARGS`, started (tests.processes.Command)."""
+    from tests.processes import Command
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), str(REPO / "invert.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=400)
+    return Command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(REPO / "invert.py"), *args], folder, name, cwd=REPO, env=env)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The tiny config (the gradient method, 5 images in batches of 2, 3 steps, float64) and its
-    uninterrupted one-process latents."""
-    from tests.tiny import tiny_setup
+    """The tiny config (the gradient method, 5 images in batches of 2, 3 steps, float64), its
+    uninterrupted one-process latents, and the torchrun commands of the two tests below, each
+    started as soon as its input exists: a fresh run on 2 time shards ("two"; it starts first, and
+    the one-process runs overlap its interpreter starts, on one thread) and the resume of a run
+    interrupted on one process ("resumed"; with what the interrupted run left, for the test to
+    judge). The two commands run at the same time and the tests wait for them."""
+    from deqlit.cli import parse
+    from deqlit.commands.invert import build_parser, main
+    from deqlit.runs.inversion import run_inversion
+    from tests.tiny import StopAfter, tiny_setup
     folder = tmp_path_factory.mktemp("tiny")
     config = tiny_setup(folder)
     common = ["--config", str(config), "--no-progress", "--trainer.precision", "64-true"]
-    from deqlit.commands.invert import main
-    main(common + ["--out", str(folder / "one")])
-    return common, torch.load(folder / "one" / "latents.pt", weights_only=True), folder
+    sharding = ["--trainer.strategy", "ddp_time", "--parallel.time_shards", "2"]
+    threads = torch.get_num_threads()
+    with ExitStack() as started:
+        commands = {"two": started.enter_context(torchrun(folder, "two", *common, "--out", str(folder / "two"),
+                                                          *sharding))}
+        torch.set_num_threads(1)
+        try:
+            main(common + ["--out", str(folder / "one")])
+            # Interrupted in the second batch: a part file and a partial state with all T warm-start rows.
+            out = folder / "resumed"
+            _, cfg = parse(build_parser(), common + ["--out", str(out)], {"out": "inversion.out"})
+            try:
+                run_inversion(cfg, progress=False, callbacks=[StopAfter(5)])
+                interrupted = False
+            except BaseException:
+                interrupted = True
+        finally:
+            torch.set_num_threads(threads)
+        partials = list((out / "latents").glob("partial-*.pt"))
+        left = dict(interrupted=interrupted, parts=len(list((out / "latents").glob("part-*.pt"))),
+                    partial=torch.load(partials[0], weights_only=True) if partials else None)
+        commands["resumed"] = started.enter_context(torchrun(folder, "resumed", *common, "--out", str(out),
+                                                             "--resume", *sharding))
+        yield common, torch.load(folder / "one" / "latents.pt", weights_only=True), folder, commands, left
 
 
 @pytest.mark.slow
 def test_invert_py_under_torchrun_with_two_time_shards_equals_one_process(tiny_run):
     """`torchrun --standalone --nproc_per_node 2 invert.py --trainer.strategy ddp_time
     --parallel.time_shards 2`: the latents of one process; one process per replica writes."""
-    common, one, folder = tiny_run
-    run = torchrun(2, *common, "--out", str(folder / "two"), "--trainer.strategy", "ddp_time",
-                   "--parallel.time_shards", "2")
+    common, one, folder, commands, _ = tiny_run
+    run = commands["two"].result()
     assert run.returncode == 0, run.stderr[-3000:]
     two = torch.load(folder / "two" / "latents.pt", weights_only=True)
     assert two["indices"].tolist() == one["indices"].tolist() == [0, 1, 2, 3, 4]
@@ -295,22 +324,14 @@ def test_invert_py_under_torchrun_with_two_time_shards_equals_one_process(tiny_r
 def test_a_run_interrupted_on_one_process_resumes_on_two_time_shards(tiny_run):
     """Interrupted in the second batch (a part file and a partial state with all T warm-start
     rows), resumed by torchrun with 2 time shards: the latents of the uninterrupted run."""
-    from deqlit.cli import parse
-    from deqlit.commands.invert import build_parser
-    from deqlit.runs.inversion import run_inversion
-    from tests.tiny import StopAfter
-    common, one, folder = tiny_run
-    out = folder / "resumed"
-    _, cfg = parse(build_parser(), common + ["--out", str(out)], {"out": "inversion.out"})
-    with pytest.raises(BaseException):
-        run_inversion(cfg, progress=False, callbacks=[StopAfter(5)])
-    assert len(list((out / "latents").glob("part-*.pt"))) == 1
-    partial = torch.load(next((out / "latents").glob("partial-*.pt")), weights_only=True)
+    common, one, folder, commands, left = tiny_run
+    assert left["interrupted"] and left["parts"] == 1          # as the fixture found them, before the resume
+    partial = left["partial"]
+    assert partial is not None, "no partial-*.pt state"
     assert partial["indices"] == [2, 3] and partial["warm"].shape[0] == 4      # T rows
-    run = torchrun(2, *common, "--out", str(out), "--resume", "--trainer.strategy", "ddp_time",
-                   "--parallel.time_shards", "2")
+    run = commands["resumed"].result()
     assert run.returncode == 0, run.stderr[-3000:]
-    resumed = torch.load(out / "latents.pt", weights_only=True)
+    resumed = torch.load(folder / "resumed" / "latents.pt", weights_only=True)
     assert resumed["indices"].tolist() == [0, 1, 2, 3, 4]
     assert close(resumed["x_T"], one["x_T"])
 
@@ -342,18 +363,22 @@ def test_exact_per_step_becomes_all_timesteps_over_time_shards_and_the_baseline_
 
 
 @pytest.mark.slow
-def test_invert_py_default_exact_per_step_on_two_time_shards_equals_all_timesteps_on_one(tmp_path):
+def test_invert_py_default_exact_per_step_on_two_time_shards_equals_all_timesteps_on_one(tmp_path, one_thread):
     """`python invert.py --trainer.devices 2 --trainer.strategy ddp_time --parallel.time_shards 2`
     with faces.yaml's exact per-step (the shipped model; 2 faces; Lightning starts the processes)
-    gives the latents of one process run over all timesteps with triangular Anderson."""
+    gives the latents of one process run over all timesteps with triangular Anderson. The command
+    starts first, and the one-process run (in this process, on one thread) overlaps its
+    interpreter starts."""
     from deqlit.commands.invert import main
+    from tests.processes import Command
     common = ["--no-progress", "--inversion.num_images", "2", "--inversion.batch_size", "2"]
-    main(common + ["--out", str(tmp_path / "one"), "--inversion.exact.mode", "all-timesteps",
-                   "--inversion.exact.solver", "triangular-anderson", "--inversion.exact.max_iter", "50"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, str(REPO / "invert.py"), *common, "--out", str(tmp_path / "two"),
-                          "--trainer.devices", "2", "--trainer.strategy", "ddp_time", "--parallel.time_shards", "2"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    with Command([sys.executable, str(REPO / "invert.py"), *common, "--out", str(tmp_path / "two"),
+                  "--trainer.devices", "2", "--trainer.strategy", "ddp_time", "--parallel.time_shards", "2"],
+                 tmp_path, "two", cwd=REPO, env=env) as command:
+        main(common + ["--out", str(tmp_path / "one"), "--inversion.exact.mode", "all-timesteps",
+                       "--inversion.exact.solver", "triangular-anderson", "--inversion.exact.max_iter", "50"])
+        run = command.result()
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("solving the same fixed point over all timesteps") == 1   # rank 0 only
     one = torch.load(tmp_path / "one" / "latents.pt", weights_only=True)
