@@ -6,10 +6,10 @@ train.py --task joint under torchrun and under Lightning's own launcher."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 import traceback
+from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
 
@@ -214,29 +214,37 @@ def test_train_py_refuses_before_writing_anything(tmp_path, flags, match):
 
 
 # ---- the commands ------------------------------------------------------------------------------
-def command(launcher: list[str], *args: str) -> subprocess.CompletedProcess:
+def command(folder: Path, name: str, launcher: list[str], *args: str):
+    """`python [LAUNCHER] train.py --task joint ARGS`, started (tests.processes.Command)."""
+    from tests.processes import Command
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *launcher, str(REPO / "train.py"), "--task", "joint", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    return Command([sys.executable, *launcher, str(REPO / "train.py"), "--task", "joint", *args], folder, name,
+                   cwd=REPO, env=env)
 
 
 @pytest.mark.slow
-def test_train_py_joint_under_torchrun_and_lightnings_launcher_equals_one_process(tmp_path):
+def test_train_py_joint_under_torchrun_and_lightnings_launcher_equals_one_process(tmp_path, one_thread):
     """`torchrun --standalone --nproc_per_node 2 train.py --task joint --trainer.strategy ddp_time
     --parallel.time_shards 2`, and a run of one process resumed by `python train.py --task joint
     --trainer.devices 2 ...` (Lightning starts the processes): the EMA weights and latents of one
-    uninterrupted process (float32: a few 1e-5 after Adam's sign-like first steps), one writer."""
+    uninterrupted process (float32: a few 1e-5 after Adam's sign-like first steps), one writer.
+    Each command starts as soon as its input exists (torchrun first), and they and the one-process
+    runs (in this process, on one thread) overlap each other's interpreter starts."""
     config = tiny_joint_config(tmp_path)
     common = ["--config", str(config)]
     sharding = ["--trainer.strategy", "ddp_time", "--parallel.time_shards", "2"]
     from tests.tiny import load_script
     train_py = load_script("train.py", "train_script")       # one process: in this one
-    train_py.main(["--task", "joint", *common, "--out", str(tmp_path / "one")])
-    train_py.main(["--task", "joint", *common, "--out", str(tmp_path / "lightning"), "--max-steps", "1"])
-    runs = {"torchrun": command(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-                                *common, "--out", str(tmp_path / "torchrun"), *sharding),
-            "lightning": command([], *common, "--out", str(tmp_path / "lightning"), "--resume",
-                                 "--trainer.devices", "2", *sharding)}
+    with ExitStack() as started:
+        torchrun = started.enter_context(command(tmp_path, "torchrun", ["-m", "torch.distributed.run", "--standalone",
+                                                                        "--nproc_per_node", "2"],
+                                                 *common, "--out", str(tmp_path / "torchrun"), *sharding))
+        train_py.main(["--task", "joint", *common, "--out", str(tmp_path / "lightning"), "--max-steps", "1"])
+        lightning = started.enter_context(command(tmp_path, "lightning", [], *common, "--out",
+                                                  str(tmp_path / "lightning"), "--resume", "--trainer.devices", "2",
+                                                  *sharding))
+        train_py.main(["--task", "joint", *common, "--out", str(tmp_path / "one")])
+        runs = {"torchrun": torchrun.result(), "lightning": lightning.result()}
     for name, run in runs.items():
         assert run.returncode == 0, (name, run.stderr[-3000:])
     assert "Restored all states from the checkpoint" in runs["lightning"].stdout + runs["lightning"].stderr
