@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -50,8 +50,9 @@ def main_of(script: str):
     return main
 
 
-def shrunk(command: str, tmp: Path, runs: dict[str, Path]) -> tuple[str, list[str]]:
-    """(script, argv) with the shrinking flags, an --out in tmp, and paths of earlier runs."""
+def shrunk(command: str, tmp: Path, runs: dict[str, Path], index: int) -> tuple[str, list[str]]:
+    """(script, argv) of the index-th command with the shrinking flags, an --out in tmp (tmp/run{index}
+    unless it resumes an earlier run), and paths of earlier runs."""
     words = shlex.split(command)[1:]
     script, argv = words[0], words[1:]
     earlier = {"runs/invert-faces/latents.pt": runs.get("invert.py", Path()) / "latents.pt",
@@ -77,23 +78,41 @@ def shrunk(command: str, tmp: Path, runs: dict[str, Path]) -> tuple[str, list[st
         if script == "train.py":
             extra[extra.index("--max-steps") + 1] = "2"      # train on past the saved step
     else:
-        out = tmp / f"run{len(runs) + len(list(tmp.iterdir()))}"
+        out = tmp / f"run{index}"
     runs.setdefault(script, out)
     return script, argv + extra + ["--out", str(out)]
 
 
 @pytest.mark.slow
-def test_every_readme_command_runs_shrunk(tmp_path, monkeypatch, capsys):
+def test_every_readme_command_runs_shrunk(tmp_path, monkeypatch, capsys, one_thread):
+    """The commands of several processes start first, as subprocesses (Lightning re-runs the
+    script); the others run in this process, on one thread, while they do, in the README's order
+    (a command may use an earlier one's run)."""
+    from tests.processes import Command
     monkeypatch.chdir(tmp_path)                     # data/ and runs/ of the defaults live here
     runs: dict[str, Path] = {}
     work = tmp_path / "outs"
     work.mkdir()
-    for command in readme_commands():
-        script, argv = shrunk(command, work, runs)
-        if "--trainer.devices" in argv:          # several processes: Lightning re-runs the script
-            done = subprocess.run([sys.executable, str(REPO / script), *argv], capture_output=True,
-                                  text=True, timeout=900,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    planned = [(command, *shrunk(command, work, runs, index)) for index, command in enumerate(readme_commands())]
+    with ExitStack() as started:
+        several = {index: started.enter_context(Command(
+                       [sys.executable, str(REPO / script), *argv], tmp_path, f"command{index}", timeout_s=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}))
+                   for index, (_, script, argv) in enumerate(planned) if "--trainer.devices" in argv}
+        for index, (command, script, argv) in enumerate(planned):
+            if index in several:
+                continue
+            with pytest.raises(SystemExit) as stop:
+                run_main(main_of(script), argv, script=script)
+                raise SystemExit(0)
+            err = capsys.readouterr().err
+            if any(name in command for name in NEEDS_FILES) or "digits" in command and script != "train.py":
+                assert stop.value.code == 2 and ("never downloads" in err or "not found" in err), (command, err)
+            else:
+                assert stop.value.code == 0, (command, err[-2000:])
+        for index, process in several.items():
+            command, script, argv = planned[index]
+            done = process.result()
             assert done.returncode == 0, (command, done.stderr[-2000:])
             if script == "invert.py" and "ddp" in argv:    # data-parallel: the latents of one process
                 out = Path(argv[argv.index("--out") + 1])
@@ -103,12 +122,4 @@ def test_every_readme_command_runs_shrunk(tmp_path, monkeypatch, capsys):
                 # float32: one image per process convolves in other batch sizes than two in one
                 # process (~1e-7), and the exact solve's stopping on tol can carry that to ~1e-5
                 assert (one["x_T"] - two["x_T"]).abs().max() <= 1e-4
-            continue
-        with pytest.raises(SystemExit) as stop:
-            run_main(main_of(script), argv, script=script)
-            raise SystemExit(0)
-        err = capsys.readouterr().err
-        if any(name in command for name in NEEDS_FILES) or "digits" in command and script != "train.py":
-            assert stop.value.code == 2 and ("never downloads" in err or "not found" in err), (command, err)
-        else:
-            assert stop.value.code == 0, (command, err[-2000:])
+    assert several, "no README command of several processes"
