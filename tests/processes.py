@@ -46,8 +46,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# What the forkserver imports once (modules only: nothing that runs a tensor op, so nothing it forks
-# has started a thread pool); the test modules themselves are imported in each process (cheap).
+# What the forkserver imports once (it stays single-threaded after them: nothing it forks inherits
+# a thread pool); the test modules themselves are imported in each process (cheap after these).
 PRELOAD = ["torch", "torch.distributed", "lightning", "deqlit.lit.joint_module", "deqlit.lit.time_strategy",
            "deqlit.parallel.mesh", "deqlit.parallel.distributed", "deqlit.deq.layer", "deqlit.deq.inversion",
            "deqlit.sampling", "deqlit.cli"]
