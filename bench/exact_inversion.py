@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import time
 from pathlib import Path
+
+from bench_csv import write_csv
 from typing import Callable, Optional
 
 import torch
@@ -187,14 +188,6 @@ def read_rows(path: Path) -> list[dict]:
                  for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
-def write_rows(rows: list[dict], path: Path) -> None:
-    """Write through a temporary file, so that an interrupted run never leaves a truncated CSV."""
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def gradient_methods(steps: list[int], only_T: list[int]) -> Callable:
@@ -287,7 +280,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         faces = load_images("faces", "test", 32, 1, limit=n)
         new = run_T(model, abar, faces, T, job_plan, args.max_batch)
         rows += new
-        write_rows(rows, out)          # after every T: a run stopped later keeps these rows
+        write_csv(rows, out, FIELDS)          # after every T: a run stopped later keeps these rows
         print_table(new)
         plot(rows, out.with_suffix(".png"))
     return rows

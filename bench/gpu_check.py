@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import sys
 import time
 from pathlib import Path
+
+from bench_csv import write_csv
 from typing import Callable
 
 import torch
@@ -140,12 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     rows = run_checks(device, args.tiny, args.train_steps)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.out}")
+    print(f"wrote {write_csv(rows, args.out)}")
     return rows
 
 

@@ -20,10 +20,11 @@ Writes bench/results/gpu_table1.csv (or --out) and prints a table in the paper's
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import time
 from pathlib import Path
+
+from bench_csv import write_csv
 from typing import Callable
 
 import torch
@@ -172,12 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    out = write_csv(rows, args.out, FIELDS)
     print_table(rows)
     print(f"\nwrote {out}")
     return rows

@@ -20,12 +20,13 @@ each set of latents, the same pair).
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import tempfile
 import time
 from pathlib import Path
+
+from bench_csv import write_csv
 
 import torch
 from PIL import Image, ImageDraw
@@ -135,11 +136,7 @@ def main() -> None:
                          "exact_slerp_ratio": summary["exact"]["slerp"]["ratio_to_fresh_mean"],
                          "joint_slerp_ratio_to_white_midpoints": summary["joint"]["slerp"]["ratio_to_fresh_midpoints_mean"],
                          "exact_slerp_ratio_to_white_midpoints": summary["exact"]["slerp"]["ratio_to_fresh_midpoints_mean"]}
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "interpolation.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, RESULTS / "interpolation.csv")
     (RESULTS / "interpolation.json").write_text(json.dumps(summary, indent=2))
     # Exact above joint: the same pair, the same frames.
     width = max(s.width for s in strips.values())

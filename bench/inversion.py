@@ -17,7 +17,6 @@ Writes bench/results/inversion.csv, inversion_loss_vs_time.png and inversion_mem
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import subprocess
@@ -25,6 +24,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
+from bench_csv import write_csv
 
 from deqlit.config import find_config, load_config
 from deqlit.data.registry import load_images
@@ -154,10 +155,7 @@ def main() -> None:
         print(f"T={T}: equal time budget {budget:.1f}s: baseline/DEQ min loss = {ratio:.2f}"
               f"{'  (target >= 20 at T = 100: ' + ('PASS' if ratio >= 20 else 'FAIL') + ')' if T == 100 else ''}")
     if rows:
-        with open(RESULTS / "inversion.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, RESULTS / "inversion.csv")
         plot(curves)
     memory = []
     for T in args.memory_timesteps:
@@ -168,10 +166,7 @@ def main() -> None:
             print(f"memory T={T:5d} {method:8s} one step grows peak RSS by {memory[-1]['step_peak_growth_mb']:8.1f} MB "
                   f"({memory[-1]['step_seconds']:.1f}s)", flush=True)
     if memory:
-        with open(RESULTS / "inversion_memory.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(memory[0]))
-            writer.writeheader()
-            writer.writerows(memory)
+        write_csv(memory, RESULTS / "inversion_memory.csv")
         for T in args.memory_timesteps:
             by = {m["method"]: m["step_peak_growth_mb"] for m in memory if m["T"] == T}
             ratio = by["deq"] / max(by["baseline"], 1e-9)

@@ -16,12 +16,13 @@ cores slow small network calls many times over.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_csv import write_csv
 
 import torch
 import torchvision
@@ -126,12 +127,7 @@ def main() -> None:
           f"{'PASS' if diff <= 1e-5 else 'FAIL'})")
     for row in rows:
         row["max_latent_diff_1_vs_2"] = diff
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "inversion_scale.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {RESULTS / 'inversion_scale.csv'}")
+    print(f"wrote {write_csv(rows, RESULTS / 'inversion_scale.csv')}")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ bench/sampling.py does, on the same seeds of x_T. Writes bench/results/newton_fl
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import warnings
 from pathlib import Path
+
+from bench_csv import write_csv
 
 import torch
 from torch.func import jvp
@@ -104,12 +105,7 @@ def main() -> None:
         sel = [r for r in rows if r["T"] == T]
         print(f"T={T}: median newton-scan {statistics.median(r['newton_scan'] for r in sel)}, "
               f"exact Newton {statistics.median(r['exact_newton'] for r in sel)}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.out}")
+    print(f"wrote {write_csv(rows, args.out)}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ ms float64, ratio) and prints the whole-step ratio.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
+
+from bench_csv import write_csv
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -71,12 +72,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{r['operator'][:42]:42s} {r['ms_float32']:10.1f} {r['ms_float64']:10.1f} "
               f"{r['ratio']:6.1f} {100 * r['ms_float64'] / total64:6.1f}%")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["operator", "ms_float32", "ms_float64", "ratio"])
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out}")
+    print(f"wrote {write_csv(rows, out, ['operator', 'ms_float32', 'ms_float64', 'ratio'])}")
     return rows
 
 

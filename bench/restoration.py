@@ -21,10 +21,11 @@ Writes bench/results/NAME.csv (per face), NAME.json (medians, steps, CPU seconds
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
+
+from bench_csv import write_csv
 
 import torch
 
@@ -156,12 +157,7 @@ def main() -> None:
               + ", ".join(f"{name} {v:.2f} dB" for name, v in med.items())
               + f"; steps {steps}, CPU s " + ", ".join(f"{n} {v:.0f}" for n, v in seconds.items())
               + f"; DEQ - baseline {summary[task]['deq_minus_baseline_db']:+.2f} dB", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / f"{args.name}.csv", "w", newline="") as fh:
-        fields = list(dict.fromkeys(k for row in rows for k in row))
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, RESULTS / f"{args.name}.csv")
     (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=2))
     grid = labelled_grid([tiles for _, tiles, _ in pictures],
                          column_labels=["target", "degraded", "no model", "DEQ", "baseline"],

@@ -22,6 +22,8 @@ import csv
 import time
 from pathlib import Path
 
+from bench_csv import write_csv
+
 import torch
 
 from deqlit.config import find_config, load_config
@@ -184,10 +186,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = [r for r in old if (int(r["T"]), r["solver"]) not in ran] + rows
         order = ["sequential"] + list(SOLVER_OPTIONS)
         rows.sort(key=lambda r: (int(r["T"]), order.index(r["solver"]), -float(r["tol"])))
-    with (out / "sample_quality.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "sample_quality.csv", FIELDS)
     plot(rows, out / "sample_quality.png")
     print(f"{RANDOM_NOTE}\nwrote {out / 'sample_quality.csv'} and {out / 'sample_quality.png'}")
     return rows

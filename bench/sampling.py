@@ -24,6 +24,8 @@ import time
 import warnings
 from pathlib import Path
 
+from bench_csv import write_csv
+
 import torch
 
 from deqlit.diffusion.chain import Chain
@@ -220,10 +222,7 @@ def write_outputs(rows: list[dict], summary: list[dict], traces: dict, out: Path
     fields = list(dict.fromkeys(k for r in rows + summary for k in r))
     (out.with_name(out.stem + "_traces.json")).write_text(
         json.dumps({f"{T}/{solver}": runs for (T, solver), runs in traces.items()}))
-    with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows + summary)
+    write_csv(rows + summary, out, fields)
     Ts = sorted({T for T, _ in traces})
     fig, axes = plt.subplots(1, len(Ts), figsize=(5 * len(Ts), 4), squeeze=False)
     for ax, T in zip(axes[0], Ts):

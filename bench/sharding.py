@@ -17,7 +17,6 @@ Figures are the worst process. The ratio sent / state compares the traffic with 
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import socket
 import statistics
@@ -26,6 +25,8 @@ import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
+
+from bench_csv import write_csv
 
 import torch
 import torch.distributed as dist
@@ -155,12 +156,7 @@ def main() -> None:
                   f"({row['state_vs_K1']:.2f} x K=1), sent {row['sent_kb_per_iter']:.1f} KB/iter "
                   f"({100 * row['sent_vs_chain_state']:.3f}% of the chain state), "
                   f"{row['seconds_per_iter']:.3f} s/iter", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "sharding.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {RESULTS / 'sharding.csv'}")
+    print(f"wrote {write_csv(rows, RESULTS / 'sharding.csv')}")
 
 
 if __name__ == "__main__":

@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.tiny import load_script
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("bench/gpu_check.py", "gpu_check")
     rows = module.main(["--device", "cpu", "--tiny", "--train-steps", "2", "--out", str(tmp_path / "g.csv")])
     checks = [r["check"] for r in rows]
     assert any(c.startswith("sample sequential") for c in checks)

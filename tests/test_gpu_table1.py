@@ -3,21 +3,17 @@ x_0 against the sequential x_0 of the same x_T."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "gpu_table1.py"
+from tests.tiny import load_script
 
 
 @pytest.fixture(scope="module")
 def table1():
-    spec = importlib.util.spec_from_file_location("gpu_table1", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/gpu_table1.py", "gpu_table1")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,9 +65,7 @@ def test_sample_quality_reads_both_tolerances_off_one_solve():
 
     from deqlit.diffusion.chain import Chain
     from deqlit.sampling import generate
-    spec = importlib.util.spec_from_file_location("sample_quality", SCRIPT.parent / "sample_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/sample_quality.py", "sample_quality")
     model = GaussianDataNoise(seed=1)
     chain = Chain.build(model.abar, 20)
     x_T = bench.x_T_for(2, (1, 8, 8)).double()

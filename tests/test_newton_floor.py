@@ -1,22 +1,17 @@
 """bench/newton_floor.py: exact Newton on the chain (the floor of newton-scan's Jacobian model)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "newton_floor.py"
+from tests.tiny import load_script
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def floor():
-    spec = importlib.util.spec_from_file_location("newton_floor", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/newton_floor.py", "newton_floor")
 
 
 def setup(weight: float, T: int = 10):

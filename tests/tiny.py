@@ -16,8 +16,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def load_script(relative: str, name: str):
-    """Import a script of the repository (train.py, bench/*.py) as a module."""
+    """Import a script of the repository (train.py, bench/*.py) as a module. A benchmark imports its
+    siblings (bench_csv) as `python bench/X.py` would: with bench/ on sys.path."""
     import importlib.util
+    import sys
+    folder = str((REPO / relative).parent)
+    if relative.startswith("bench/") and folder not in sys.path:
+        sys.path.append(folder)
     spec = importlib.util.spec_from_file_location(name, REPO / relative)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
