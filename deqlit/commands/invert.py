@@ -9,6 +9,7 @@ from deqlit.cli import parse, positive_int
 from deqlit.config import set_path
 from deqlit.deq.degradations import FILLS, TASKS
 from deqlit.deq.inversion import INIT_ALIASES, INITS, METHODS, canonical_init
+from deqlit.deq.solvers import SOLVERS
 from deqlit.runs.inversion import run_inversion
 from deqlit.runs.launch import launched_worker
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=positive_int, dest="max_steps", help="optimization steps per image")
     p.add_argument("--init", choices=[*INITS, *INIT_ALIASES],
                    help="the start of the latents (random: the old name of gaussian)")
-    p.add_argument("--solver", choices=["picard", "anderson", "triangular-anderson", "newton-scan"])
+    p.add_argument("--solver", choices=list(SOLVERS), help="the DEQ method's forward solver")
     p.add_argument("--split", help="which split of the dataset to invert (default: test)")
     p.add_argument("--task", choices=TASKS, help="reconstruct (default) the whole image, or restore "
                    "it from part of it: inpaint (--mask) or super-resolution (--factor)")
