@@ -8,7 +8,6 @@ same as the script's); only the signal tests start a real process, since signals
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import shlex
@@ -22,9 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny import load_script
+from tests.tiny import load_script, run_train, tree_hashes
 
-from deqlit.cli import run_main
 from deqlit import guards
 from deqlit.guards import NonFiniteError
 from deqlit.runs.training import ExportEMA
@@ -44,20 +42,6 @@ train_script = load_script("train.py", "deqlit_train_script_bad")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run_train(argv: list[str], capsys) -> tuple[int, str]:
-    """(exit code, stderr) of `python train.py ARGV`, in this process."""
-    capsys.readouterr()
-    try:
-        run_main(train_script.main, argv, script="train.py")
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
-
-
-def tree_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def all_finite(path: Path) -> bool:

@@ -6,7 +6,6 @@ refused, and on-disk training data is decoded lazily.
 from __future__ import annotations
 
 import copy
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -14,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny import load_script
+from tests.tiny import load_script, run_train, tree_hashes
 import yaml
 from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 
-from deqlit.cli import run_main
 from deqlit.config import apply_overrides, load_config
 from deqlit.data import folders
 from deqlit.data.streaming import TensorImages
@@ -55,20 +53,6 @@ def tiny_cfg(out: Path, *extra: str) -> dict:
     return cfg
 
 
-def run_train(argv: list[str], capsys) -> tuple[int, str]:
-    """(exit code, stderr) of `python train.py ARGV`, in this process."""
-    capsys.readouterr()
-    try:
-        run_main(train_script.main, argv, script="train.py")
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
-
-
-def tree_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ---- 1. the trainer section reaches lightning.Trainer ------------------------------------------

@@ -2,6 +2,7 @@
 config), train.py's and the joint run's tiny configs, an in-process script runner, StopAfter."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,18 @@ def run_cli(main, argv: list[str], script: str, capsys) -> tuple[int, str, str]:
         code = stop.code if isinstance(stop.code, int) else 1
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def run_train(argv: list[str], capsys) -> tuple[int, str]:
+    """(exit code, stderr) of `python train.py ARGV`, in this process."""
+    code, _, err = run_cli(train_script.main, argv, "train.py", capsys)
+    return code, err
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file below folder, by relative path: a run folder left untouched or not."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def error_line(err: str) -> str:
