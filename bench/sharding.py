@@ -12,11 +12,13 @@ number of iterations, batch 1) and measure, per process:
               ring model (all_reduce: 2 (K-1)/K n, all_gather: (K-1) n for n bytes per process);
   seconds     median wall time per iteration (the memory scan excluded).
 Figures are the worst process. The ratio sent / state compares the traffic with the chain's state
-(T x image). Writes bench/results/sharding.csv.
+(T x image). Writes bench/results/sharding.csv (the rows of other solvers already there are kept:
+    python bench/sharding.py --solver newton-scan --timesteps 100 adds newton-scan's).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import gc
 import socket
 import statistics
@@ -156,7 +158,11 @@ def main() -> None:
                   f"({row['state_vs_K1']:.2f} x K=1), sent {row['sent_kb_per_iter']:.1f} KB/iter "
                   f"({100 * row['sent_vs_chain_state']:.3f}% of the chain state), "
                   f"{row['seconds_per_iter']:.3f} s/iter", flush=True)
-    print(f"wrote {write_csv(rows, RESULTS / 'sharding.csv')}")
+    out = RESULTS / "sharding.csv"
+    if out.exists():                     # keep the other solvers' rows: one solver per run
+        with out.open() as fh:
+            rows = [r for r in csv.DictReader(fh) if r["solver"] != args.solver] + rows
+    print(f"wrote {write_csv(rows, out)}")
 
 
 if __name__ == "__main__":
