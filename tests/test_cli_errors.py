@@ -190,6 +190,20 @@ def test_lightning_tips_are_dropped_and_other_messages_kept(caplog):
     assert messages == ["`Trainer.fit` stopped: `max_steps=2` reached."]
 
 
+def test_lightning_leafspec_deprecation_is_dropped_and_other_warnings_kept():
+    """Lightning's pytree helper makes torch's deprecated LeafSpec on every batch (torch >= 2.10):
+    the entry point drops that FutureWarning only."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_lightning_tips()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, "
+                      "TreeSpec) and treespec.is_leaf()` instead.", FutureWarning)
+        warnings.warn("some other deprecation", FutureWarning)
+    assert [str(w.message) for w in caught] == ["some other deprecation"]
+
+
 # ---- the real scripts -------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["train.py", "invert.py"])

@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,8 @@ class _DropLightningTips(logging.Filter):
 
 
 def quiet_lightning_tips() -> None:
-    """Drop Lightning's "Tip: try installing litlogger/litmodels" lines, and nothing else.
+    """Drop Lightning's "Tip: try installing litlogger/litmodels" lines and its pytree helper's
+    LeafSpec deprecation warning (torch >= 2.10), and nothing else.
 
     A logging filter on the two loggers rank_zero_info writes to, installed by the entry point
     (cli.run_main), so importing deqlit changes nobody's logging.
@@ -162,3 +164,7 @@ def quiet_lightning_tips() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLightningTips) for f in logger.filters):
             logger.addFilter(_DropLightningTips())
+    # Lightning 2.6's own pytree helper builds torch's deprecated LeafSpec on every predict /
+    # fit batch: a FutureWarning about Lightning's code that the user can do nothing about.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
