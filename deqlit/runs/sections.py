@@ -81,6 +81,7 @@ class Sampling:
     num_images: int = 16
     seed: int = 0
     out: str = "runs/sample"
+    interpolate_out: str = "runs/interpolate"   # sample.py --interpolate (+ "-lerp" with --interp lerp)
 
 
 @dataclass
