@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny import load_script, run_train, tree_hashes
+from tests.tiny import error_line, load_script, run_train, tree_hashes
 
 from deqlit import guards
 from deqlit.guards import NonFiniteError
@@ -111,6 +111,13 @@ def test_default_out_is_protected_too(tmp_path, monkeypatch, capsys):
     code, err = run_train(TINY + ["--max-steps", "2"], capsys)
     assert code == 2 and "runs/train-faces holds an earlier run (ema.pt)" in err
     assert (run / "ema.pt").read_bytes() == b"weights" and not (run / "config.yaml").exists()
+
+
+def test_missing_data_leaves_no_run_folder(tmp_path, capsys):
+    # The dataset is checked before the output folder (and its parents) are created.
+    out = tmp_path / "runs" / "train-cifar10"
+    code, err = run_train(["--data", "cifar10", "--data.root", str(tmp_path / "none"), "--out", str(out)], capsys)
+    assert code == 2 and "cifar10" in error_line(err) and not (tmp_path / "runs").exists()
 
 
 def test_out_naming_an_existing_file_is_one_line(tmp_path, capsys):

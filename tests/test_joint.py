@@ -214,6 +214,7 @@ def test_resume_equals_an_uninterrupted_run_and_the_weights_load_and_sample(tmp_
             "latents/autocorr_mean", "latents/kurtosis_mean", "solver/iterations",
             "solver/adjoint_iterations", "grad/cosine_onestep_ift", "eval/kid"} <= scalars
     assert len(events.Scalars("train/recon_loss")) == 4
+    assert "hp_metric" not in scalars          # TensorBoardLogger's placeholder -1: turned off
     assert "reconstructions" in events.Tags()["images"]
 
     latents = torch.load(whole / "latents.pt", weights_only=True)
@@ -241,13 +242,16 @@ def test_resume_equals_an_uninterrupted_run_and_the_weights_load_and_sample(tmp_
 
 def test_a_cpu_time_budget_stops_the_run_and_is_recorded(tmp_path, capsys):
     """max_process_s counts this process's CPU time: a budget of 0 stops after the first step.
-    The run ends with one line naming its files and the EMA weights' PSNR from metrics.json."""
+    The run ends with one line naming its files and the EMA weights' PSNR from metrics.json, then
+    the tensorboard line."""
     cfg = tiny_config(tmp_path, "budget", 5)
     cfg["joint"].update(max_process_s=0.0, kid_every=0, image_every=0, compare_every=0)
     run_joint(cfg)
     metrics = json.loads((tmp_path / "budget" / "metrics.json").read_text())
     assert metrics["steps"] == 1 and metrics["process_seconds"] > 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary, last = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert last == f"view the curves: tensorboard --logdir {tmp_path / 'budget' / 'tb'}"
+    last = summary
     assert last.startswith(f"wrote {tmp_path / 'budget' / 'ema.pt'}") and "1 steps" in last
     assert f"PSNR {metrics['ema']['psnr_mean']:.1f} dB mean" in last
 

@@ -119,6 +119,7 @@ def test_run_writes_checkpoint_ema_config_and_tensorboard_logs(run4):
     acc = read_events(event_file)
     tags = acc.Tags()
     assert {"train/loss", "val/denoise_mse"} <= set(tags["scalars"])
+    assert "hp_metric" not in tags["scalars"]      # TensorBoardLogger's placeholder -1: turned off
     assert "samples" in tags["images"]
     # One train/loss point per optimizer step (Lightning numbers them from 0), all finite.
     losses = acc.Scalars("train/loss")
@@ -133,14 +134,23 @@ def test_run_writes_checkpoint_ema_config_and_tensorboard_logs(run4):
 
 
 # ---- 2. resume ---------------------------------------------------------------------------------
-def test_resume_continues_steps_loss_history_and_ema(tmp_path):
+def test_resume_continues_steps_loss_history_and_ema(tmp_path, capsys):
     out = train(tmp_path, 4)
+    # The run ends by saying what it wrote and where its curves are.
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-3].startswith("trained 4 steps (last loss ")
+    assert printed[-2] == (f"wrote {out / 'ema.pt'} (the EMA weights of step 4: --ckpt of sample.py and "
+                           f"invert.py) and {out / 'checkpoints' / 'last.ckpt'} (the same command with "
+                           f"--resume continues it)")
+    assert printed[-1] == (f"view the curves: tensorboard --logdir {out / 'tb'}; EMA samples every 3 "
+                           f"steps are its image 'samples'")
     before = checkpoint(out)
     first_steps = [e.step for e in read_events(events(out)[0]).Scalars("train/loss")]
 
     train(out, 6, "--resume")
     after = checkpoint(out)
     assert after["global_step"] == 6
+    assert "the EMA weights of step 6" in capsys.readouterr().out
 
     first_file, resumed_file = events(out)  # the resumed fit writes a second event file
     resumed = read_events(resumed_file)

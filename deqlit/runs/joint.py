@@ -269,7 +269,7 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
     max_time, cpu_budget = joint["max_time_s"], joint["max_process_s"]   # benchmarks' budgets
     extra = [] if cpu_budget is None else [ProcessTimeBudget(cpu_budget)]
     trainer = build_trainer(launch, max_time=None if max_time is None else timedelta(seconds=float(max_time)),
-                            logger=TensorBoardLogger(str(out), name="tb", version=0),
+                            logger=TensorBoardLogger(str(out), name="tb", version=0, default_hp_metric=False),
                             callbacks=[checkpoint, export, SaveLatents(out / "latents.pt"), saver, *extra],
                             use_distributed_sampler=False,    # ddp_time: every process loads the global batch
                             fast_dev_run=fast_dev_run, num_sanity_val_steps=0)
@@ -293,6 +293,7 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
                             process_seconds=time.process_time() - cpu_start, chunk=joint["eval_chunk"],
                             per_image_limit=joint["metrics_per_image_limit"])
     print(summary_line(metrics, out))
+    print(f"view the curves: tensorboard --logdir {out / 'tb'}")
     return module
 
 

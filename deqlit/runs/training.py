@@ -106,7 +106,8 @@ class TrainingJob:
 def prepare_training(cfg: dict, resume: str | None = None,
                      fast_dev_run: bool = False) -> TrainingJob:
     """Check every value, the output folder, the resume checkpoint and settings, and the data;
-    build the module and the Trainer. Writes nothing but the (empty) output folder."""
+    build the module and the Trainer. Writes nothing but the (empty) output folder, created once
+    everything else has passed."""
     cfg = resolve(cfg, "train")
     train, data_cfg = cfg["train"], cfg["data"]
     out = Path(train["out"])
@@ -117,7 +118,6 @@ def prepare_training(cfg: dict, resume: str | None = None,
     record = check_resume(cfg, out, ckpt_path, "train") if ckpt_path else None
     if not resume:
         refuse_existing_run(out, RUN_MARKERS)
-    check_output_dir(out)
     L.seed_everything(train["seed"], workers=True)
 
     data = ImageDataModule(name=data_cfg["name"], resolution=data_cfg["resolution"],
@@ -146,9 +146,11 @@ def prepare_training(cfg: dict, resume: str | None = None,
     trainer = build_trainer(
         launch, max_steps=train["max_steps"], log_every_n_steps=log_every(train),
         gradient_clip_val=clip, gradient_clip_algorithm="norm" if clip else None,
-        logger=TensorBoardLogger(str(out), name="tb", version=0),
+        logger=TensorBoardLogger(str(out), name="tb", version=0, default_hp_metric=False),
         callbacks=[checkpoint, export, saver, *bar, *metrics_callbacks(cfg)],
         fast_dev_run=fast_dev_run, num_sanity_val_steps=0)
+    # Created last: data, model, weights and Trainer settings that fail leave no folder behind.
+    check_output_dir(out)
     return TrainingJob(cfg, out, module, data, trainer, export, saver, ckpt_path, record)
 
 
@@ -180,7 +182,24 @@ def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = Fals
         if find_enospc(err) is not None and not isinstance(err, DiskFullError):
             raise DiskFullError(out) from err
         raise
+    if trainer.is_global_zero and not fast_dev_run:
+        print(summary(cfg, out, trainer.global_step, job.module.last_loss, saver))
     return job.module
+
+
+def summary(cfg: dict[str, Any], out: Path, steps: int, loss: float, saver: SaveLast) -> str:
+    """What a finished run prints: what it trained, where its files are, how to see its curves."""
+    loss_text = f" (last loss {loss:.4g})" if math.isfinite(loss) else ""
+    lines = [f"trained {steps} steps{loss_text}"]
+    if saver.written_step is not None and (out / "ema.pt").is_file():
+        lines.append(f"wrote {out / 'ema.pt'} (the EMA weights of step {saver.written_step}: --ckpt of "
+                     f"sample.py and invert.py) and {out / 'checkpoints' / 'last.ckpt'} (the same "
+                     f"command with --resume continues it)")
+    every = cfg["train"]["sample_every"]
+    samples = (f"; EMA samples every {every} steps are its image 'samples'"
+               if every and every <= steps else "")
+    lines.append(f"view the curves: tensorboard --logdir {out / 'tb'}{samples}")
+    return "\n".join(lines)
 
 
 def _kept(export: ExportEMA, ckpt_dir: Path, resumed_from: str | None) -> str:
