@@ -2,6 +2,7 @@
 each column, a label before each row and an optional caption under each tile.
 
     labelled_grid(tiles, column_labels=[...], row_labels=[...], captions=[[...], ...]).save(path)
+    numbered_grid(images, title="...")       # N images on a square grid, #index under each
 
 tiles: a list of rows, each a list of (C, H, W) tensors in [-1, 1] (C = 1 or 3), or None for an
 empty cell. Latents are shown with `as_picture(x_T)`: scaled to their own range, since they are
@@ -9,6 +10,7 @@ not images in [-1, 1].
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -46,8 +48,12 @@ def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
 
 def labelled_grid(tiles: Sequence[Sequence[Optional[torch.Tensor]]], column_labels: Sequence[str] = (),
                   row_labels: Sequence[str] = (), captions: Optional[Sequence[Sequence[str]]] = None,
-                  title: str = "") -> Image.Image:
-    """The grid as an RGB PIL image (see the module header)."""
+                  title: str = "", fit_title: bool = False) -> Image.Image:
+    """The grid as an RGB PIL image (see the module header).
+
+    fit_title: the title may hold several lines ("\n"), and the canvas is widened to the widest of
+    them (by default the title is one line, cut off where the grid ends).
+    """
     rows = [list(r) for r in tiles]
     if not rows or not any(t is not None for r in rows for t in r):
         raise ValueError("a picture needs at least one tile")
@@ -57,16 +63,19 @@ def labelled_grid(tiles: Sequence[Sequence[Optional[torch.Tensor]]], column_labe
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line = 16
     label_w = max([_text_width(probe, s, font) for s in row_labels] + [0]) + (2 * PAD if row_labels else 0)
-    top = (line if title else 0) + (line if column_labels else 0)
+    title_lines = (title.split("\n") if fit_title else [title]) if title else []
+    top = line * len(title_lines) + (line if column_labels else 0)
     caption_h = line if captions else 0
     columns = max(len(r) for r in rows)
     width = label_w + columns * (size + PAD) + PAD
+    if fit_title:
+        width = max([width] + [_text_width(probe, s, font) + 2 * PAD for s in title_lines])
     height = top + len(rows) * (size + caption_h + PAD) + PAD
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((PAD, 1), title, fill="black", font=font)
-    y_labels = line if title else 0
+    for k, text in enumerate(title_lines):
+        draw.text((PAD, 1 + k * line), text, fill="black", font=font)
+    y_labels = line * len(title_lines)
     for c, text in enumerate(column_labels):
         x = label_w + PAD + c * (size + PAD) + (size - _text_width(draw, text, font)) // 2
         draw.text((x, y_labels + 1), text, fill="black", font=font)
@@ -83,6 +92,17 @@ def labelled_grid(tiles: Sequence[Sequence[Optional[torch.Tensor]]], column_labe
                 draw.text((x + (size - _text_width(draw, text, font)) // 2, y + size + 1), text,
                           fill="black", font=font)
     return canvas
+
+
+def numbered_grid(images: torch.Tensor, title: str = "", columns: Optional[int] = None) -> Image.Image:
+    """Images (N, C, H, W) in [-1, 1] on a near-square grid (`columns` per row, default
+    ceil(sqrt(N))), each upscaled as in labelled_grid with its index #n under it, under a title of
+    one or more lines that the canvas is widened to fit."""
+    count = int(images.shape[0])
+    columns = columns or max(1, math.ceil(math.sqrt(count)))
+    rows = [list(images[k:k + columns]) for k in range(0, count, columns)]
+    captions = [[f"#{r * columns + c}" for c in range(len(row))] for r, row in enumerate(rows)]
+    return labelled_grid(rows, captions=captions, title=title, fit_title=True)
 
 
 def save_picture(image: Image.Image, path: str | Path) -> Path:
