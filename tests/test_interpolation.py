@@ -39,7 +39,7 @@ def test_parallel_latents_fall_back_to_the_line():
 def test_interpolate_and_pairs_refuse_bad_input():
     a, b = latents()
     assert interpolate(a.float(), b.float(), 5).shape == (5, 1, 16, 16)
-    with pytest.raises(ValueError, match="frames must be >= 2"):
+    with pytest.raises(ValueError, match=r"frames must be 2 or more \(the two endpoints are frames\), got 1"):
         interpolate(a, b, 1)
     with pytest.raises(ValueError, match="unknown interpolation"):
         interpolate(a, b, 3, "cubic")
@@ -48,6 +48,25 @@ def test_interpolate_and_pairs_refuse_bad_input():
         parse_pairs("0:4", 4)
     with pytest.raises(ValueError, match="I:J"):
         parse_pairs("0-1", 4)
+    with pytest.raises(ValueError, match="row 2 with itself"):
+        parse_pairs("0:1,2:2", 4)
+    with pytest.raises(ValueError, match="0:1 twice"):
+        parse_pairs("0:1, 0:1", 4)
+
+
+def test_frame_labels_are_exact_or_rounded_half_up():
+    """t = k / (frames - 1) with the fewest decimals (up to 4) that write every t exactly, else 3
+    decimals rounded half up: never Python's round-half-even on binary floats (0.125 -> 0.12 but
+    0.375 -> 0.38)."""
+    from deqlit.commands.interpolate import frame_labels
+    assert frame_labels(9) == ["t = 0.000", "t = 0.125", "t = 0.250", "t = 0.375", "t = 0.500",
+                               "t = 0.625", "t = 0.750", "t = 0.875", "t = 1.000"]
+    assert frame_labels(5) == ["t = 0.00", "t = 0.25", "t = 0.50", "t = 0.75", "t = 1.00"]
+    assert frame_labels(3) == ["t = 0.0", "t = 0.5", "t = 1.0"]
+    assert frame_labels(2) == ["t = 0", "t = 1"]
+    assert frame_labels(4) == ["t = 0.000", "t = 0.333", "t = 0.667", "t = 1.000"]
+    assert frame_labels(17)[1:4] == ["t = 0.0625", "t = 0.1250", "t = 0.1875"]
+    assert frame_labels(33)[1:4] == ["t = 0.031", "t = 0.063", "t = 0.094"]   # 0.0625: up, not even
 
 
 # ---- the normality of latents (evaluation/normality.py) -----------------------------------------

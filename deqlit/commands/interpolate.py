@@ -11,6 +11,7 @@ fd-random of as many fresh samples and of the midpoints of white-noise latents p
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +31,31 @@ def fine_tuned_weights(latents_path: str) -> Optional[Path]:
     folder = folder if folder.is_dir() else folder.parent
     ema = folder / "ema.pt"
     return ema if ema.is_file() and (folder / "config.yaml").is_file() else None
+
+
+def frame_labels(frames: int) -> list[str]:
+    """'t = ...' of the frames t = k / (frames - 1): with the fewest decimals (at most 4) that write
+    every t exactly, else 3 decimals rounded half up (exact fractions, so that 1/16 and 3/16 round
+    the same way, not as binary floats under round-half-even: 0.125 -> 0.12 but 0.375 -> 0.38)."""
+    steps = [Fraction(k, frames - 1) for k in range(frames)]
+    digits = next((d for d in range(5) if all((t * 10 ** d).denominator == 1 for t in steps)), 3)
+    labels = []
+    for t in steps:
+        scaled = int(t * 10 ** digits + Fraction(1, 2))        # half up (t >= 0)
+        whole, part = divmod(scaled, 10 ** digits)
+        labels.append(f"t = {whole}" + (f".{part:0{digits}d}" if digits else ""))
+    return labels
+
+
+def check_interpolation(saved: dict[str, Any], pairs_text: str) -> tuple[Chain, list[tuple[int, int]]]:
+    """The saved chain and the pairs of rows, or ValueError: latents found with eta > 0, --pairs
+    that name no two different rows of the file. Run before anything is written."""
+    chain = Chain.from_dict(saved["chain"])
+    if chain.eta > 0:
+        raise ValueError(f"these latents were found with eta = {chain.eta}: their chain injects noise "
+                         f"at every step, and a path between two latents has no noise of its own. "
+                         f"Interpolate latents of an eta = 0 run")
+    return chain, parse_pairs(pairs_text, len(saved["x_T"]))
 
 
 @torch.no_grad()
@@ -73,13 +99,8 @@ def run_interpolation(model, cfg: dict, saved: dict[str, Any], pairs_text: str, 
                       out: Path, solver: str = "sequential", options: Optional[dict] = None,
                       seed: int = 0) -> dict[str, Any]:
     """Strips, metrics.json and the figures for the pairs of `saved` (a latents payload: x_T, chain)."""
-    chain = Chain.from_dict(saved["chain"])
-    if chain.eta > 0:
-        raise ValueError(f"these latents were found with eta = {chain.eta}: their chain injects noise "
-                         f"at every step, and a path between two latents has no noise of its own. "
-                         f"Interpolate latents of an eta = 0 run")
+    chain, pairs = check_interpolation(saved, pairs_text)
     x_T_all = saved["x_T"].to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
-    pairs = parse_pairs(pairs_text, len(x_T_all))
     report: dict[str, Any] = {"method": method, "frames": frames, "timesteps": chain.T, "pairs": []}
     midpoints, interior = [], []
     t_values = torch.linspace(0, 1, frames).tolist()
@@ -94,8 +115,8 @@ def run_interpolation(model, cfg: dict, saved: dict[str, Any], pairs_text: str, 
         midpoints.append(images[frames // 2] if frames % 2 else decode(
             model, interpolate(x_T_all[i], x_T_all[j], 3, method)[1:2], chain, solver, options or {})[0])
         strip = labelled_grid([list(images), [as_picture(z) for z in path]],
-                              column_labels=[f"t = {t:.2f}" for t in t_values], row_labels=["x_0", "x_T"],
-                              title=f"{method} from row {i} to row {j} (T = {chain.T})")
+                              column_labels=frame_labels(frames), row_labels=["x_0", "x_T"],
+                              title=f"{method} from row {i} to row {j} (T = {chain.T})", fit_title=True)
         save_picture(strip, out / f"strip_{i}_{j}.png")
     inner = torch.cat(interior) if interior and interior[0].numel() else x_T_all[:0]
     if len(inner):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 METHODS = ("slerp", "lerp")
+FRAMES_RULE = "must be 2 or more (the two endpoints are frames)"
 
 
 def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -40,14 +41,15 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, frames: int, method: str = "sl
     if method not in METHODS:
         raise ValueError(f"unknown interpolation {method!r}; use one of {', '.join(METHODS)}")
     if frames < 2:
-        raise ValueError(f"--frames must be >= 2 (the two endpoints), got {frames}")
+        raise ValueError(f"--frames {FRAMES_RULE}, got {frames}")
     t = torch.linspace(0, 1, frames, dtype=torch.float64)
     path = slerp(a.double(), b.double(), t) if method == "slerp" else lerp(a.double(), b.double(), t)
     return path.to(a.dtype)
 
 
 def parse_pairs(text: str, count: int) -> list[tuple[int, int]]:
-    """'0:1,2:3' -> [(0, 1), (2, 3)], each index below `count` (the latents in the file)."""
+    """'0:1,2:3' -> [(0, 1), (2, 3)], each index below `count` (the latents in the file); a pair
+    joins two different rows, and each pair is listed once (its strip is one file)."""
     pairs = []
     for item in text.split(","):
         parts = item.strip().split(":")
@@ -60,5 +62,11 @@ def parse_pairs(text: str, count: int) -> list[tuple[int, int]]:
             if not 0 <= k < count:
                 raise ValueError(f"--pairs {text!r}: row {k} is not in the file, which holds rows "
                                  f"0..{count - 1}")
+        if i == j:
+            other = f"e.g. {i}:{(i + 1) % count}" if count > 1 else "and the file holds one"
+            raise ValueError(f"--pairs {text!r} joins row {i} with itself: a pair joins two different "
+                             f"latents, {other}")
+        if (i, j) in pairs:
+            raise ValueError(f"--pairs {text!r} lists {i}:{j} twice: list each pair once")
         pairs.append((i, j))
     return pairs
