@@ -156,3 +156,15 @@ def test_curves_of_several_batches_take_the_worst_and_ignore_a_batch_that_ended_
     expected = torch.tensor([[1e-1, 1e-2, 1e-5], [1e-1, 1e-6, float("nan")]], dtype=torch.float64)
     assert torch.allclose(curves["state_trace"], expected, equal_nan=True)
     assert solve_curves([None, {}]) == {}
+
+
+def test_curves_png_takes_batches_that_stopped_after_different_steps(tmp_path):
+    """A batch whose images all reached early_stop_loss is shorter than the others."""
+    from deqlit.lit.inversion_figures import plot_curves
+    histories = [torch.tensor([[4.0, 2.0, 1.0]]),
+                 torch.tensor([[8.0, 4.0, 2.0, 1.0, 0.5], [2.0, 1.0, 0.5, 0.2, 0.1]])]
+    plot_curves(tmp_path / "curves.png", "deq inversion", histories, {}, None)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    from deqlit.lit.inversion_figures import loss_rows
+    rows = loss_rows(histories)          # the rows drawn, one per image, NaN after its batch's end
+    assert rows.shape == (3, 5) and rows[0, :3].tolist() == [4.0, 2.0, 1.0] and torch.isnan(rows[0, 3:]).all()

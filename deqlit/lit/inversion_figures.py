@@ -28,11 +28,12 @@ COLUMNS = ("target", "initial", "final", "latent x_T")
 # A restoration task (inpaint, super-resolution): the degraded input as shown (the hole filled, or
 # y upsampled bicubically) and the restored image, each with its PSNR (inpainting: on the hole).
 RESTORATION_COLUMNS = ("target", "degraded input", "restored", "latent x_T")
+GRID_IMAGES = 16      # the rows of grid.png: the images of the smallest dataset indices
 
 
 def inversion_picture(targets: torch.Tensor, initial: torch.Tensor, final: torch.Tensor,
                       x_T: torch.Tensor, indices: Sequence[int], initial_psnr: Sequence[float],
-                      final_psnr: Sequence[float], title: str = "", max_images: int = 16,
+                      final_psnr: Sequence[float], title: str = "", max_images: int = GRID_IMAGES,
                       columns: Sequence[str] = COLUMNS) -> Image.Image:
     """Rows of (target | initial | final | latent x_T) for the first max_images images, the
     columns labelled `columns` (a restoration: target | degraded input | restored | latent x_T).
@@ -84,6 +85,12 @@ def padded(rows: Sequence[Sequence[float]]) -> torch.Tensor:
     return out
 
 
+def loss_rows(histories: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Loss histories (B_k, steps_k) of several batches -> (sum B_k, max steps_k) float64, NaN after
+    each batch's last step (a batch that stopped early is shorter)."""
+    return padded([row for h in histories for row in h.tolist()])
+
+
 def worst_over_batches(traces: Sequence[torch.Tensor]) -> torch.Tensor:
     """(states, calls) traces of several batches -> their elementwise max, NaN-aware: a batch
     whose solve ended earlier does not hide the later calls of another."""
@@ -116,7 +123,7 @@ def plot_curves(path: Path, title: str, loss_histories: Sequence[torch.Tensor],
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    losses = torch.cat([padded(h.tolist()) for h in loss_histories]) if loss_histories else None
+    losses = loss_rows(loss_histories) if loss_histories else None
     if losses is not None and not bool(torch.isfinite(losses).any()):
         losses = None
     panels = [p for p, on in (("loss", losses is not None), ("solve", bool(solve)),
