@@ -1,8 +1,11 @@
 """Generate images with DEQ-DDIM.
 
     python sample.py                                   # the shipped faces model, 16 images
-    python sample.py --solver picard --timesteps 100 --compare-sequential
+    python sample.py --solver picard --timesteps 100 --compare-sequential --out runs/sample-picard
     python sample.py --data celeba --ckpt ~/models/celeba/ckpt.pth --eta 0.5
+    python sample.py --interpolate runs/invert-faces --pairs 0:1,2:3   # into runs/interpolate-faces
+
+A folder that holds an earlier run's outputs is refused: give each run its own --out.
 """
 import sys
 

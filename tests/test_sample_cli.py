@@ -36,3 +36,124 @@ def test_sample_regenerates_latents_and_reports_a_missing_checkpoint(tmp_path):
         main(["--latents", str(tmp_path / "old.pt"), "--out", str(tmp_path / "q")])
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         main(["--ckpt", str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "p")])
+
+
+# ---- output folders, interpolation flags, the samples grid (the new-user audit) -----------------
+SHRUNK = ["--timesteps", "3", "--no-progress"]
+
+
+def tiny_latents(folder, count: int = 4, eta: float = 0.0):
+    """latents.pt as invert.py writes it, with a 3-step chain, in `folder`."""
+    from deqlit.diffusion.chain import Chain
+    from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
+    folder.mkdir(parents=True, exist_ok=True)
+    chain = Chain.build(alphas_cumprod(linear_betas()), 3, eta=eta)
+    x_T = torch.randn(count, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(3, count, 1, 32, 32) if eta > 0 else None
+    torch.save({"x_T": x_T, "noise": noise, "chain": chain.to_dict()}, folder / "latents.pt")
+    return folder / "latents.pt"
+
+
+def test_runs_never_share_a_folder_and_a_used_out_is_refused(tmp_path, monkeypatch):
+    """Plain samples, slerp and lerp morphs each have a default folder; a second run into a
+    folder that holds a sampling or interpolation run's outputs is refused, writing nothing."""
+    from deqlit.guards import OutputFolderError
+    monkeypatch.chdir(tmp_path)                     # the default folders are relative: runs/...
+    latents = str(tiny_latents(tmp_path / "inv"))
+    morph = ["--interpolate", latents, "--pairs", "0:1", "--frames", "3", "--solver", "sequential"]
+    main(morph)
+    main(morph + ["--interp", "lerp"])
+    main(["--num-images", "1", *SHRUNK])
+    folders = {p.name: json.loads((p / "metrics.json").read_text()) for p in (tmp_path / "runs").iterdir()}
+    assert set(folders) == {"interpolate-faces", "interpolate-faces-lerp", "sample-faces"}
+    assert folders["interpolate-faces"]["method"] == "slerp" and folders["interpolate-faces-lerp"]["method"] == "lerp"
+    assert folders["sample-faces"]["num_images"] == 1
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")}
+    for argv in (["--num-images", "1", *SHRUNK], morph,
+                 ["--num-images", "1", *SHRUNK, "--out", "runs/interpolate-faces"],
+                 morph + ["--out", "runs/sample-faces"]):
+        with pytest.raises(OutputFolderError, match="--out NEW_FOLDER"):
+            main(argv)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")} == before
+
+
+@pytest.mark.parametrize("flags", [["--pairs", "0:1"], ["--interp", "lerp"], ["--frames", "3"]])
+def test_interpolation_flags_without_interpolate_are_refused(tmp_path, flags):
+    from deqlit.guards import UserInputError
+    with pytest.raises(UserInputError, match=f"{flags[0]} .*--interpolate"):
+        main(["--num-images", "1", *SHRUNK, *flags, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_samples_png_is_a_labelled_upscaled_grid(tmp_path):
+    """Every sample upscaled (nearest) to >= 96 px, its index under it, and a title that names
+    the solver, T and how the solve ended."""
+    from PIL import Image
+
+    from deqlit.commands.sample import samples_title
+    from deqlit.deq.solvers import SolverStats
+    from deqlit.diffusion.chain import Chain
+    metrics = main(["--num-images", "3", *SHRUNK, "--solver", "sequential", "--compare-sequential",
+                    "--out", str(tmp_path)])
+    x0 = torch.load(tmp_path / "samples.pt", weights_only=True)["x0"]
+    for name in ("samples.png", "samples_sequential.png"):
+        picture = torch.tensor(list(Image.open(tmp_path / name).convert("L").getdata()), dtype=torch.float32)
+        width, height = Image.open(tmp_path / name).size
+        picture = picture.reshape(height, width)
+        assert width >= 2 * 96 and height >= 2 * 96      # 3 images: 2 columns, 2 rows of tiles
+        # Find the first tile: the upscaled image 0 appears somewhere below the title.
+        tile = ((x0[0, 0].clamp(-1, 1) + 1) * 127.5).round().repeat_interleave(3, 0).repeat_interleave(3, 1)
+        found = [(y, x) for y in range(0, 60) for x in range(0, 20)
+                 if torch.equal(picture[y:y + 96, x:x + 96], tile)]
+        assert found, name
+        y, x = found[0]
+        assert (picture[:y] < 128).any()                  # the title above the tiles
+        assert (picture[y + 96:y + 112, x:x + 96] < 128).any()   # "#0" under the first tile
+    chain = Chain.from_dict(metrics["chain"])
+    exact = SolverStats(iterations=3, converged=True, rel_residual=[1e-2], exact_by_depth=True)
+    assert samples_title("sequential", chain, exact, 1e-3, 3) == (
+        "3 samples: sequential, T = 3\nexact after T = 3 iterations (triangular chain; last update's "
+        "residual 1.00e-02)")
+    loose = SolverStats(iterations=100, converged=False, rel_residual=[2.5e-2])
+    assert samples_title("picard", chain.with_eta(0.5), loose, 1e-3, 300) == (
+        "samples #0-#255 of 300 (all in samples.pt): picard, T = 3, eta = 0.5\n"
+        "NOT converged: residual 2.50e-02 >= tol 0.001 after 100 iterations")
+
+
+@pytest.mark.parametrize("flags", [["--pairs", "0:99"], ["--pairs", "0-1"], ["--pairs", "0:0"],
+                                   ["--pairs", "0:1,0:1"]])
+def test_a_refused_interpolation_leaves_no_folder(tmp_path, flags):
+    latents = str(tiny_latents(tmp_path / "inv"))
+    with pytest.raises(ValueError, match="--pairs"):
+        main(["--interpolate", latents, *flags, "--out", str(tmp_path / "o" / "deeper")])
+    assert not (tmp_path / "o").exists()
+    noisy = str(tiny_latents(tmp_path / "noisy", eta=0.5))
+    with pytest.raises(ValueError, match="eta = 0.5"):
+        main(["--interpolate", noisy, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_that_fails_after_creating_its_folder_removes_it(tmp_path, monkeypatch):
+    import deqlit.commands.sample as command
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the solve failed")
+    monkeypatch.setattr(command, "generate", failing)
+    with pytest.raises(RuntimeError, match="the solve failed"):
+        main(["--num-images", "1", *SHRUNK, "--out", str(tmp_path / "new" / "deeper")])
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()                       # a folder that was there stays
+    with pytest.raises(RuntimeError):
+        main(["--num-images", "1", *SHRUNK, "--out", str(tmp_path / "kept")])
+    assert (tmp_path / "kept").is_dir()
+
+
+@pytest.mark.parametrize("frames", ["0", "1"])
+def test_frames_below_two_get_one_message(tmp_path, frames, capsys):
+    latents = str(tiny_latents(tmp_path / "inv"))
+    with pytest.raises(SystemExit) as stop:
+        main(["--interpolate", latents, "--frames", frames, "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2
+    assert f"must be 2 or more (the two endpoints are frames), got {frames}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+

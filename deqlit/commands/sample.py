@@ -1,15 +1,21 @@
-"""sample.py: generate images from x_T with DEQ-DDIM (or the sequential chain) and report figures."""
+"""sample.py: generate images from x_T with DEQ-DDIM (or the sequential chain) and report figures.
+
+Each run writes into a folder of its own: --out, or by default sampling.out (runs/sample-<data>)
+and, for --interpolate, sampling.interpolate_out (runs/interpolate-<data>, -lerp appended with
+--interp lerp). A folder that holds an earlier run's outputs is refused, and a run that fails
+before writing removes the folders it created.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torchvision
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm import tqdm
 
@@ -17,11 +23,13 @@ from deqlit.cli import parse, positive_int
 from deqlit.deq.solvers import options_from
 from deqlit.devices import placement
 from deqlit.diffusion.chain import Chain
+from deqlit.diffusion.interpolation import FRAMES_RULE
 from deqlit.evaluation import DatasetMetrics, format_metrics
-from deqlit.guards import NonFiniteError, first_nonfinite
-from deqlit.runs.guards import check_output_dir
+from deqlit.guards import NonFiniteError, OutputFolderError, UserInputError, first_nonfinite
 from deqlit.models.build import build_noise_model
 from deqlit.parallel.launch import gather_over_data
+from deqlit.pictures import numbered_grid, save_picture
+from deqlit.runs.guards import check_output_dir
 from deqlit.runs.latents import read_latents
 from deqlit.runs.launch import prepare_launch, process_mesh
 from deqlit.sampling import SAMPLERS, draw_noise, generate
@@ -30,6 +38,23 @@ FLAGS = {"timesteps": "sampling.timesteps", "skip": "sampling.skip", "eta": "sam
          "solver": "sampling.solver", "max_iter": "sampling.max_iter", "tol": "sampling.tol",
          "num_images": "sampling.num_images", "seed": "sampling.seed", "out": "sampling.out",
          "ckpt": "checkpoint.path", "max_batch": "sampling.max_batch"}
+# The flags of --interpolate and their defaults (None in the parser: a flag typed without
+# --interpolate is refused, a default is not).
+INTERPOLATION = {"pairs": "0:1", "frames": 9, "interp": "slerp"}
+# What a sampling or interpolation run writes: a folder holding any of them is refused.
+OUTPUTS = ("metrics.json", "samples.png", "samples.pt", "samples_sequential.png", "strip_*.png")
+GRID_LIMIT = 256     # samples.png shows at most this many samples (samples.pt holds them all)
+
+
+def frame_count(text: str) -> int:
+    """argparse type of --frames: an integer >= 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{FRAMES_RULE}, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,14 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "images with the chain (and noise) saved with them")
     p.add_argument("--interpolate", metavar="LATENTS", help="morph between pairs of saved latents "
                    "(a file or run folder as for --latents; a joint run's own ema.pt weights are used "
-                   "unless --ckpt is given): strip_I_J.png per pair and metrics.json")
-    p.add_argument("--pairs", default="0:1", help="with --interpolate: rows to join, e.g. 0:1,2:3")
-    p.add_argument("--frames", type=positive_int, default=9, help="with --interpolate: images per strip")
-    p.add_argument("--interp", choices=["slerp", "lerp"], default="slerp",
-                   help="with --interpolate: great circle (slerp, white noise's sphere) or straight line")
+                   "unless --ckpt is given): strip_I_J.png per pair and metrics.json, in --out "
+                   "(default: sampling.interpolate_out of the config, e.g. runs/interpolate-faces; "
+                   "with --interp lerp, runs/interpolate-faces-lerp)")
+    p.add_argument("--pairs", help="with --interpolate: rows to join, e.g. 0:1,2:3 (default "
+                   f"{INTERPOLATION['pairs']})")
+    p.add_argument("--frames", type=frame_count, help="with --interpolate: images per strip, the two "
+                   f"endpoints included (default {INTERPOLATION['frames']})")
+    p.add_argument("--interp", choices=["slerp", "lerp"], help="with --interpolate: great circle "
+                   "(slerp, white noise's sphere; the default) or straight line")
     p.add_argument("--compare-sequential", action="store_true", dest="compare",
                    help="also run the sequential chain on the same x_T and noise and compare")
-    p.add_argument("--out", help="output folder")
+    p.add_argument("--out", help="output folder, new or without an earlier run's outputs (default: "
+                   "sampling.out of the config, e.g. runs/sample-faces)")
     p.add_argument("--no-progress", action="store_true", dest="no_progress")
     p.add_argument("--metrics", help="comma-separated distances to --ref-data written into "
                    "metrics.json: fid, kid (need --fid-weights), fd-random, kd-random (offline)")
@@ -98,8 +128,65 @@ def solve_summary(stats, T: int, tol: float) -> str:
             f"{stats.iterations} iterations")
 
 
+def shown_samples(count: int) -> str:
+    """What samples.png shows of `count` samples: all of them, or the first GRID_LIMIT."""
+    if count <= GRID_LIMIT:
+        return f"{count} samples"
+    return f"samples #0-#{GRID_LIMIT - 1} of {count} (all in samples.pt)"
+
+
+def samples_title(solver: str, chain: Chain, stats, tol: float, count: int) -> str:
+    """samples.png's title: which samples, the solver, T (and eta), and how the solve ended."""
+    eta = f", eta = {chain.eta:g}" if chain.eta else ""
+    return f"{shown_samples(count)}: {solver}, T = {chain.T}{eta}\n{solve_summary(stats, chain.T, tol)}"
+
+
+def save_grid(x0: torch.Tensor, path: Path, title: str) -> None:
+    """x0 (N, C, H, W) in [-1, 1] as a labelled grid: each image upscaled, #index under it."""
+    save_picture(numbered_grid(x0[:GRID_LIMIT], title), path)
+
+
+def refuse_interpolation_flags(args: argparse.Namespace) -> None:
+    """--pairs, --frames and --interp typed without --interpolate would be ignored: refuse them."""
+    typed = [f"--{name}" for name in INTERPOLATION if getattr(args, name) is not None]
+    if typed and not args.interpolate:
+        raise UserInputError(f"{', '.join(typed)} set{'s' if len(typed) == 1 else ''} the morphs of "
+                             f"--interpolate LATENTS: add --interpolate RUN/latents.pt, or drop "
+                             f"{' and '.join(typed)} to sample")
+
+
+def refuse_earlier_outputs(out: Path) -> None:
+    """OutputFolderError if `out` holds what a sampling or interpolation run writes (OUTPUTS)."""
+    found = sorted({p.name for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
+    if found:
+        listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise OutputFolderError(f"--out {out} holds an earlier run's outputs ({listed}), which this run "
+                                f"would overwrite: pass --out NEW_FOLDER")
+
+
+@contextlib.contextmanager
+def output_folder(path: str | Path) -> Iterator[Path]:
+    """The output folder: refused if it holds an earlier run's outputs, else created and proven
+    writable. If the block fails, the folders created here are removed while they are empty, so
+    that a failed run leaves no empty --out behind (what it did write stays)."""
+    out = Path(path)
+    refuse_earlier_outputs(out)
+    created = [p for p in (out, *out.parents) if not p.exists()]      # deepest first
+    check_output_dir(out)
+    try:
+        yield out
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()           # an empty folder only
+            except OSError:
+                break
+        raise
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args, cfg = parse(build_parser(), argv, FLAGS, task="sample")
+    refuse_interpolation_flags(args)
     s = cfg["sampling"]
     device, dtype, autocast = placement(cfg["trainer"])
     # --trainer.strategy ddp_time: a data x time mesh (None: one process), joined as every job
@@ -120,83 +207,85 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.metrics and count < 2:
         raise ValueError(f"--metrics compares distributions and needs at least 2 images; got {count} "
                          f"(raise --num-images)")
+    if saved is not None and chain.eta > 0 and saved.get("noise") is None:
+        raise ValueError(f"{args.latents} was found with eta = {chain.eta} but holds no noise")
     quality = (DatasetMetrics.from_config(args.metrics, cfg, model, args.ref_data, args.fid_weights)
                if args.metrics else None)
-    out = check_output_dir(s["out"])
-    model = model.to(device=device, dtype=dtype)
+    with output_folder(s["out"]) as out:
+        model = model.to(device=device, dtype=dtype)
+        if saved is None:
+            shape = (s["num_images"], model.in_channels, model.resolution, model.resolution)
+            x_T, noise = draw_noise(shape, chain.T, chain.eta, torch.Generator().manual_seed(s["seed"]))
+        else:
+            x_T, noise = saved["x_T"], saved.get("noise")
+        x_T = x_T.to(device=device, dtype=dtype)
+        noise = None if noise is None else noise.to(device=device, dtype=dtype)
+        all_x_T, all_noise = x_T, noise
+        if mesh is not None:   # this replica's images, drawn from the one seed: results independent of the world
+            mine = mesh.data_slice(x_T.shape[0])
+            x_T, noise = x_T[mine], None if noise is None else noise[:, mine]
 
-    if saved is None:
-        shape = (s["num_images"], model.in_channels, model.resolution, model.resolution)
-        x_T, noise = draw_noise(shape, chain.T, chain.eta, torch.Generator().manual_seed(s["seed"]))
-    else:
-        x_T, noise = saved["x_T"], saved.get("noise")
-        if chain.eta > 0 and noise is None:
-            raise ValueError(f"{args.latents} was found with eta = {chain.eta} but holds no noise")
-    x_T = x_T.to(device=device, dtype=dtype)
-    noise = None if noise is None else noise.to(device=device, dtype=dtype)
-    all_x_T, all_noise = x_T, noise
-    if mesh is not None:   # this replica's images, drawn from the one seed: results independent of the world
-        mine = mesh.data_slice(x_T.shape[0])
-        x_T, noise = x_T[mine], None if noise is None else noise[:, mine]
+        bar = tqdm(total=min(s["max_iter"], chain.T) if s["solver"] != "sequential" else chain.T,
+                   desc=f"{s['solver']} T={chain.T}", unit="it",
+                   disable=args.no_progress or (mesh is not None and mesh.rank != 0))
 
-    bar = tqdm(total=min(s["max_iter"], chain.T) if s["solver"] != "sequential" else chain.T,
-               desc=f"{s['solver']} T={chain.T}", unit="it",
-               disable=args.no_progress or (mesh is not None and mesh.rank != 0))
+        def on_iteration(n, stats, fx):
+            bar.update(1)
+            if stats.exact_by_depth:     # call T of the triangular chain: the residual is no error
+                bar.set_postfix_str(f"exact after T = {chain.T} iterations")
+            elif stats.rel_trace:
+                bar.set_postfix(residual=f"{stats.last_rel():.2e}")
 
-    def on_iteration(n, stats, fx):
-        bar.update(1)
-        if stats.exact_by_depth:     # call T of the triangular chain: the residual is no error
-            bar.set_postfix_str(f"exact after T = {chain.T} iterations")
-        elif stats.rel_trace:
-            bar.set_postfix(residual=f"{stats.last_rel():.2e}")
-
-    start = time.perf_counter()
-    with torch.no_grad(), autocast:
-        x0, stats = generate(model, x_T, chain, s["solver"], noise=noise, max_batch=s["max_batch"],
-                             reducer=None if mesh is None else mesh.time_reducer(),
-                             callback=on_iteration, **options)
-    seconds = time.perf_counter() - start
-    bar.close()
-    if mesh is not None:   # rank 0 writes everything (stats: its replica's solve)
-        x0, x_T, noise = gather_over_data(mesh, x0), all_x_T, all_noise
-        if mesh.rank != 0:
-            return {}
-    x0 = x0.float().cpu()
-    if not bool(torch.isfinite(x0).all()):
-        raise NonFiniteError("the samples hold NaN/Inf: the model's outputs are not finite for these "
-                             "inputs (check the checkpoint; try --trainer.precision 32-true)")
-
-    nrow = max(1, int(math.ceil(math.sqrt(x0.shape[0]))))
-    torchvision.utils.save_image((x0.clamp(-1, 1) + 1) / 2, out / "samples.png", nrow=nrow)
-    metrics = {
-        "solver": s["solver"], "timesteps": chain.T, "timesteps_requested": chain.requested,
-        "skip": chain.skip, "eta": chain.eta, "num_images": int(x0.shape[0]), "seed": s["seed"],
-        "checkpoint": str(ckpt_path), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "iterations": stats.iterations, "nfe": stats.iterations,
-        "network_evals_per_image": stats.network_rows, "converged": stats.converged,
-        "final_residual": stats.rel_residual[-1] if stats.rel_residual else 0.0,
-        "exact_by_depth": stats.exact_by_depth,
-        "residual_trace": stats.rel_residual, "abs_residual_trace": stats.abs_residual,
-        "seconds": seconds, "chain": chain.to_dict(),
-    }
-    if saved is not None and saved.get("reconstructions") is not None:
-        metrics["x0_psnr_vs_saved"] = psnr(x0, saved["reconstructions"].float())
-    if args.compare:
         start = time.perf_counter()
         with torch.no_grad(), autocast:
-            x0_seq, _ = generate(model, x_T, chain, "sequential", noise=noise)
-        x0_seq = x0_seq.float().cpu()
-        metrics["sequential_seconds"] = time.perf_counter() - start
-        metrics["x0_rmse_vs_sequential"] = float((x0 - x0_seq).pow(2).mean().sqrt())
-        metrics["x0_psnr_vs_sequential"] = psnr(x0, x0_seq)
-        torchvision.utils.save_image((x0_seq.clamp(-1, 1) + 1) / 2, out / "samples_sequential.png",
-                                     nrow=nrow)
-    if quality is not None:
-        metrics.update(quality(x0))
-        print(format_metrics(metrics))
-    torch.save({"x_T": x_T.cpu(), "noise": None if noise is None else noise.cpu(), "x0": x0,
-                "chain": chain.to_dict()}, out / "samples.pt")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            x0, stats = generate(model, x_T, chain, s["solver"], noise=noise, max_batch=s["max_batch"],
+                                 reducer=None if mesh is None else mesh.time_reducer(),
+                                 callback=on_iteration, **options)
+        seconds = time.perf_counter() - start
+        bar.close()
+        if mesh is not None:   # rank 0 writes everything (stats: its replica's solve)
+            x0, x_T, noise = gather_over_data(mesh, x0), all_x_T, all_noise
+            if mesh.rank != 0:
+                return {}
+        x0 = x0.float().cpu()
+        if not bool(torch.isfinite(x0).all()):
+            raise NonFiniteError("the samples hold NaN/Inf: the model's outputs are not finite for these "
+                                 "inputs (check the checkpoint; try --trainer.precision 32-true)")
+
+        count = int(x0.shape[0])
+        save_grid(x0, out / "samples.png", samples_title(s["solver"], chain, stats, s["tol"], count))
+        metrics = {
+            "solver": s["solver"], "timesteps": chain.T, "timesteps_requested": chain.requested,
+            "skip": chain.skip, "eta": chain.eta, "num_images": count, "seed": s["seed"],
+            "checkpoint": str(ckpt_path), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "iterations": stats.iterations, "nfe": stats.iterations,
+            "network_evals_per_image": stats.network_rows, "converged": stats.converged,
+            "final_residual": stats.rel_residual[-1] if stats.rel_residual else 0.0,
+            "exact_by_depth": stats.exact_by_depth,
+            "residual_trace": stats.rel_residual, "abs_residual_trace": stats.abs_residual,
+            "seconds": seconds, "chain": chain.to_dict(),
+        }
+        if saved is not None and saved.get("reconstructions") is not None:
+            metrics["x0_psnr_vs_saved"] = psnr(x0, saved["reconstructions"].float())
+        if args.compare:
+            start = time.perf_counter()
+            with torch.no_grad(), autocast:
+                x0_seq, _ = generate(model, x_T, chain, "sequential", noise=noise)
+            x0_seq = x0_seq.float().cpu()
+            metrics["sequential_seconds"] = time.perf_counter() - start
+            metrics["x0_rmse_vs_sequential"] = float((x0 - x0_seq).pow(2).mean().sqrt())
+            metrics["x0_psnr_vs_sequential"] = psnr(x0, x0_seq)
+            eta = f", eta = {chain.eta:g}" if chain.eta else ""
+            save_grid(x0_seq, out / "samples_sequential.png",
+                      f"{shown_samples(count)}: sequential, T = {chain.T}{eta} (the same x_T)\n"
+                      f"x_0 RMSE to the {s['solver']} samples {metrics['x0_rmse_vs_sequential']:.2e} "
+                      f"(PSNR {metrics['x0_psnr_vs_sequential']:.1f} dB)")
+        if quality is not None:
+            metrics.update(quality(x0))
+            print(format_metrics(metrics))
+        torch.save({"x_T": x_T.cpu(), "noise": None if noise is None else noise.cpu(), "x0": x0,
+                    "chain": chain.to_dict()}, out / "samples.pt")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'samples.png'}, {out / 'samples.pt'} (x_T, noise, x_0, chain) and "
           f"{out / 'metrics.json'}: {solve_summary(stats, chain.T, s['tol'])}, {seconds:.1f} s on {device}")
     if "x0_psnr_vs_saved" in metrics:
@@ -210,24 +299,29 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 def interpolate_main(args: argparse.Namespace, cfg: dict, device, dtype, mesh) -> dict:
     """sample.py --interpolate: strips between pairs of saved latents (commands/interpolate.py)."""
-    from deqlit.commands.interpolate import fine_tuned_weights, run_interpolation
+    from deqlit.commands.interpolate import check_interpolation, fine_tuned_weights, run_interpolation
     if args.latents:
         raise ValueError("--interpolate reads its own latents: drop --latents")
     if mesh is not None:
         raise ValueError("--interpolate runs in one process: drop --trainer.strategy ddp_time / --trainer.devices")
+    pairs, frames, method = (default if getattr(args, name) is None else getattr(args, name)
+                             for name, default in INTERPOLATION.items())
     saved = read_latents(args.interpolate)
+    check_interpolation(saved, pairs)             # eta = 0, pairs of rows in the file: before any write
     weights = fine_tuned_weights(args.interpolate)
     if weights is not None and args.ckpt is None:     # a joint run: its latents fit its own weights
         cfg["checkpoint"]["path"] = str(weights)
     model, _, ckpt_path = build_noise_model(cfg)
-    out = check_output_dir(cfg["sampling"]["out"])
-    model = model.to(device=device, dtype=dtype).eval()
     s = cfg["sampling"]
-    with torch.no_grad():
-        report = run_interpolation(model, cfg, saved, args.pairs, args.frames, args.interp, out,
-                                   solver=s["solver"], options=options_from(s["solver"], s), seed=s["seed"])
-    report["checkpoint"] = str(ckpt_path)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    # Its own folder by default, one per method: runs/interpolate-faces, runs/interpolate-faces-lerp.
+    folder = args.out or s["interpolate_out"] + ("-lerp" if method == "lerp" else "")
+    with output_folder(folder) as out:
+        model = model.to(device=device, dtype=dtype).eval()
+        with torch.no_grad():
+            report = run_interpolation(model, cfg, saved, pairs, frames, method, out, solver=s["solver"],
+                                       options=options_from(s["solver"], s), seed=s["seed"])
+        report["checkpoint"] = str(ckpt_path)
+        (out / "metrics.json").write_text(json.dumps(report, indent=2))
     mid = report.get("midpoints", {})
     ratio = (f"; midpoints' fd-random {mid['ratio_to_fresh']:.2f}x fresh samples', "
              f"{mid['ratio_to_fresh_midpoints']:.2f}x white-noise latents' midpoints") if "ratio_to_fresh" in mid else ""
@@ -235,7 +329,6 @@ def interpolate_main(args: argparse.Namespace, cfg: dict, device, dtype, mesh) -
     white = (f"; interpolated latents: lag-1 autocorrelation <= {inner['lag1_autocorrelation_max']:.3f}, "
              f"Shapiro-Wilk rejection rate {inner['shapiro_rejection_rate']:.2f}") if inner else ""
     strips = ", ".join(f"strip_{i}_{j}.png" for i, j in (pair["rows"] for pair in report["pairs"]))
-    print(f"wrote {strips} and metrics.json into {out} ({args.interp}, {args.frames} frames, weights "
+    print(f"wrote {strips} and metrics.json into {out} ({method}, {frames} frames, weights "
           f"{ckpt_path}){ratio}{white}")
     return report
-
