@@ -9,6 +9,13 @@ Why predict and not fit: the optimized tensors are each batch's own latents, not
 this module, so the Trainer's optimizer configuration and checkpointing cannot hold them; the
 batch's Adam lives in its BatchInverter, and resume works per batch (finished batches are
 skipped, the unfinished one continues from its partial state file).
+
+Logs (rank 0, through the logger): at each optimization step {method}/loss_mean, active_images and
+deq/solver_iterations, x = the run's steps so far; per finished image the running/mean_* over all
+images done, x = images done. Both count the batches that earlier processes finished (read from
+their part files), so the curves of a resumed run go on where they stopped. When the last batch is
+done, the summary over all part files: {method}/mean_loss_vs_step, exact_solve/* and the image
+inversion/grid (grid.png's picture), written once.
 """
 from __future__ import annotations
 
@@ -22,8 +29,10 @@ from torch import nn
 from deqlit.deq.inversion import BatchInverter, InversionSettings
 from deqlit.diffusion.chain import Chain
 from deqlit.guards import atomic_torch_save
-from deqlit.lit.inversion_figures import grid_inputs, inversion_picture, picture_tensor
-from deqlit.lit.inversion_outputs import RESTORATION_KEYS, partial_path
+from deqlit.lit.inversion_figures import (GRID_IMAGES, grid_inputs, inversion_picture, loss_rows, picture_tensor,
+                                          solve_curves)
+from deqlit.lit.inversion_outputs import (PART_GLOB, RESTORATION_KEYS, join_parts, load_parts, part_path,
+                                          partial_path, read_result)
 from deqlit.parallel.mesh import TimeMesh
 from deqlit.deq.reduce import LOCAL, LocalReducer
 
@@ -50,11 +59,14 @@ class InversionModule(L.LightningModule):
         self.max_batch, self.state_dir = max_batch, state_dir
         self.save_every, self.log_every = max(1, save_every), max(1, log_every)
         self.current: Optional[BatchInverter] = None
-        self.steps_done = 0          # optimization steps on this process, the logging x-axis
-        self.batches_logged = 0
-        self.images_done = 0         # images finished on this process, the x-axis of running means
+        self.steps_done = 0          # optimization steps this process ran
+        # The logs' x-axes count the whole run, the batches of earlier processes (--resume) and of
+        # the other processes included: a resumed run's curves go on where they stopped.
+        self.steps_before = 0        # steps of the finished batches; x of the per-step scalars: + the batch's step
+        self.images_done = 0         # images of the finished batches, the x-axis of the running means
         self.running_sums: dict[str, float] = {}
         self.running_counts: dict[str, int] = {}
+        self.counted: set[str] = set()   # the part files (names) counted in the above
         self._reducer: Optional[LocalReducer] = None
 
     # ---- time sharding (the ddp_time strategy) ----------------------------------------------
@@ -94,7 +106,7 @@ class InversionModule(L.LightningModule):
         while not inverter.finished:
             loss = inverter.step()
             self.steps_done += 1
-            if self.steps_done % self.log_every == 0:
+            if self.run_step(inverter) % self.log_every == 0:
                 self.log_step(inverter, loss)
             if inverter.step_index % self.save_every == 0 and not inverter.finished:
                 self.save_partial()
@@ -109,7 +121,6 @@ class InversionModule(L.LightningModule):
         path = partial_path(self.state_dir, inverter.indices[0])
         if not path.is_file():
             return
-        from deqlit.lit.inversion_outputs import read_result
         state = read_result(path)
         if [int(i) for i in state["indices"]] == inverter.indices:
             inverter.load_state_dict(state)
@@ -132,6 +143,20 @@ class InversionModule(L.LightningModule):
         return path
 
     # ---- logs: through the logger interface, so any Lightning logger receives them ----------
+    def run_step(self, inverter: BatchInverter) -> int:
+        """The x of the per-step scalars: the steps of the run's finished batches + this batch's."""
+        return self.steps_before + inverter.step_index
+
+    def logs_run(self) -> bool:
+        """Whether this process writes the run's logs: rank 0 (loggers write there only)."""
+        return self.logger is not None and self.state_dir is not None and self.trainer.is_global_zero
+
+    def on_predict_start(self) -> None:
+        """The batches finished before this process started (--resume) count in the x-axes and
+        the running means; their points were logged by the processes that ran them."""
+        if self.logs_run():
+            self.count_parts(log=False)
+
     def log_step(self, inverter: BatchInverter, loss: torch.Tensor) -> None:
         if self.logger is None:
             return
@@ -139,31 +164,92 @@ class InversionModule(L.LightningModule):
                    f"{self.method}/active_images": float(inverter.active.sum())}
         if self.method == "deq":
             metrics["deq/solver_iterations"] = float(inverter.iterations_history[:, inverter.step_index - 1].mean())
-        self.logger.log_metrics(metrics, step=self.steps_done)
+        self.logger.log_metrics(metrics, step=self.run_step(inverter))
         bar = getattr(self.trainer, "progress_bar_callback", None)
         if bar is not None and getattr(bar, "predict_progress_bar", None) is not None:
             bar.predict_progress_bar.set_postfix(step=inverter.step_index, loss=f"{metrics[f'{self.method}/loss_mean']:.3g}")
 
     def log_batch_result(self, result: dict[str, Any]) -> None:
-        """Running means over the images done so far on this process (the x-axis: images done, so
-        that a dataset-scale run draws one curve however its batches fall), and for the first batch
-        the labelled grid of grid.png (target | initial | final | latent x_T; a restoration:
-        target | degraded input | restored | latent x_T)."""
-        if self.logger is None:
+        """Running means over all images done so far in the run, one point per image (x: images
+        done, so that a dataset-scale run draws one curve however its batches fall), after a batch
+        is written: this batch's images, then those the other processes finished meanwhile."""
+        if not self.logs_run():
             return
-        per_image = result["metrics"]
-        for m in per_image:       # one point per image: a one-batch run still draws a curve
+        self.count_batch(part_path(self.state_dir, int(result["indices"][0])).name, result, log=True)
+        if self.trainer.world_size > 1:
+            self.count_parts(log=True)
+
+    def count_parts(self, log: bool) -> None:
+        """Count the part files on disk not counted yet (logging their running means if `log`)."""
+        for path in sorted(self.state_dir.glob(PART_GLOB)):
+            if path.name not in self.counted:
+                self.count_batch(path.name, read_result(path), log)
+
+    def count_batch(self, name: str, part: dict[str, Any], log: bool) -> None:
+        self.counted.add(name)
+        self.steps_before += int(part["steps"])
+        for m in part["metrics"]:
             for key in RUNNING_MEANS:
                 if m.get(key) is not None:
                     self.running_sums[key] = self.running_sums.get(key, 0.0) + float(m[key])
                     self.running_counts[key] = self.running_counts.get(key, 0) + 1
             self.images_done += 1
-            summary = {f"running/mean_{key}": self.running_sums[key] / self.running_counts[key]
-                       for key in RUNNING_MEANS if self.running_counts.get(key)}
-            self.logger.log_metrics(summary, step=self.images_done)
-        experiment = getattr(self.logger, "experiment", None)
-        if self.batches_logged == 0 and hasattr(experiment, "add_image"):
-            picture = inversion_picture(**{**grid_inputs(result, per_image, self.method, self.chain.T),
-                                           "title": ""})
-            experiment.add_image("inversion/grid", picture_tensor(picture), self.images_done)
-        self.batches_logged += 1
+            if log:
+                self.logger.log_metrics({f"running/mean_{key}": self.running_sums[key] / self.running_counts[key]
+                                         for key in RUNNING_MEANS if self.running_counts.get(key)},
+                                        step=self.images_done)
+
+    def on_predict_end(self) -> None:
+        """The run's summary when its last batch is done (an interrupted process writes none; a
+        finished run extended with more images writes it again, over all of them, at the same
+        steps: TensorBoard's data server keeps the last value written at a step). Here rather
+        than after Trainer.predict: Lightning closes the logger at its end, and a later write
+        would open a second event file."""
+        self.trainer.strategy.barrier()      # every process's part files are written
+        if self.logs_run():
+            log_run_summary(self.logger, self.state_dir, self.method, self.chain.T)
+
+
+def log_run_summary(logger: Any, folder: Path, method: str, T: int) -> None:
+    """What the run's part files in `folder` show over all its images, written once at its end:
+    {method}/mean_loss_vs_step, the mean loss at each optimization step counted from 1 (as
+    {method}/loss_mean and curves.png count them); the exact solve's curves (log_solve_curves); and
+    the image inversion/grid, grid.png's labelled grid, at x = the number of images in the run."""
+    parts = load_parts(folder)
+    if not parts:
+        return
+    rows = loss_rows([p["loss_history"] for p in parts])
+    for step, value in enumerate(torch.nanmean(rows, 0).tolist(), start=1):
+        if value == value:   # not NaN: some image took this step
+            logger.log_metrics({f"{method}/mean_loss_vs_step": value}, step=step)
+    log_solve_curves(logger, solve_curves([p.get("exact_report") for p in parts]))
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "add_image"):
+        images = sorted((m for p in parts for m in p["metrics"]), key=lambda m: m["index"])
+        shown = {m["index"] for m in images[:GRID_IMAGES]}          # the rows of grid.png
+        merged = join_parts([p for p in parts if shown & set(p["indices"].tolist())])
+        rows_metrics = [m for m in images if m["index"] in set(merged["indices"].tolist())]
+        picture = inversion_picture(**grid_inputs(merged, rows_metrics, method, T))
+        experiment.add_image("inversion/grid", picture_tensor(picture), len(images))
+
+
+def log_solve_curves(logger: Any, solve: dict[str, Any]) -> None:
+    """The exact inverse solve (method exact or init exact), the worst image of all batches:
+    exact_solve/worst_residual_by_iteration (per step: the worst state at each iteration of the
+    states' own solves; all timesteps: all states after each shared call), and per state i (the
+    step) its last residual and, per step, the iterations its solve took."""
+    if not solve:
+        return
+    trace = solve["state_trace"]                                   # (T, calls), NaN after a stop
+    worst = solve["call_trace"] if len(solve["call_trace"]) else \
+        torch.nan_to_num(trace, nan=-1.0).amax(0)
+    for n, value in enumerate(worst.tolist(), start=1):
+        if value >= 0:
+            logger.log_metrics({"exact_solve/worst_residual_by_iteration": value}, step=n)
+    for i, row in enumerate(trace, start=1):
+        done = row[torch.isfinite(row)]
+        if len(done):
+            values = {"exact_solve/final_residual_by_state": float(done[-1])}
+            if solve["mode"] == "per-step":
+                values["exact_solve/iterations_by_state"] = float(len(done))
+            logger.log_metrics(values, step=i)
