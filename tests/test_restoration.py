@@ -84,6 +84,12 @@ def test_a_mask_file_is_read_white_known_and_bad_ones_are_refused(tmp_path):
         file_mask(tmp_path / "bad.png", 8, 8)
     with pytest.raises(FileNotFoundError, match="--mask center"):
         file_mask(tmp_path / "missing.png", 8, 8)
+    Image.new("L", (8, 8), 0).save(tmp_path / "black.png")
+    with pytest.raises(ValueError, match="marks no pixel as known"):       # nothing to restore from
+        file_mask(tmp_path / "black.png", 8, 8)
+    picture.crop((0, 0, 16, 8)).save(tmp_path / "wide.png")
+    with pytest.raises(ValueError, match=r"is 16x8 pixels but the images are 8x8"):   # would stretch
+        file_mask(tmp_path / "wide.png", 8, 8)
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -11,7 +11,8 @@ Two degradations, both linear:
 - inpainting: A(x) = M * x with a mask M of known pixels (1 known, 0 unknown) per image:
   'center' (a centred square of about 25% of the pixels unknown), 'random:P' (each pixel unknown
   with probability P, from the image's own generator, so a mask does not depend on the batch),
-  or a PNG file (white = known, resized to the images with nearest neighbours);
+  or a PNG file (white = known; a file of another size but the same aspect ratio is resized with
+  nearest neighbours, another aspect ratio is refused);
 - super-resolution: A(x) = f x f average pooling (the box filter a sensor integrates), factor f.
 
 The start. From a Gaussian x_T the chain's x_0 is some face, far from the image, and the few steps a
@@ -132,8 +133,8 @@ def random_mask(height: int, width: int, fraction: float, generator: torch.Gener
     return (torch.rand(1, 1, height, width, generator=generator) >= fraction).float()
 
 
-def file_mask(path: str | Path, height: int, width: int) -> torch.Tensor:
-    """(1, 1, H, W) from a PNG: white (>= 128) = known; resized with nearest neighbours."""
+def read_mask_file(path: str | Path) -> torch.Tensor:
+    """(1, 1, h, w) at the file's own size from a PNG: white (>= 128) = known (1), else 0."""
     from PIL import Image
     path = Path(path)
     if not path.is_file():
@@ -141,16 +142,41 @@ def file_mask(path: str | Path, height: int, width: int) -> torch.Tensor:
                                 f"--mask random:0.5 or the path of a PNG (white = known pixels)")
     try:
         with Image.open(path) as img:
-            grey = img.convert("L").resize((width, height), Image.NEAREST)
-            values = torch.tensor(list(grey.getdata()), dtype=torch.float32).reshape(1, 1, height, width)
+            grey = img.convert("L")
+            values = torch.tensor(list(grey.getdata()), dtype=torch.float32)
+            values = values.reshape(1, 1, grey.height, grey.width)
     except OSError as err:
         raise ValueError(f"mask file {path} is not a readable image ({err}): save it as a PNG, "
                          f"white = known pixels") from err
-    mask = (values >= 128).float()
-    if mask.min() == 1:
-        raise ValueError(f"mask file {path} marks every pixel as known (white): paint the pixels to "
-                         f"restore black")
-    return mask
+    return (values >= 128).float()
+
+
+def fit_mask(mask: torch.Tensor, height: int, width: int, path: str | Path) -> torch.Tensor:
+    """A file's mask (1, 1, h, w) at the images' size (1, 1, H, W).
+
+    Another size of the same aspect ratio is resized with nearest neighbours; another aspect ratio
+    would stretch the mask over other pixels than the ones painted, so it is refused. A mask must
+    leave something to restore (a black pixel) and something to restore it from (a white one).
+    """
+    h, w = mask.shape[-2:]
+    if h * width != w * height:
+        raise ValueError(f"mask file {path} is {w}x{h} pixels but the images are {width}x{height} "
+                         f"(data.resolution): another aspect ratio would stretch the mask; save it at "
+                         f"{width}x{height}, or at any size of the same shape")
+    fitted = F.interpolate(mask, size=(height, width), mode="nearest") if (h, w) != (height, width) else mask
+    resized = f" (resized from {w}x{h} to the images' {width}x{height})" if (h, w) != (height, width) else ""
+    if fitted.min() == 1:
+        raise ValueError(f"mask file {path} marks every pixel as known (white){resized}: paint the "
+                         f"pixels to restore black")
+    if fitted.max() == 0:
+        raise ValueError(f"mask file {path} marks no pixel as known (all black){resized}, which leaves "
+                         f"nothing to restore from: paint the known pixels white")
+    return fitted
+
+
+def file_mask(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """(1, 1, H, W) from a PNG: white (>= 128) = known; checked and fitted by fit_mask."""
+    return fit_mask(read_mask_file(path), height, width, path)
 
 
 def check_task(task: str, mask: str, factor: int, fill: str = "mean") -> None:

@@ -18,13 +18,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from deqlit.config import save_config
-from deqlit.deq.degradations import check_factor_divides
+from deqlit.deq.degradations import check_factor_divides, fit_mask, read_mask_file
 from deqlit.deq.inversion import InversionSettings
 from deqlit.deq.solvers import options_from
 from deqlit.diffusion.chain import Chain
-from deqlit.guards import UserInputError
+from deqlit.guards import OutputFolderError, RunInterrupted, UserInputError
 from deqlit.runs.folder_lock import folder_lock
-from deqlit.guards import OutputFolderError
 from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions
 from deqlit.lit.inversion_data import InversionDataModule
 from deqlit.lit.inversion_module import InversionModule
@@ -68,6 +67,20 @@ def check_factor(settings: InversionSettings, resolution: int) -> None:
     """Checked here, before the output folder is touched, rather than at the first batch."""
     if settings.task == "super-resolution":
         check_factor_divides(settings.factor, resolution, resolution)
+
+
+def check_mask(settings: InversionSettings, resolution: int, quiet: bool = False) -> None:
+    """A mask file is read and checked here, before the output folder is touched, rather than at
+    the first batch, where a missing or unusable file stopped a run that had written run.json
+    (and so blocked its corrected rerun). A file of another size is resized: said unless quiet."""
+    if settings.task != "inpaint" or settings.mask == "center" or settings.mask.startswith("random:"):
+        return
+    mask = read_mask_file(settings.mask)
+    fit_mask(mask, resolution, resolution, settings.mask)
+    height, width = mask.shape[-2:]
+    if (height, width) != (resolution, resolution) and not quiet:
+        print(f"note: mask file {settings.mask} is {width}x{height} pixels: resized to the images' "
+              f"{resolution}x{resolution} (nearest neighbours)")
 
 
 def check_inputs(cfg: dict, ckpt: Optional[str] = None) -> None:
@@ -174,6 +187,7 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
     settings = settings_from(inv)
     check_counts(inv)
     check_factor(settings, data["resolution"])
+    check_mask(settings, data["resolution"], quiet=launched_worker())
     chain = Chain.build(schedule_from_config(cfg["diffusion"]), inv["timesteps"], inv["skip"], inv["eta"])
     # A method that cannot run on time shards is refused before the count of processes is read:
     # no number of processes would run it.
@@ -195,9 +209,12 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
     def check_folder() -> None:
         check_output_folder(out, identity, resume)
         check_output_dir(out)
+    start = FolderStart(out)          # before check_output_dir creates the folder
     on_rank_zero_of(launch, check_folder)
-    with (contextlib.nullcontext() if worker else folder_lock(out, command)):
+    with (contextlib.nullcontext() if worker else start.undone_on_failure()), \
+            (contextlib.nullcontext() if worker else folder_lock(out, command)):
         if not worker:
+            start.creates(out / "latents", out / RUN_FILE, out / "config.yaml", out / "tb")
             (out / "latents").mkdir(exist_ok=True)
         if not resume and not worker:
             (out / RUN_FILE).write_text(json.dumps(identity, indent=2))
@@ -244,6 +261,46 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
         metrics = merge_outputs(out, settings.method, chain.T, inv["merge_limit"])
         log_curves(trainer.logger, out)
     return metrics, out
+
+
+class FolderStart:
+    """What a run creates in its folder before its first result, undone if it fails before any.
+
+    A run that stopped on an error before any batch finished or saved its state holds nothing to
+    resume, but its run.json would make the corrected rerun refuse the folder as "an earlier
+    inversion". An interrupt (Ctrl-C, SIGTERM) keeps everything: it prints a --resume command.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.made_folder = out, not out.exists()
+        self.created: list[Path] = []
+
+    def creates(self, *paths: Path) -> None:
+        """Note the paths (files or folders) that do not exist yet: this run makes them."""
+        self.created += [p for p in paths if not p.exists()]
+
+    def holds_results(self) -> bool:
+        return any((self.out / "latents").glob("part*.pt"))      # part-* and partial-* files
+
+    def undo(self) -> None:
+        import shutil
+        for path in self.created:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def undone_on_failure(self):
+        try:
+            yield
+        except Exception as err:
+            if not isinstance(err, RunInterrupted) and not self.holds_results():
+                self.undo()
+                if self.made_folder:          # empty once the lock inside has let go of .lock
+                    with contextlib.suppress(OSError):
+                        self.out.rmdir()
+            raise
 
 
 def log_curves(logger: Optional[TensorBoardLogger], out: Path) -> None:
