@@ -3,6 +3,7 @@
 summary says."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 from PIL import Image
 
 from deqlit.commands.invert import main
+from deqlit.guards import UserInputError
 from tests.tiny import tiny_setup
 
 
@@ -78,3 +80,47 @@ def test_a_run_that_fails_before_its_first_result_leaves_no_folder(tmp_path, mon
             invert(config, "--out", str(out))
     assert not out.exists()
     assert invert(config, "--out", str(out))["num_images"] == 2
+
+
+# ---- flags that would do nothing are refused; metrics record only what was used
+
+@pytest.mark.parametrize("argv, words", [
+    (["--task", "reconstruct", "--mask", "random:0.3"], r"--mask applies to --task inpaint"),
+    (["--task", "inpaint", "--factor", "4"], r"--factor applies to --task super-resolution"),
+    (["--fill", "harmonic"], r"--fill applies to --task inpaint"),
+    (["--method", "exact", "--lr", "0.5", "--max-steps", "3"],
+     r"--lr and --max-steps apply to --method deq or baseline"),
+    (["--inversion.lr", "0.5"], r"--inversion.lr applies to --method deq or baseline"),
+    (["--method", "exact", "--init", "random"], r"--init applies to --method deq or baseline"),
+    (["--method", "baseline", "--solver", "anderson"], r"--solver applies to --method deq"),
+    (["--method", "deq", "--inversion.exact.max_iter", "5"], r"--inversion.exact.max_iter applies to --method exact or --init exact"),
+])
+def test_a_flag_the_run_would_ignore_is_refused(tmp_path, argv, words):
+    config = exact_config(tmp_path)
+    with pytest.raises(UserInputError, match=r"would do nothing in this run .*" + words):
+        invert(config, *argv, "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_values_are_defaults_and_metrics_record_only_the_tasks_options(tmp_path):
+    """The tiny config sets lr, max_steps, mask, factor and fill for a method-exact reconstruction:
+    not refused (the user typed none of them), and not recorded as if used."""
+    config = exact_config(tmp_path)
+    settings = invert(config, "--out", str(tmp_path / "rec"))["settings"]
+    assert not {"mask", "factor", "fill"} & set(settings)
+    settings = invert(config, "--task", "inpaint", "--max-steps", "1", "--out", str(tmp_path / "inp"))["settings"]
+    assert settings["mask"] == "center" and settings["fill"] == "mean" and "factor" not in settings
+    saved = json.loads((tmp_path / "inp" / "run.json").read_text())["settings"]
+    assert "factor" not in saved and saved["mask"] == "center"
+
+
+def test_a_run_json_that_recorded_other_tasks_options_still_resumes(tmp_path):
+    """Earlier versions recorded a reconstruction's mask, factor and fill; a resume of such a run
+    must not see them as changed settings."""
+    config = exact_config(tmp_path)
+    invert(config)
+    run_file = tmp_path / "run" / "run.json"
+    saved = json.loads(run_file.read_text())
+    saved["settings"].update(mask="center", factor=2, fill="mean")
+    run_file.write_text(json.dumps(saved))
+    assert invert(config, "--resume")["num_images"] == 2

@@ -59,6 +59,8 @@ def shrunk(command: str, tmp: Path, runs: dict[str, Path], index: int) -> tuple[
                "runs/invert-faces": runs.get("invert.py", Path())}     # a file or its run folder
     argv = [str(earlier[a]) if a in earlier else a for a in argv]
     extra = list(SHRINK[script])
+    if script == "invert.py":        # invert.py refuses flags its method would not read
+        extra = invert_shrink(argv, extra)
     if "--metrics" in argv:          # distances between distributions need 2 images at least
         extra[extra.index("--num-images") + 1] = "2"
     if "--trainer.devices" in argv:  # one image per process at least
@@ -81,6 +83,17 @@ def shrunk(command: str, tmp: Path, runs: dict[str, Path], index: int) -> tuple[
         out = tmp / f"run{index}"
     runs.setdefault(script, out)
     return script, argv + extra + ["--out", str(out)]
+
+
+def invert_shrink(argv: list[str], extra: list[str]) -> list[str]:
+    """SHRINK's invert.py flags that the command's method reads: --max-steps not for exact (faces.yaml's
+    method where neither --method nor --task says otherwise), the DEQ solver's max_iter for deq only."""
+    method = argv[argv.index("--method") + 1] if "--method" in argv else "deq" if "--task" in argv else "exact"
+    dropped = {"exact": ("--max-steps", "--inversion.max_iter"), "baseline": ("--inversion.max_iter",)}
+    for flag in dropped.get(method, ()):
+        at = extra.index(flag)
+        del extra[at:at + 2]
+    return extra
 
 
 @pytest.mark.slow

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from deqlit.cli import parse, positive_int
 from deqlit.config import set_path
-from deqlit.deq.degradations import FILLS, TASKS
+from deqlit.deq.degradations import FILLS, TASK_OPTIONS, TASKS
 from deqlit.deq.inversion import INIT_ALIASES, INITS, METHODS, canonical_init
-from deqlit.deq.solvers import SOLVERS
+from deqlit.deq.solvers import SOLVERS, option_defaults
+from deqlit.guards import UserInputError
 from deqlit.runs.inversion import run_inversion
 from deqlit.runs.launch import launched_worker
 
@@ -59,6 +61,21 @@ def given(argv: list[str], args: argparse.Namespace, dest: str) -> bool:
     """Did the command line set this flag, by name (--method) or as its key (--inversion.method)?"""
     key = "--" + FLAGS[dest]
     return getattr(args, dest, None) is not None or any(a == key or a.startswith(key + "=") for a in argv)
+
+
+def typed_inversion_keys(argv: list[str], args: argparse.Namespace) -> dict[str, str]:
+    """{key of the inversion section: how the command line set it}, for the keys it set: by flag
+    (max_steps: '--max-steps') or dotted ('--inversion.max_steps'; '--inversion.exact.tol' sets
+    'exact'). Values that come from the config file are not in it."""
+    typed = {}
+    for dest, key in FLAGS.items():
+        if key.startswith("inversion.") and getattr(args, dest, None) is not None:
+            typed[key.split(".", 1)[1]] = "--" + dest.replace("_", "-")
+    for word in argv:
+        match = re.match(r"--inversion\.([A-Za-z_]+)", word)
+        if match:
+            typed.setdefault(match.group(1), word.split("=", 1)[0])
+    return typed
 
 
 # A restoration's start where --init names none: the one the DEQ steps improve most on the faces
@@ -120,6 +137,60 @@ def restoration_defaults(cfg: dict, args: argparse.Namespace, argv: list[str]) -
     return " ".join(words)
 
 
+def command_defaults(cfg: dict, args: argparse.Namespace, argv: list[str]) -> Optional[str]:
+    """parse()'s `adjust`: a restoration's method and start, the refusal of flags that would do
+    nothing; returns the lines to print (None: nothing to say)."""
+    notes = [restoration_defaults(cfg, args, argv)]
+    typed = typed_inversion_keys(argv, args)
+    check_applicable(cfg["inversion"], typed)
+    return "\n".join(n for n in notes if n) or None
+
+
+def optimizes(inv: dict) -> bool:
+    return inv["method"] != "exact"
+
+
+def starts_exact(inv: dict) -> bool:
+    return inv["method"] == "exact" or canonical_init(inv["init"]) == "exact"
+
+
+# Keys of the inversion section that only some runs read, with the runs that do: set on the command
+# line for another run they would be ignored, and recorded in metrics.json as if they had been used.
+# (The same values from the config file are defaults, not choices: they are never refused.)
+GRADIENT_METHODS = ("--method deq or baseline (the exact method takes no optimization step)", optimizes)
+DEQ_ONLY = ("--method deq (its forward solve; exact and the baseline run the chain step by step)",
+            lambda inv: inv["method"] == "deq")
+ONLY_FOR: dict[str, tuple[str, Callable[[dict], bool]]] = {
+    **{key: (f"--task {task}", lambda inv, task=task: inv["task"] == task) for key, task in TASK_OPTIONS.items()},
+    **{key: GRADIENT_METHODS for key in ("lr", "max_steps", "early_stop_loss", "optimize_noise")},
+    "init": ("--method deq or baseline (the start they refine; the exact method is its own start)",
+             lambda inv: optimizes(inv) or canonical_init(inv["init"]) == "exact"),
+    **{key: DEQ_ONLY for key in ("solver", "tau", "warm_start",
+                                 *{k for name in SOLVERS for k in option_defaults(name)})},
+    "grad_checkpointing": ("--method baseline (its backward pass through the chain)",
+                           lambda inv: inv["method"] == "baseline"),
+    "exact": ("--method exact or --init exact (the exact inverse solve)", starts_exact),
+}
+
+
+def check_applicable(inv: dict, typed: dict[str, str]) -> None:
+    """Refuse the keys the command line set that this run would not read (ONLY_FOR), naming each
+    flag and the task or method that reads it."""
+    flags_by_need: dict[str, list[str]] = {}
+    for key, flag in typed.items():
+        if key in ONLY_FOR and not ONLY_FOR[key][1](inv):
+            flags_by_need.setdefault(ONLY_FOR[key][0], []).append(flag)
+    if not flags_by_need:
+        return
+    flags = [flag for group in flags_by_need.values() for flag in group]
+    needs = "; ".join(f"{' and '.join(group)} {'applies' if len(group) == 1 else 'apply'} to {need}"
+                      for need, group in flags_by_need.items())
+    them = "it" if len(flags) == 1 else "them"
+    raise UserInputError(f"{', '.join(flags)} would do nothing in this run (--task {inv['task']}, "
+                         f"--method {inv['method']}): {needs}. Drop {them}, or choose the task or "
+                         f"method that uses {them}")
+
+
 def restoration_summary(metrics: dict) -> str:
     """The restoration's mean scores in words (metrics.json's mean_hole_psnr, ...)."""
     m = metrics
@@ -135,7 +206,7 @@ def restoration_summary(metrics: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, cfg = parse(build_parser(), argv, FLAGS, adjust=restoration_defaults)
+    args, cfg = parse(build_parser(), argv, FLAGS, adjust=command_defaults)
     if args.note and not launched_worker():
         print(args.note)
     metrics, out = run_inversion(cfg, resume=args.resume, progress=not args.no_progress)

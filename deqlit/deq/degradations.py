@@ -42,6 +42,9 @@ from deqlit.diffusion.seeds import per_image_generator
 
 TASKS = ("reconstruct", "inpaint", "super-resolution")
 FILLS = ("mean", "harmonic")
+# The settings only one task reads: a run of another task neither takes them from the command line
+# nor records them (InversionSettings.to_dict).
+TASK_OPTIONS = {"mask": "inpaint", "fill": "inpaint", "factor": "super-resolution"}
 
 
 def frobenius_loss(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

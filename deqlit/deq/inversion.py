@@ -34,7 +34,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from deqlit.deq.blocks import all_rows, x0_objective
-from deqlit.deq.degradations import check_task, frobenius_loss, make_degradation
+from deqlit.deq.degradations import TASK_OPTIONS, check_task, frobenius_loss, make_degradation
 from deqlit.deq.layer import DEQSampler
 from deqlit.deq.solvers import get_solver, option_defaults
 from deqlit.deq.warm_start import shifted_warm_start
@@ -110,7 +110,9 @@ class InversionSettings:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as run.json and metrics.json record them: without the options of other
+        tasks (a reconstruction has no mask), which would read as if they had been used."""
+        return {k: v for k, v in asdict(self).items() if TASK_OPTIONS.get(k, self.task) == self.task}
 
 
 def draw_start(model: nn.Module, chain: Chain, targets: torch.Tensor, indices: list[int],

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from deqlit.config import save_config
-from deqlit.deq.degradations import check_factor_divides, fit_mask, read_mask_file
+from deqlit.deq.degradations import TASK_OPTIONS, check_factor_divides, fit_mask, read_mask_file
 from deqlit.deq.inversion import InversionSettings
 from deqlit.deq.solvers import options_from
 from deqlit.diffusion.chain import Chain
@@ -133,10 +133,21 @@ def check_output_folder(out: Path, identity: dict[str, Any], resume: bool) -> No
     except (OSError, json.JSONDecodeError) as err:
         raise OutputFolderError(f"cannot resume: {out / RUN_FILE} is unreadable ({err}); start over "
                                 f"with another --out") from err
-    changed = differences(saved, json.loads(json.dumps(identity)))
+    changed = differences(recorded_settings_only(saved), json.loads(json.dumps(identity)))
     if changed:
         raise UserInputError(f"cannot resume with changed settings: {listed(changed)}. Use the saved "
                              f"settings (see {out / 'config.yaml'}) or another --out")
+
+
+def recorded_settings_only(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run.json as this version writes it: earlier versions also recorded the options of the
+    tasks a run did not perform (a reconstruction's mask), which InversionSettings.to_dict drops."""
+    settings = saved.get("settings")
+    if not isinstance(settings, dict):
+        return saved
+    task = settings.get("task", "reconstruct")
+    kept = {k: v for k, v in settings.items() if TASK_OPTIONS.get(k, task) == task}
+    return {**saved, "settings": kept}
 
 
 def check_time_shardable(settings: InversionSettings, shards: int, quiet: bool = False) -> InversionSettings:
