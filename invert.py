@@ -3,7 +3,11 @@
     python invert.py                                    # 16 held-out bundled faces, shipped model
     python invert.py --data celeba                      # the paper's CelebA setting
     python invert.py --method baseline --timesteps 100 --max-steps 200
+    python invert.py --task inpaint --mask center       # into runs/invert-faces-inpaint-center
     python invert.py --resume                           # continue an interrupted run
+
+Without --out, the folder is the config's inversion.out (runs/invert-faces) followed by the task,
+method and start given: each kind of run gets its own.
 """
 import sys
 

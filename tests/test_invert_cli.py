@@ -124,3 +124,52 @@ def test_a_run_json_that_recorded_other_tasks_options_still_resumes(tmp_path):
     saved["settings"].update(mask="center", factor=2, fill="mean")
     run_file.write_text(json.dumps(saved))
     assert invert(config, "--resume")["num_images"] == 2
+
+
+# ---- a default folder per kind of run
+
+def printed_config(argv: list[str], capsys) -> dict:
+    """The resolved config `python invert.py ARGV --print_config` prints."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*argv, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_the_readme_commands_get_distinct_default_folders(capsys):
+    """faces.yaml's inversion.out is runs/invert-faces; the task (with its mask or factor), the
+    method and the start given on the command line are added to it; --out is kept as given."""
+    expected = {(): "runs/invert-faces",
+                ("--init", "random", "--method", "deq"): "runs/invert-faces-deq-gaussian",
+                ("--method", "baseline", "--timesteps", "100"): "runs/invert-faces-baseline",
+                ("--task", "inpaint", "--mask", "center"): "runs/invert-faces-inpaint-center",
+                ("--task", "inpaint", "--mask", "random:0.5"): "runs/invert-faces-inpaint-random0.5",
+                ("--task", "inpaint", "--fill", "harmonic"): "runs/invert-faces-inpaint-center-harmonic",
+                ("--task", "super-resolution", "--factor", "2"): "runs/invert-faces-super-resolution-x2",
+                ("--task", "inpaint", "--out", "mine"): "mine",
+                ("--task", "inpaint", "--inversion.out", "theirs"): "theirs"}
+    for argv, folder in expected.items():
+        assert printed_config(list(argv), capsys)["inversion"]["out"] == folder, argv
+
+
+def test_a_restoration_after_the_quickstart_runs_in_its_own_folder(tmp_path, capsys):
+    """Before: the second command was refused ("holds an earlier inversion: add --resume") and
+    --resume then refused the changed settings."""
+    config = exact_config(tmp_path)              # inversion.out: tmp_path/run
+    invert(config)
+    metrics = invert(config, "--task", "inpaint", "--max-steps", "1")
+    said = capsys.readouterr().out
+    assert f"run folder: {tmp_path / 'run'}-inpaint-center" in said
+    assert metrics["settings"]["task"] == "inpaint"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["settings"]["method"] == "exact"
+    assert (tmp_path / "run-inpaint-center" / "metrics.json").is_file()
+
+
+def test_a_reused_folder_and_a_changed_resume_suggest_a_new_folder(tmp_path):
+    config = exact_config(tmp_path)
+    invert(config)
+    with pytest.raises(UserInputError, match=r"add --resume to continue it, or --out NEW_FOLDER for a new run"):
+        invert(config)
+    with pytest.raises(UserInputError, match=r"cannot resume with changed settings: .*timesteps.*"
+                                             r"or --out NEW_FOLDER for a new run"):
+        invert(config, "--timesteps", "3", "--resume")

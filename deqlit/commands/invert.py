@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 from deqlit.cli import parse, positive_int
@@ -137,12 +138,45 @@ def restoration_defaults(cfg: dict, args: argparse.Namespace, argv: list[str]) -
     return " ".join(words)
 
 
+def folder_words(inv: dict, typed: dict[str, str]) -> list[str]:
+    """What the command line chose of the run's kind, as words of its default folder: the task
+    with its mask or factor (and fill, where given), then the method and the start where given.
+    E.g. --task inpaint --mask random:0.5 -> ['inpaint', 'random0.5']; --init random --method deq
+    -> ['deq', 'gaussian']."""
+    words = []
+    if inv["task"] != "reconstruct" and {"task", *TASK_OPTIONS} & set(typed):
+        detail = (Path(inv["mask"]).stem if inv["mask"].lower().endswith(".png") else inv["mask"]) \
+            if inv["task"] == "inpaint" else f"x{inv['factor']}"
+        words += [inv["task"], detail.replace(":", "")]
+        if inv["task"] == "inpaint" and "fill" in typed:
+            words.append(inv["fill"])
+    words += [inv["method"]] * ("method" in typed) + [canonical_init(inv["init"])] * ("init" in typed)
+    return [re.sub(r"[^A-Za-z0-9._-]", "_", w) for w in words]
+
+
+def default_out(cfg: dict, typed: dict[str, str]) -> Optional[str]:
+    """Without --out (or --inversion.out), runs of other kinds get folders of their own, so that
+    after the quickstart the other README commands are not refused as "an earlier inversion": the
+    config's inversion.out, followed by folder_words (runs/invert-faces, runs/invert-faces-deq,
+    runs/invert-faces-inpaint-center, runs/invert-faces-super-resolution-x2). Returns the line
+    that names the folder (None where it is the config's, or the user's own)."""
+    inv = cfg["inversion"]
+    words = folder_words(inv, typed)
+    if "out" in typed or not words:
+        return None
+    out = "-".join([str(inv["out"]).rstrip("/"), *words])
+    set_path(cfg, "inversion.out", out)
+    return f"run folder: {out} (the config's inversion.out, named after the task, method and start " \
+           f"given; --out to choose another)"
+
+
 def command_defaults(cfg: dict, args: argparse.Namespace, argv: list[str]) -> Optional[str]:
     """parse()'s `adjust`: a restoration's method and start, the refusal of flags that would do
-    nothing; returns the lines to print (None: nothing to say)."""
+    nothing, and the default run folder; returns the lines to print (None: nothing to say)."""
     notes = [restoration_defaults(cfg, args, argv)]
     typed = typed_inversion_keys(argv, args)
     check_applicable(cfg["inversion"], typed)
+    notes.append(default_out(cfg, typed))
     return "\n".join(n for n in notes if n) or None
 
 

@@ -123,7 +123,7 @@ def check_output_folder(out: Path, identity: dict[str, Any], resume: bool) -> No
     if not resume:
         if holds_run:
             raise OutputFolderError(f"{out} holds an earlier inversion: add --resume to continue it, "
-                                    f"or choose another --out")
+                                    f"or --out NEW_FOLDER for a new run")
         return
     if not (out / RUN_FILE).is_file():
         raise FileNotFoundError(f"cannot resume: {out / RUN_FILE} does not exist (no inversion was "
@@ -136,7 +136,8 @@ def check_output_folder(out: Path, identity: dict[str, Any], resume: bool) -> No
     changed = differences(recorded_settings_only(saved), json.loads(json.dumps(identity)))
     if changed:
         raise UserInputError(f"cannot resume with changed settings: {listed(changed)}. Use the saved "
-                             f"settings (see {out / 'config.yaml'}) or another --out")
+                             f"settings (see {out / 'config.yaml'}) to continue it, or --out NEW_FOLDER "
+                             f"for a new run")
 
 
 def recorded_settings_only(saved: dict[str, Any]) -> dict[str, Any]:
