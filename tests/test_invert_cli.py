@@ -173,3 +173,19 @@ def test_a_reused_folder_and_a_changed_resume_suggest_a_new_folder(tmp_path):
     with pytest.raises(UserInputError, match=r"cannot resume with changed settings: .*timesteps.*"
                                              r"or --out NEW_FOLDER for a new run"):
         invert(config, "--timesteps", "3", "--resume")
+
+
+# ---- how many steps ran
+
+def test_the_summary_says_how_many_steps_ran_and_why_none(tmp_path, capsys):
+    """An image whose start is under its early-stop threshold takes no step, and the summary says
+    so (before: the note promised 5 steps and every image took 1, silently)."""
+    config = exact_config(tmp_path)
+    invert(config, "--task", "super-resolution", "--num-images", "1", "--inversion.early_stop_loss", "1e6",
+           "--out", str(tmp_path / "stop"))
+    said = capsys.readouterr().out
+    assert "Adam steps per image: 0 (--max-steps 2)" in said
+    assert "1 of 1 image took none: the start's loss was already under early_stop_loss 1e+06 x the share" in said
+    metrics = invert(config, "--task", "super-resolution", "--max-steps", "2", "--inversion.early_stop_loss", "0",
+                     "--out", str(tmp_path / "all"))
+    assert [m["steps"] for m in metrics["images"]] == [2, 2] and "took none" not in capsys.readouterr().out

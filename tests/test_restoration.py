@@ -92,6 +92,28 @@ def test_a_mask_file_is_read_white_known_and_bad_ones_are_refused(tmp_path):
         file_mask(tmp_path / "wide.png", 8, 8)
 
 
+def test_the_loss_sees_a_known_share_of_each_image():
+    like = images(2)
+    assert make_degradation("inpaint", "center", 2, like, [0, 1], seed=0).observed_fraction(like).tolist() == [0.75, 0.75]
+    assert make_degradation("super-resolution", "center", 2, like, [0, 1], seed=0).observed_fraction(like).tolist() == [0.25, 0.25]
+    assert Degradation().observed_fraction(like).tolist() == [1.0, 1.0]
+
+
+def test_early_stop_is_scaled_to_the_share_of_the_image_the_loss_sees():
+    """early_stop_loss is a whole-image loss; 2x super-resolution's pooled loss sums a quarter of the
+    values, so an image stops below a quarter of it. Before, the unscaled threshold stopped every
+    image after one step (whose result was never used) whatever --max-steps said."""
+    model = perturbed_unet(dtype=torch.float64).requires_grad_(False)
+    target = images(1)
+    start_loss = float(run(model, target, task="super-resolution", max_steps=1)["loss_history"][0, 0])
+    above = run(model, target, task="super-resolution", max_steps=4, early_stop_loss=2 * start_loss)
+    assert above["stop_below"].tolist() == [pytest.approx(start_loss / 2)]
+    assert above["steps"] > 1 and int(above["image_steps"][0]) >= 1
+    under = run(model, target, task="super-resolution", max_steps=4, early_stop_loss=8 * start_loss)
+    assert under["steps"] == 1 and under["image_steps"].tolist() == [0]    # the start is kept as it is
+    assert torch.equal(under["reconstructions"], under["initial"])
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(task="inpaint", method="exact", init="exact"), "--method deq"),
     (dict(task="inpaint", fill="smooth"), "unknown fill 'smooth'"),

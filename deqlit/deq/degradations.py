@@ -97,6 +97,14 @@ class Degradation:
             return x0 + F.interpolate(observed - self.apply(x0), scale_factor=self.factor, mode="nearest")
         return x0
 
+    def observed_fraction(self, like: torch.Tensor) -> torch.Tensor:
+        """(B,) the share of an image's values that y holds: its known pixels' (inpainting),
+        1 / f^2 (f x f pooling), 1 (plain inversion). The loss sums over y's values, so at the same
+        error per value it is this fraction of the whole image's loss."""
+        if self.mask is not None:
+            return self.mask.to(like).flatten(1).mean(1)
+        return torch.full((like.shape[0],), 1.0 / self.factor ** 2, dtype=like.dtype, device=like.device)
+
     def unknown(self, like: torch.Tensor) -> Optional[torch.Tensor]:
         """The pixels A hides, (B, 1, H, W) bool (inpainting); None where every pixel is blurred
         alike (super-resolution: the metrics there are on the whole image)."""

@@ -62,7 +62,7 @@ class InversionSettings:
     init: str = "gaussian"          # or its alias "random"; ddim-inversion; exact
     lr: float = 0.005
     max_steps: int = 100
-    early_stop_loss: float = 0.0
+    early_stop_loss: float = 0.0   # of the whole image; a restoration x the share its loss sees
     seed: int = 0
     tau: float = 0.1
     warm_start: bool = True
@@ -230,6 +230,12 @@ class BatchInverter:
         self.best_noise = None if noise is None else noise.detach().clone()
         self.last_loss = torch.full((B,), math.inf, device=device)
         self.active = torch.ones(B, dtype=torch.bool, device=device)
+        # early_stop_loss is a loss of the whole image; a restoration's loss sums over what y holds
+        # (a quarter of the values for 2x super-resolution), so the same fit per value stops it
+        # below this fraction of the threshold. Unscaled, the pooled loss of the exact start
+        # (~0.12 on the faces) was under 0.5 from the start and every image stopped at once.
+        self.stop_below = settings.early_stop_loss * self.degradation.observed_fraction(targets)
+        self.image_steps = torch.zeros(B, dtype=torch.long, device=device)   # Adam updates per image
         self.warm: Optional[torch.Tensor] = None       # last solution X (T or block rows, B, C, H, W)
         self.warm_x_T: Optional[torch.Tensor] = None   # the x_T it was solved for
         self.data_var = self.shown.flatten(1).var(1)   # (B,) s^2 of each image's warm-start model
@@ -264,9 +270,10 @@ class BatchInverter:
         return self.all_stopped or self.step_index >= self.settings.max_steps
 
     def step(self) -> torch.Tensor:
-        """One Adam step on every image still above early_stop_loss; returns the loss (B,) of the
-        latents before the update."""
-        s, k = self.settings, self.step_index
+        """One Adam step on every image still above its early-stop threshold (stop_below); returns
+        the loss (B,) of the latents before the update. An image under it is left as it is: one
+        under it at the start takes no step."""
+        k = self.step_index
         x_T, noise = self.latents, self.noise
         with torch.enable_grad():
             X, iterations = self.predict_states(x_T, noise)
@@ -274,16 +281,14 @@ class BatchInverter:
 
             def loss_of_x0(x0_hat: torch.Tensor) -> torch.Tensor:
                 losses["per_image"] = self.degradation.loss(x0_hat, self.observed)
-                # Early stopping decides on the loss before this step (the first step: all active).
-                if k > 0:
-                    losses["active"] = losses["per_image"].detach() >= s.early_stop_loss
-                return (losses["per_image"] * losses.get("active", self.active)).sum()
+                # Early stopping decides on the loss before this step.
+                losses["active"] = losses["per_image"].detach() >= self.stop_below
+                return (losses["per_image"] * losses["active"]).sum()
             objective = x0_objective(X, self.block, loss_of_x0)
             # The block that holds x_0 tells the others the loss (one process: the loss itself).
             held = losses["per_image"].detach() if "per_image" in losses else X.new_zeros(X.shape[1])
             loss = self.reducer.broadcast_from(held, 0)
-            if k > 0:
-                self.active = loss >= s.early_stop_loss
+            self.active = loss >= self.stop_below
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
             # Each shard's gradient of the replicated latents is partial: sum them.
@@ -305,8 +310,10 @@ class BatchInverter:
                 self.noise.copy_(torch.where(self.active.reshape(view.shape)[None], self.noise, before[1]))
         self.last_loss = loss
         self.step_index += 1
-        # One flag a step from the device: has every image reached early_stop_loss?
-        self.all_stopped = bool((loss < s.early_stop_loss).all()) if s.early_stop_loss > 0 else False
+        self.image_steps += self.active.long()
+        # One flag a step from the device: has every image reached its threshold (then this step
+        # moved none of them)?
+        self.all_stopped = not bool(self.active.any())
         return loss
 
     # ---- results --------------------------------------------------------------------------
@@ -337,6 +344,8 @@ class BatchInverter:
             # The nearest image to it that honours y (the known pixels pasted; for SR the
             # residual of the low-pass image added back); reconstructions itself for plain inversion.
             "restored": self.degradation.project(recon, self.observed).float().cpu(),
+            # The start's image made to honour y: what the restoration is worth without any step.
+            "initial_restored": self.degradation.project(initial, self.observed).float().cpu(),
             "min_loss": self.best_loss.cpu(),
             "final_loss": self.last_loss.cpu(),
             "initial_loss": self.degradation.loss(initial, self.observed).cpu(),
@@ -344,6 +353,9 @@ class BatchInverter:
             "loss_history": self.loss_history[:, :max(self.step_index, 1)].cpu(),
             "iterations": self.iterations_history[:, :max(self.step_index, 1)].cpu(),
             "steps": self.step_index,
+            "image_steps": self.image_steps.cpu(),               # (B,) the Adam steps each image took
+            # (B,) each image's early-stop threshold (the exact method takes no step)
+            "stop_below": None if self.settings.method == "exact" else self.stop_below.cpu(),
             "seconds": seconds,
             "exact_report": None if self.exact_report is None else self.exact_report.to_dict(),
         }
@@ -361,6 +373,7 @@ class BatchInverter:
                 "best_noise": cpu(self.best_noise), "last_loss": cpu(self.last_loss),
                 "active": cpu(self.active), "warm": cpu(warm), "warm_x_T": cpu(self.warm_x_T),
                 "optimizer": self.optimizer.state_dict(), "all_stopped": self.all_stopped,
+                "image_steps": cpu(self.image_steps),
                 "seconds": self.seconds_before + time.perf_counter() - self.started}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -384,4 +397,8 @@ class BatchInverter:
             self.warm = self.deq.own_rows(self.warm).clone()
         self.optimizer.load_state_dict(state["optimizer"])   # moves Adam's moments to the params' device
         self.all_stopped = bool(state["all_stopped"])
+        # A state saved before per-image counts: every image took every step.
+        saved_steps = state.get("image_steps")
+        self.image_steps = dev(saved_steps) if saved_steps is not None else \
+            torch.full_like(self.image_steps, self.step_index)
         self.seconds_before, self.started = float(state["seconds"]), time.perf_counter()

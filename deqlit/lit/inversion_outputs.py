@@ -29,7 +29,7 @@ from deqlit.lit.inversion_figures import grid_inputs, plot_curves, save_inversio
 PART_GLOB = "part-*.pt"
 # Per-image scores of a restoration task (restoration_metrics), averaged like the others.
 RESTORATION_KEYS = ("hole_psnr", "hole_ssim", "initial_hole_psnr", "input_hole_psnr", "restored_psnr",
-                    "restored_ssim", "input_psnr")
+                    "restored_ssim", "input_psnr", "initial_restored_psnr")
 CURVES = "curves.png"
 
 
@@ -65,10 +65,13 @@ def per_image_metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
             "ssim": float(structural_similarity_index_measure(r, t, data_range=2.0)),
             "latent_autocorrelation": float(autocorr[b]),
             "latent_kurtosis": float(kurt[b]),
-            "steps": int(result["steps"]),
+            # The Adam steps this image took (a batch of another version: the batch's).
+            "steps": int(result["image_steps"][b]) if "image_steps" in result else int(result["steps"]),
             # The images of a batch are optimized together: each was worked on the whole time.
             "seconds": float(result["seconds"]),
         })
+        if result.get("stop_below") is not None:   # early_stop_loss scaled to what the loss sees
+            out[-1]["early_stop_threshold"] = float(result["stop_below"][b])
         out[-1].update(restoration_metrics(result, b))
         report = result.get("exact_report")
         if report:   # the exact inverse solve that gave the start (init 'exact')
@@ -99,7 +102,9 @@ def restoration_metrics(result: dict[str, Any], b: int) -> dict[str, float]:
     PSNR and SSIM of `restored` (the chain's x_0 projected onto A(x) = y) on the whole image and,
     inpainting, on the hidden pixels alone (hole_*; the known ones are the target's there); the
     hole PSNR of the start's image (initial_hole_psnr), and the PSNRs of the degraded input as
-    shown, the hole filled or y upsampled bicubically (input_*): the guess without the model."""
+    shown, the hole filled or y upsampled bicubically (input_*): the guess without the model; and
+    super-resolution, the PSNR of the start's image projected as `restored` is
+    (initial_restored_psnr: what the Adam steps are measured against)."""
     if result.get("task", "reconstruct") == "reconstruct":
         return {}
     t = result["targets"][b:b + 1]
@@ -109,6 +114,9 @@ def restoration_metrics(result: dict[str, Any], b: int) -> dict[str, float]:
     hole = None if unknown is None else unknown[b:b + 1]
     scores = {"restored_psnr": masked_psnr(restored, t, None), "restored_ssim": masked_ssim(restored, t, None),
               "input_psnr": masked_psnr(shown, t, None)}
+    if hole is None and result.get("initial_restored") is not None:
+        initial_restored = result["initial_restored"][b:b + 1].clamp(-1, 1)
+        scores["initial_restored_psnr"] = masked_psnr(initial_restored, t, None)
     if hole is not None:      # projecting the start would change its known pixels only
         initial = result["initial"][b:b + 1].clamp(-1, 1)
         scores.update(hole_psnr=masked_psnr(restored, t, hole), hole_ssim=masked_ssim(restored, t, hole),
