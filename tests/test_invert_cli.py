@@ -3,7 +3,9 @@
 summary says."""
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,35 @@ def test_the_summary_says_how_many_steps_ran_and_why_none(tmp_path, capsys):
     metrics = invert(config, "--task", "super-resolution", "--max-steps", "2", "--inversion.early_stop_loss", "0",
                      "--out", str(tmp_path / "all"))
     assert [m["steps"] for m in metrics["images"]] == [2, 2] and "took none" not in capsys.readouterr().out
+
+
+# ---- exact inversion that misses tol; the singular
+
+def test_exact_inversion_that_misses_tol_is_named_once_with_the_flags_that_help(tmp_path, capsys):
+    config = exact_config(tmp_path)
+    with no_warning_about_convergence():
+        invert(config, "--inversion.exact.max_iter", "1", "--inversion.exact.tol", "1e-12",
+               "--out", str(tmp_path / "o"))
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1 and "did not converge for 2 of 2 images (dataset indices 0, 1)" in lines[0]
+    assert "--timesteps 8" in lines[0] and "--inversion.exact.max_iter" in lines[0]
+    assert "solver='anderson'" not in captured.out + captured.err and "batch positions" not in captured.err
+    assert "inverted 2 images with exact" in captured.out and "2 of 2 did not converge" in captured.out
+
+
+@contextlib.contextmanager
+def no_warning_about_convergence():
+    """Before, a raw UserWarning (with its source line) said it, inside the progress bar."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        yield
+    assert not [w for w in seen if "converge" in str(w.message)]
+
+
+def test_the_summary_counts_one_image_in_the_singular(tmp_path, capsys):
+    config = exact_config(tmp_path)
+    invert(config, "--num-images", "1", "--out", str(tmp_path / "o"))
+    assert "inverted 1 image with exact" in capsys.readouterr().out
+    invert(config, "--task", "inpaint", "--num-images", "1", "--max-steps", "1", "--out", str(tmp_path / "r"))
+    assert "restored 1 image with deq" in capsys.readouterr().out

@@ -251,6 +251,43 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def unconverged_images(metrics: dict) -> list[dict]:
+    """The per-image metrics of the images whose exact inverse solve missed its tolerance."""
+    return [m for m in metrics["images"] if m.get("exact_solve_converged") is False]
+
+
+def unconverged_warning(metrics: dict) -> Optional[str]:
+    """One line naming the images whose exact inversion (method exact, or the start of init
+    exact) missed its tolerance, what they reached, and the flags that may help; None if none."""
+    import inspect
+
+    from deqlit.deq.inverse_map import DEFAULT_MAX_ITER, exact_invert
+    from deqlit.deq.inversion_report import remedies
+    failed = unconverged_images(metrics)
+    if not failed:
+        return None
+    settings, exact = metrics["settings"], metrics["settings"].get("exact") or {}
+    defaults = inspect.signature(exact_invert).parameters
+    mode = exact.get("mode", defaults["mode"].default)
+    solver, tol = exact.get("solver", defaults["solver"].default), exact.get("tol", defaults["tol"].default)
+    max_iter = exact.get("max_iter") or DEFAULT_MAX_ITER[mode]
+    shown = ", ".join(str(m["index"]) for m in failed[:12]) + (", ..." if len(failed) > 12 else "")
+    worst = max(m["exact_solve_residual"] for m in failed)
+    what = "exact inversion" if settings.get("method") == "exact" else \
+        "the exact inversion of the start (--init exact, which the gradient steps then refine)"
+    reached = f"relative residual up to {worst:.1e} against tol {tol:g} after {max_iter} iterations " \
+              f"{'per step' if mode == 'per-step' else 'in all'}"
+    if settings.get("method") == "exact":
+        psnr = sorted(m["psnr"] for m in failed)
+        reached += f", PSNR {psnr[0]:.1f} dB" + (f" to {psnr[-1]:.1f} dB" if len(psnr) > 1 else "")
+        converged = [m["psnr"] for m in metrics["images"] if m.get("exact_solve_converged")]
+        if converged:
+            reached += f" (the converged images: {sum(converged) / len(converged):.1f} dB on average)"
+    T = len(metrics["chain"]["timesteps"])
+    return (f"warning: {what} did not converge for {len(failed)} of {plural(len(metrics['images']), 'image')} "
+            f"(dataset indices {shown}): {reached}. What helps: {remedies(T, mode, solver, max_iter)}")
+
+
 def steps_summary(metrics: dict) -> str:
     """How many Adam steps the images took and, for those that took none, why: their start's loss
     was already under their early-stop threshold (early_stop_loss, scaled to what y holds)."""
@@ -282,13 +319,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     task = metrics["settings"].get("task", "reconstruct")
     gaussianity = (f"latents: lag-1 autocorrelation {metrics['mean_latent_autocorrelation']:.2f}, "
                    f"kurtosis {metrics['mean_latent_kurtosis']:.2f} (white noise: 0 and 3)")
-    head = (f"\n{'restored' if task != 'reconstruct' else 'inverted'} {metrics['num_images']} images "
+    warning = unconverged_warning(metrics)
+    if warning:
+        print(f"\n{warning}")
+    unconverged = len(unconverged_images(metrics))
+    head = (f"\n{'restored' if task != 'reconstruct' else 'inverted'} {plural(metrics['num_images'], 'image')} "
             f"with {method} (init {metrics['settings'].get('init')}, "
             f"T = {len(metrics['chain'].get('timesteps', []))})")
     if task == "reconstruct":
         print(f"{head}: mean loss {metrics['mean_exact_loss']:.4g} (exact chain from the saved latents), "
               f"mean PSNR {metrics['mean_psnr']:.2f} dB (start {metrics['mean_initial_psnr']:.2f} dB), "
-              f"mean SSIM {metrics['mean_ssim']:.3f}; {gaussianity}")
+              f"mean SSIM {metrics['mean_ssim']:.3f}"
+              + (f"; {unconverged} of {metrics['num_images']} did not converge (warning above)"
+                 if unconverged and method == "exact" else "") + f"; {gaussianity}")
     else:
         print(f"{head}, {restoration_summary(metrics)}; {gaussianity}")
     if method != "exact" and metrics["images"]:

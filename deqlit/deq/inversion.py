@@ -136,20 +136,14 @@ def draw_start(model: nn.Module, chain: Chain, targets: torch.Tensor, indices: l
             x_T_t = ddim_encode(model, targets, chain)
         elif settings.init == "exact":
             from deqlit.deq.inverse_map import exact_invert
-            from deqlit.deq.inversion_report import failure_message
-            # on_fail 'warn' (default): an image that misses tol keeps its latent, with a warning
-            # naming it and the rows that did not converge, and exact_solve_converged = false in
-            # metrics.json (the gradient method refines it when method is deq); 'raise' stops.
+            # on_fail 'warn' (default): an image that misses tol keeps its latent; the report says
+            # so (exact_solve_converged = false in metrics.json, and invert.py names the images
+            # once the run ends); the gradient method refines it when method is deq. 'raise' stops.
             options = dict(settings.exact)
             on_fail = options.pop("on_fail", "warn")
             x_T_t, _, report = exact_invert(model, targets, chain, noise=noise_t, max_batch=max_batch,
                                             on_fail="return" if on_fail == "warn" else on_fail,
                                             reducer=reducer, **options)
-            if not report.converged:
-                import warnings
-                failed = [indices[b] for b in report.failed_images()]
-                warnings.warn(f"dataset images {failed} (batch positions below): {failure_message(report, options.get('max_iter', 0))}",
-                              UserWarning, stacklevel=2)
     return x_T_t, noise_t, report
 
 
