@@ -77,16 +77,8 @@ def test_a_short_training_run_logs_its_loss_curve(tmp_path):
     assert points["train/loss"] == 3
 
 
-# runs/inversion.py still calls log_curves after Trainer.predict, which logs the summary curves a
-# second time, into a second event file (Lightning has closed the logger by then), with
-# mean_loss_vs_step from step 0: InversionModule.on_predict_end logs them now. Remove the call, and
-# these marks with it.
-LOG_CURVES_STILL_CALLED = pytest.mark.xfail(
-    strict=True, reason="deqlit/runs/inversion.py calls log_curves after Trainer.predict")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [pytest.param("exact", marks=LOG_CURVES_STILL_CALLED), "deq"])
+@pytest.mark.parametrize("method", ["exact", "deq"])
 def test_inversion_logs_its_solve_or_its_optimization_as_curves(tmp_path, method):
     """The default method (exact) logs its solve, residual against iteration and per state, and
     the running means over the images done; deq logs its loss against the optimization step.
@@ -96,9 +88,9 @@ def test_inversion_logs_its_solve_or_its_optimization_as_curves(tmp_path, method
     config = tiny_setup(tmp_path, n_images=2)
     out = tmp_path / method
     argv = ["--config", str(config), "--no-progress", "--out", str(out), "--batch-size", "1",
-            "--method", method, "--max-steps", "3", "--timesteps", "3"]
-    if method == "exact":      # faces.yaml's default inversion: exact, per step, Anderson
-        argv += ["--init", "exact"]
+            "--method", method, "--timesteps", "3"]
+    if method == "deq":        # the exact method (faces.yaml's default: per step, Anderson) takes no steps
+        argv += ["--max-steps", "3"]
     invert_main(argv)
     points = scalar_points(out)
     means = {f"running/mean_{key}" for key in ("psnr", "ssim", "exact_loss", "latent_autocorrelation")}
@@ -189,7 +181,6 @@ def test_the_curves_of_a_resumed_inversion_go_on_where_they_stopped(tmp_path):
 
 
 @pytest.mark.slow
-@LOG_CURVES_STILL_CALLED
 def test_an_inversion_writes_its_summary_curves_once_from_step_1_in_its_one_event_file(tmp_path):
     """deq/mean_loss_vs_step counts steps from 1, as deq/loss_mean and curves.png do, and is the
     mean over all images of each step's loss; one process writes one event file."""

@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -27,7 +26,6 @@ from deqlit.runs.folder_lock import folder_lock
 from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions
 from deqlit.lit.inversion_data import InversionDataModule
 from deqlit.lit.inversion_module import InversionModule
-from deqlit.lit.inversion_figures import solve_curves
 from deqlit.lit.inversion_outputs import InversionWriter, finished_indices, merge_outputs
 from deqlit.runs.launch import launched_worker, on_rank_zero_of, prepare_launch, time_shards_of
 from deqlit.runs.resume import differences, listed
@@ -271,7 +269,6 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
         if not trainer.is_global_zero:
             return {}, out
         metrics = merge_outputs(out, settings.method, chain.T, inv["merge_limit"])
-        log_curves(trainer.logger, out)
     return metrics, out
 
 
@@ -314,48 +311,3 @@ class FolderStart:
                         self.out.rmdir()
             raise
 
-
-def log_curves(logger: Optional[TensorBoardLogger], out: Path) -> None:
-    """The mean loss against the optimization step over all images, for each method's tag."""
-    if logger is None:
-        return
-    from deqlit.lit.inversion_outputs import load_parts
-    parts = load_parts(out / "latents")
-    if not parts:
-        return
-    width = max(p["loss_history"].shape[1] for p in parts)
-    rows = torch.full((sum(len(p["indices"]) for p in parts), width), float("nan"))
-    r = 0
-    for p in parts:
-        h = p["loss_history"]
-        rows[r:r + h.shape[0], :h.shape[1]] = h
-        r += h.shape[0]
-    method = parts[0]["settings"].get("method", "deq")
-    curve = torch.nanmean(rows, 0)
-    for step, value in enumerate(curve.tolist()):
-        if value == value:   # not NaN
-            logger.log_metrics({f"{method}/mean_loss_vs_step": value}, step=step)
-    log_solve_curves(logger, solve_curves([p.get("exact_report") for p in parts]))
-    logger.finalize("success")
-
-
-def log_solve_curves(logger: TensorBoardLogger, solve: dict[str, Any]) -> None:
-    """The exact inverse solve (method exact or init exact), the worst image of all batches:
-    exact_solve/worst_residual_by_iteration (per step: the worst state at each iteration of the
-    states' own solves; all timesteps: all states after each shared call), and per state i (the
-    step) its last residual and, per step, the iterations its solve took."""
-    if not solve:
-        return
-    trace = solve["state_trace"]                                   # (T, calls), NaN after a stop
-    worst = solve["call_trace"] if len(solve["call_trace"]) else \
-        torch.nan_to_num(trace, nan=-1.0).amax(0)
-    for n, value in enumerate(worst.tolist(), start=1):
-        if value >= 0:
-            logger.log_metrics({"exact_solve/worst_residual_by_iteration": value}, step=n)
-    for i, row in enumerate(trace, start=1):
-        done = row[torch.isfinite(row)]
-        if len(done):
-            values = {"exact_solve/final_residual_by_state": float(done[-1])}
-            if solve["mode"] == "per-step":
-                values["exact_solve/iterations_by_state"] = float(len(done))
-            logger.log_metrics(values, step=i)
