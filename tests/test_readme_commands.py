@@ -128,11 +128,13 @@ def test_every_readme_command_runs_shrunk(tmp_path, monkeypatch, capsys, one_thr
             done = process.result()
             assert done.returncode == 0, (command, done.stderr[-2000:])
             if script == "invert.py" and "ddp" in argv:    # data-parallel: the latents of one process
-                out = Path(argv[argv.index("--out") + 1])
+                out = Path(argv[len(argv) - argv[::-1].index("--out")])   # the last --out wins: the test's
                 one = torch.load(runs["invert.py"] / "latents.pt", weights_only=True)
                 two = torch.load(out / "latents.pt", weights_only=True)
                 assert one["indices"].tolist() == two["indices"].tolist() == [0, 1]
                 # float32: one image per process convolves in other batch sizes than two in one
-                # process (~1e-7), and the exact solve's stopping on tol can carry that to ~1e-5
-                assert (one["x_T"] - two["x_T"]).abs().max() <= 1e-4
+                # process (~1e-7); the exact solve stops on its relative tol (1e-4), so a step may stop
+                # one iteration earlier or later: up to ~tol x |x_T| (|x_T| <= ~3), 2e-4 measured on
+                # this CPU at 45ee3db and after (1e-5 on CI's)
+                assert (one["x_T"] - two["x_T"]).abs().max() <= 1e-3
     assert several, "no README command of several processes"
