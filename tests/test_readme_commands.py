@@ -68,9 +68,10 @@ def shrunk(command: str, tmp: Path, runs: dict[str, Path], index: int) -> tuple[
     if "--latents" in argv or "--interpolate" in argv:          # the saved chain decides T
         at = extra.index("--timesteps")
         del extra[at:at + 2]
-    if "--interpolate" in argv:      # the shrunk inversion saved 2 latents
+    if "--interpolate" in argv:      # the shrunk inversion saved 2 latents; the morphs take every pair given
         argv[argv.index("--pairs") + 1] = "0:1"
-        extra[extra.index("--num-images") + 1] = "2"
+        at = extra.index("--num-images")
+        del extra[at:at + 2]
     if "--task" in argv and "joint" in argv:
         extra = ["--max-steps", "1", "--joint.num_images", "1", "--joint.timesteps", "3",
                  "--joint.kid_every", "0", "--joint.compare_every", "0", "--joint.image_every", "0",

@@ -77,6 +77,18 @@ def test_runs_never_share_a_folder_and_a_used_out_is_refused(tmp_path, monkeypat
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")} == before
 
 
+@pytest.mark.parametrize("flags", [["--num-images", "2"], ["--metrics", "fd-random"], ["--compare-sequential"],
+                                   ["--timesteps", "3"], ["--eta", "0.5"]])
+def test_sampling_flags_with_interpolate_are_refused(tmp_path, flags):
+    """--interpolate decodes the saved latents with their own chain and reports fd-random itself:
+    plain sampling's flags would be ignored, so they are refused by name before anything is written."""
+    from deqlit.guards import UserInputError
+    latents = str(tiny_latents(tmp_path / "inv"))
+    with pytest.raises(UserInputError, match=f"{flags[0]} would do nothing with --interpolate"):
+        main(["--interpolate", latents, "--pairs", "0:1", "--no-progress", *flags, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("flags", [["--pairs", "0:1"], ["--interp", "lerp"], ["--frames", "3"]])
 def test_interpolation_flags_without_interpolate_are_refused(tmp_path, flags):
     from deqlit.guards import UserInputError

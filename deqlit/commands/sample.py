@@ -155,6 +155,22 @@ def refuse_interpolation_flags(args: argparse.Namespace) -> None:
                              f"{' and '.join(typed)} to sample")
 
 
+# Flags of plain sampling that --interpolate would not read (the morphs decode the saved latents
+# with their own chain, and the midpoints' fd-random is always reported).
+NOT_INTERPOLATION = {"num_images": "--num-images", "metrics": "--metrics", "ref_data": "--ref-data",
+                     "fid_weights": "--fid-weights", "compare": "--compare-sequential",
+                     "timesteps": "--timesteps", "skip": "--skip", "eta": "--eta"}
+
+
+def refuse_sampling_flags(args: argparse.Namespace) -> None:
+    """Flags typed with --interpolate that it would ignore: refuse them by name."""
+    typed = [flag for name, flag in NOT_INTERPOLATION.items() if getattr(args, name, None) not in (None, False)]
+    if typed:
+        raise UserInputError(f"{', '.join(typed)} would do nothing with --interpolate (it decodes the saved "
+                             f"latents with their own chain, all pairs given by --pairs, and reports the "
+                             f"midpoints' fd-random itself): drop {' and '.join(typed)}")
+
+
 def refuse_earlier_outputs(out: Path) -> None:
     """OutputFolderError if `out` holds what a sampling or interpolation run writes (OUTPUTS)."""
     found = sorted({p.name for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
@@ -302,6 +318,7 @@ def interpolate_main(args: argparse.Namespace, cfg: dict, device, dtype, mesh) -
     from deqlit.commands.interpolate import check_interpolation, fine_tuned_weights, run_interpolation
     if args.latents:
         raise ValueError("--interpolate reads its own latents: drop --latents")
+    refuse_sampling_flags(args)
     if mesh is not None:
         raise ValueError("--interpolate runs in one process: drop --trainer.strategy ddp_time / --trainer.devices")
     pairs, frames, method = (default if getattr(args, name) is None else getattr(args, name)
