@@ -67,15 +67,21 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, flag_to_key: 
 
 
 # ---- argument types and the error wrapper of the entry scripts ---------------------------------
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a zero or negative count would divide by zero or do nothing)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
-    return value
+def int_at_least(minimum: int, rule: str) -> Callable[[str], int]:
+    """argparse type: an integer >= minimum; `rule` says why, in the error (e.g. 'must be 2 or more')."""
+    def parse_int(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{rule}; got {text!r}, not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{rule}, got {value}")
+        return value
+    return parse_int
+
+
+# A zero or negative count would divide by zero or do nothing.
+positive_int = int_at_least(1, "must be a positive integer (1 or more)")
 
 
 def describe_error(err: BaseException) -> tuple[str, int] | None:

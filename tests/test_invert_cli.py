@@ -15,20 +15,13 @@ from PIL import Image
 
 from deqlit.commands.invert import main
 from deqlit.guards import UserInputError
-from tests.tiny import tiny_setup
+from tests.tiny import exact_config
 
 
 def invert(config: Path, *extra: str) -> dict:
     return main(["--config", str(config), "--no-progress", "--num-images", "2", *extra])
 
 
-def exact_config(tmp_path: Path) -> Path:
-    """The tiny setup with faces.yaml's method (exact) and start."""
-    path = tiny_setup(tmp_path, n_images=2)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["inversion"].update(method="exact", init="ddim-inversion", max_steps=2)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 # ---- a mask file is checked before anything is written; a failed start is undone

@@ -10,16 +10,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from tests.tiny import tiny_setup
+from tests.tiny import exact_config, tiny_setup
 
 
-def exact_config(tmp_path: Path) -> Path:
-    """The tiny setup with the shipped configs' default method and start (exact, ddim-inversion)."""
-    path = tiny_setup(tmp_path, n_images=3)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["inversion"].update(method="exact", init="ddim-inversion", max_steps=2)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def invert(config: Path, out: Path, *extra: str) -> dict:
@@ -32,7 +25,7 @@ def hand_psnr(x: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def test_inpaint_center_runs_deq_and_reports_the_hole_psnr(tmp_path, capsys):
-    config = exact_config(tmp_path)
+    config = exact_config(tmp_path, n_images=3)
     metrics = invert(config, tmp_path / "inp", "--task", "inpaint", "--mask", "center")
     said = capsys.readouterr().out
     assert "--task inpaint: running the DEQ gradient method" in said and "--init ddim-inversion" in said
@@ -65,7 +58,7 @@ def test_inpaint_center_runs_deq_and_reports_the_hole_psnr(tmp_path, capsys):
 
 
 def test_super_resolution_keeps_the_low_resolution_image(tmp_path, capsys):
-    config = exact_config(tmp_path)
+    config = exact_config(tmp_path, n_images=3)
     metrics = invert(config, tmp_path / "sr", "--task", "super-resolution", "--factor", "2")
     assert "--init exact" in capsys.readouterr().out
     assert metrics["settings"]["method"] == "deq" and metrics["settings"]["task"] == "super-resolution"
@@ -78,7 +71,7 @@ def test_super_resolution_keeps_the_low_resolution_image(tmp_path, capsys):
 
 
 def test_the_users_method_and_init_are_kept(tmp_path, capsys):
-    config = exact_config(tmp_path)
+    config = exact_config(tmp_path, n_images=3)
     metrics = invert(config, tmp_path / "kept", "--task", "inpaint", "--method", "baseline",
                      "--inversion.init", "gaussian", "--num-images", "1", "--max-steps", "1")
     assert "DEQ" not in capsys.readouterr().out
@@ -86,7 +79,7 @@ def test_the_users_method_and_init_are_kept(tmp_path, capsys):
 
 
 def test_a_factor_that_does_not_divide_the_images_and_exact_inpainting_are_refused(tmp_path):
-    config = exact_config(tmp_path)
+    config = exact_config(tmp_path, n_images=3)
     with pytest.raises(ValueError, match=r"--factor 3 does not divide the 8x8 images.*--factor 2"):
         invert(config, tmp_path / "f3", "--task", "super-resolution", "--factor", "3")
     assert not (tmp_path / "f3").exists()                   # refused before anything is written
@@ -98,7 +91,7 @@ def test_a_factor_that_does_not_divide_the_images_and_exact_inpainting_are_refus
 def test_the_grid_of_a_restoration_shows_the_degraded_input_and_the_restored_image(tmp_path):
     from deqlit.lit.inversion_figures import COLUMNS, RESTORATION_COLUMNS, grid_inputs
     from deqlit.lit.inversion_outputs import load_parts
-    config = exact_config(tmp_path)
+    config = exact_config(tmp_path, n_images=3)
     invert(config, tmp_path / "inp", "--task", "inpaint", "--num-images", "2", "--max-steps", "1")
     part = load_parts(tmp_path / "inp" / "latents")[0]
     grid = grid_inputs(part, part["metrics"], "deq", 4)

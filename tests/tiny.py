@@ -68,6 +68,16 @@ class GradRowCounter(torch.nn.Module):
         return self.model(x, t)
 
 
+def exact_config(tmp_path: Path, n_images: int = 2) -> Path:
+    """tiny_setup with the shipped configs' default inversion method and start (exact,
+    ddim-inversion; max_steps 2 for the methods that step)."""
+    path = tiny_setup(tmp_path, n_images=n_images)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["inversion"].update(method="exact", init="ddim-inversion", max_steps=2)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def run_cli(main, argv: list[str], script: str, capsys) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `python SCRIPT ARGV` run in this process (cli.run_main)."""
     from deqlit.cli import run_main

@@ -19,7 +19,7 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm import tqdm
 
-from deqlit.cli import parse, positive_int
+from deqlit.cli import int_at_least, parse, positive_int
 from deqlit.deq.solvers import options_from
 from deqlit.devices import placement
 from deqlit.diffusion.chain import Chain
@@ -46,15 +46,7 @@ OUTPUTS = ("metrics.json", "samples.png", "samples.pt", "samples_sequential.png"
 GRID_LIMIT = 256     # samples.png shows at most this many samples (samples.pt holds them all)
 
 
-def frame_count(text: str) -> int:
-    """argparse type of --frames: an integer >= 2."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"{FRAMES_RULE}, got {value}")
-    return value
+frame_count = int_at_least(2, FRAMES_RULE)      # argparse type of --frames
 
 
 def build_parser() -> argparse.ArgumentParser:
