@@ -30,11 +30,14 @@ def setup(weight: float, T: int = 10):
 
 def test_exact_newton_solves_a_linear_network_in_one_step(floor):
     """eps linear in x (exact Gaussian data): one Newton step with the true Jacobian lands on the
-    fixed point, so the second call already reproduces sequential DDIM; the secant model of
-    newton-scan starts from the pure-noise gain, which is not this network's, and needs more."""
+    fixed point, so the second call already reproduces sequential DDIM. newton-scan's measured
+    table is that Jacobian (a per-row filter, measured exactly by central differences on a linear
+    network) and does the same; the scalar secant model starts from the pure-noise gain, which is
+    not this network's, and needs more."""
     model, chain, seq, x_T, ref = setup(weight=0.0)
     assert floor.exact_newton_iterations(model, chain, seq, x_T, ref, chain.T) == 2
-    assert floor.newton_scan_iterations(model, chain, x_T, ref, chain.T) > 2
+    assert floor.newton_scan_iterations(model, chain, x_T, ref, chain.T) == 2
+    assert floor.newton_scan_iterations(model, chain, x_T, ref, chain.T, jacobian="scalar") > 2
 
 
 def test_exact_newton_needs_no_more_calls_than_newton_scan_on_a_nonlinear_network(floor):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from deqlit.deq.fixed_point import FixedPointMap
+from deqlit.deq.jacobian_table import gain_table
 from deqlit.deq.layer import DEQSampler
 from deqlit.deq.newton_scan import compose_scan, scan_correction
 from deqlit.deq.solvers import SolverDivergedError, solve
@@ -160,7 +161,8 @@ def test_freezing_settled_rows_saves_network_rows_and_keeps_the_result():
     assert frozen.network_rows < plain.network_rows
 
 
-def test_nan_raises_with_its_iteration():
+@pytest.mark.parametrize("jacobian", ["table", "scalar"])
+def test_nan_raises_with_its_iteration(jacobian):
     model = perturbed_unet(seed=0)
     calls = {"n": 0}
 
@@ -170,8 +172,21 @@ def test_nan_raises_with_its_iteration():
         return out * float("nan") if calls["n"] == 4 else out      # call 1 is eps(x_T), in bind
     chain = Chain.build(ABAR, 10)
     x_T, _ = inputs(10, 0.0, seed=0)
+    if jacobian == "table":          # measured before the count starts; the solve reuses it
+        calls["n"] = -10 ** 6
+        gain_table(poisoned, chain, tuple(x_T.shape[1:]), x_T.device, x_T.dtype)
+        calls["n"] = 0
     with torch.no_grad(), pytest.raises(SolverDivergedError, match="newton-scan.*iteration 3"):
-        DEQSampler(poisoned, chain, "newton-scan", dict(max_iter=10, tol=0.0))(x_T)
+        DEQSampler(poisoned, chain, "newton-scan", dict(max_iter=10, tol=0.0, jacobian=jacobian))(x_T)
+
+
+def test_a_model_that_gives_nan_while_its_table_is_measured_is_named():
+    model = perturbed_unet(seed=0)
+    chain = Chain.build(ABAR, 10)
+    x_T, _ = inputs(10, 0.0, seed=0)
+    with torch.no_grad(), pytest.raises(SolverDivergedError, match="Jacobian table"):
+        DEQSampler(lambda x, t: model(x, t) * float("nan"), chain, "newton-scan",
+                   dict(max_iter=10, tol=0.0))(x_T)
 
 
 def test_a_map_without_the_chain_structure_is_refused():

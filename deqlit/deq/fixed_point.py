@@ -133,6 +133,10 @@ class FixedPointMap:
         rows = slice(self.block.start, self.block.stop)
         return self.chain.abar.double().sqrt()[rows], c[rows], False
 
+    def row_states(self) -> torch.Tensor:
+        """The chain state x_i of every row of the block: i (rows,) long (for newton-scan's table)."""
+        return torch.arange(self.block.start, self.block.stop)
+
     def row_eps(self) -> torch.Tensor:
         """The last call's eps aligned with the block's rows (rows, B, ...), detached, with or
         without gradient: zero for x_0, which makes no term."""

@@ -111,6 +111,10 @@ class InverseChainMap:
         scale = self.chain.abar.double().sqrt()[1:][self.natural].flip(0)
         return scale, -self.chain.c.double()[self.natural].flip(0), True
 
+    def row_states(self) -> torch.Tensor:
+        """The chain state x_i of every solver row of the block (x_{T-r}): i (rows,) long."""
+        return (torch.arange(self.natural.start, self.natural.stop) + 1).flip(0)
+
     def row_eps(self) -> torch.Tensor:
         """eps of the block's states at the last call, in solver order (rows, B, ...)."""
         return self._eps.flip(0)

@@ -82,22 +82,29 @@ def compose_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return A, Bv
 
 
+def trailing(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """t with singleton dimensions appended up to `dims` (to broadcast over an image's axes)."""
+    return t.reshape(t.shape + (1,) * (dims - t.dim()))
+
+
 def row_maps(scale: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, residual: torch.Tensor,
              inclusive: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The affine maps phi_r of the recurrence for U (module header, (2)-(3)).
 
-    scale, weight (R,); g (R, B); residual (R, B, ...) -> a (R, B), b (R, B, ...).
+    scale, weight (R,); g (R, B) or (R, B, ...) (one gain per component, broadcast over the
+    residual's further axes); residual (R, B, ...) -> a (shaped like g), b (R, B, ...).
     """
-    p = weight[:, None] * g                                  # (R, B)
-    ps = p * scale[:, None]
+    p = trailing(weight, g.dim()) * g
+    ps = p * trailing(scale, g.dim())
     a = 1.0 / (1.0 - ps) if inclusive else 1.0 + ps
     coef = (a * p if inclusive else p).to(residual.dtype)
-    return a.to(residual.dtype), coef.reshape(coef.shape + (1,) * (residual.dim() - 2)) * residual
+    return a.to(residual.dtype), trailing(coef, residual.dim()) * residual
 
 
 def scan_correction(scale: torch.Tensor, weight: torch.Tensor, inclusive: bool, g: torch.Tensor,
                     residual: torch.Tensor, reducer: LocalReducer = LOCAL) -> torch.Tensor:
-    """U of (2) on this block's rows: (R, B, ...). scale, weight (R,), g (R, B), residual (R, B, ...).
+    """U of (2) on this block's rows: (R, B, ...). scale, weight (R,), g (R, B) or (R, B, ...)
+    (row_maps), residual (R, B, ...).
 
     The rows run top (last row, next to the fixed end) first; the incoming U at the block's top is
     the later blocks' composed maps applied to 0 (zero on the last block and in one process).
@@ -109,8 +116,35 @@ def scan_correction(scale: torch.Tensor, weight: torch.Tensor, inclusive: bool, 
     if not inclusive:                                        # U_r takes the maps of rows > r only
         A = torch.cat([torch.ones_like(A[:1]), A[:-1]])
         Bv = torch.cat([torch.zeros_like(Bv[:1]), Bv[:-1]])
-    U = A.reshape(A.shape + (1,) * (Bv.dim() - 2)) * carry_b[None] + Bv
+    U = trailing(A, Bv.dim()) * carry_b[None] + Bv
     return U.flip(0)
+
+
+def to_frequencies(x: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) real -> rfft2 (orthonormal) as a real view (..., H, W // 2 + 1, 2), float64."""
+    return torch.view_as_real(torch.fft.rfft2(x.double(), norm="ortho"))
+
+
+def from_frequencies(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of to_frequencies: (..., H, W // 2 + 1, 2) -> (..., H, W) float64."""
+    return torch.fft.irfft2(torch.view_as_complex(z.contiguous()), s=size, norm="ortho")
+
+
+def table_secant(rho: torch.Tensor, tau: torch.Tensor, eps: torch.Tensor, eps_prev: torch.Tensor,
+                 x: torch.Tensor, x_prev: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The scalar rho per row and image for which rho * tau best explains the last step:
+    <d eps, d x> / <d x, tau d x> (both over the full spectrum), rho kept where x did not move.
+
+    rho (R, B); tau (R, C, H, Wf); eps.. (R, B, C, H, W); weights (Wf,) (rfft_weights) -> (R, B).
+    """
+    dx = torch.fft.rfft2((x - x_prev).double(), norm="ortho")
+    de = torch.fft.rfft2((eps - eps_prev).double(), norm="ortho")
+    num = ((dx.conj() * de).real * weights).flatten(2).sum(-1)
+    power = dx.abs().pow(2) * weights
+    den = (power * tau[:, None]).flatten(2).sum(-1)
+    moved = power.flatten(2).sum(-1) > 1e-30 * (x.double().flatten(2).pow(2).sum(-1) + 1e-30)
+    usable = moved & (den.abs() > 1e-300)
+    return torch.where(usable, num / torch.where(usable, den, torch.ones_like(den)), rho)
 
 
 def secant(g: torch.Tensor, eps: torch.Tensor, eps_prev: torch.Tensor, x: torch.Tensor,
@@ -134,41 +168,73 @@ def chain_structure(f: Map) -> tuple[torch.Tensor, torch.Tensor, bool]:
     return f.scan_coefficients()
 
 
-def newton_scan(f: Map, x0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3,
-                freeze: bool = False, reducer: LocalReducer = LOCAL, triangular: bool = True,
-                callback=None) -> tuple[torch.Tensor, SolverStats]:
-    """Quasi-Newton on the chain (module header): X <- h(X) + s U, U from a scan of affine maps,
-    with one scalar secant Jacobian of eps per row and image. f must be the chain map itself.
+JACOBIANS = ("table", "scalar")
 
+
+def row_gain_table(f: Map, x0: torch.Tensor) -> torch.Tensor:
+    """tau of the map's rows (jacobian_table.py): (R, C, H, W // 2 + 1) float64 on x0's device."""
+    from deqlit.deq.jacobian_table import gain_table
+    if x0.dim() != 5:
+        raise ValueError(f"newton-scan's jacobian='table' needs image rows (R, B, C, H, W), got "
+                         f"{tuple(x0.shape)}; use jacobian='scalar'")
+    table = gain_table(f.model, f.chain, tuple(x0.shape[2:]), x0.device, x0.dtype)
+    return table[f.row_states().to(table.device)]
+
+
+def newton_scan(f: Map, x0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3,
+                jacobian: str = "table", freeze: bool = False, reducer: LocalReducer = LOCAL,
+                triangular: bool = True, callback=None) -> tuple[torch.Tensor, SolverStats]:
+    """Quasi-Newton on the chain (module header): X <- h(X) + s U, U from a scan of affine maps.
+    f must be the chain map itself.
+
+    jacobian: the model of eps's Jacobian per row and image. "table" (default): rho * diag(tau) in
+    the Fourier basis, tau the per-frequency gains measured once per model and chain
+    (jacobian_table.py), rho a scalar secant; "scalar": one scalar secant g (header), no calibration.
     x0 (R, B, C, H, W): this block's rows. Same contract and loop as the other solvers
     (solvers._run): per-image stop, stats as tensors, NaN raised with the iteration, and on the
     forward chain at most T calls.
     """
+    from deqlit.deq.jacobian_table import rfft_weights
     from deqlit.deq.solvers import _run       # solvers.py registers this solver: import at call time
+    if jacobian not in JACOBIANS:
+        raise ValueError(f"newton-scan: jacobian must be one of {', '.join(JACOBIANS)}, got {jacobian!r}")
     scale, weight, inclusive = chain_structure(f)
     dtype = torch.float64
     scale, weight = scale.to(device=x0.device, dtype=dtype), weight.to(device=x0.device, dtype=dtype)
     B = x0.shape[1]
-    prior = (1.0 - scale.pow(2)).clamp(min=1e-12).rsqrt()[:, None].expand(-1, B)
+    cap = INVERSE_GAIN_CAP / (weight * scale).clamp(min=1e-300)                 # (R,)
+    if jacobian == "table":
+        tau = row_gain_table(f, x0)[:, None]                                    # (R, 1, C, H, Wf)
+        size, freq_weights = tuple(x0.shape[-2:]), rfft_weights(x0.shape[-1], device=x0.device)
+        # The inverse map's first call takes Picard's step, as with the scalar model (header).
+        g0 = torch.full((x0.shape[0], B), 0.0 if inclusive else 1.0, dtype=dtype, device=x0.device)
+    else:
+        g0 = (1.0 - scale.pow(2)).clamp(min=1e-12).rsqrt()[:, None].expand(-1, B)
+        g0 = torch.zeros_like(g0) if inclusive else g0.clone()
     state: dict[str, Optional[torch.Tensor]] = {
-        "g": torch.zeros_like(prior) if inclusive else prior.clone(), "eps": None,
-        "backoff": torch.ones(B, dtype=dtype, device=x0.device)}
-    cap = (INVERSE_GAIN_CAP / (weight * scale).clamp(min=1e-300))[:, None]     # (R, 1)
+        "g": g0, "eps": None, "backoff": torch.ones(B, dtype=dtype, device=x0.device)}
 
     def mix(xs, fxs, gs):
         eps = f.row_eps().clone()
         if state["eps"] is not None and len(xs) >= 2:
-            state["g"] = secant(state["g"], eps, state["eps"], xs[-1], xs[-2])
+            state["g"] = (table_secant(state["g"], tau[:, 0], eps, state["eps"], xs[-1], xs[-2], freq_weights)
+                          if jacobian == "table" else secant(state["g"], eps, state["eps"], xs[-1], xs[-2]))
         state["eps"] = eps
-        g = state["g"]
+        g = state["g"]                                                          # (R, B)
+        if jacobian == "table":
+            g = trailing(g, tau.dim()) * tau                                    # (R, B, C, H, Wf)
         if inclusive:                                  # the inverse map's safeguards (header)
             if len(gs) >= 2:
                 norms = reducer.sum(torch.stack([r.double().pow(2).flatten(2).sum((0, 2)) for r in gs[-2:]]))
                 state["backoff"] = torch.where(norms[1] > norms[0], state["backoff"] * BACKOFF,
                                                state["backoff"])
-            g = torch.minimum(g.clamp(min=0), cap) * state["backoff"]
-        U = scan_correction(scale, weight, inclusive, g, gs[-1], reducer)
-        return fxs[-1] + scale.to(U.dtype).reshape((-1,) + (1,) * (U.dim() - 1)) * U
+            g = torch.minimum(g.clamp(min=0), trailing(cap, g.dim())) * trailing(state["backoff"], g.dim() - 1)
+        if jacobian == "table":
+            U = from_frequencies(scan_correction(scale, weight, inclusive, g, to_frequencies(gs[-1]), reducer),
+                                 size).to(gs[-1].dtype)
+        else:
+            U = scan_correction(scale, weight, inclusive, g, gs[-1], reducer)
+        return fxs[-1] + trailing(scale.to(U.dtype), U.dim()) * U
 
     return _run("newton-scan", f, x0, max_iter=max_iter, tol=tol, mix=mix, m=2, freeze=freeze,
                 reducer=reducer, triangular=triangular, callback=callback)

@@ -101,14 +101,18 @@ class DistributedReducer:
         return totals[:self.shard_index].sum(0)
 
     def compose_from_later(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block maps U -> a U + b (a (B,), b (B, ...) per image) of the shards k' > k composed,
-        the last shard's applied first (identity on the last shard): one all_gather of K maps."""
-        flat = torch.cat([a[:, None].to(b.dtype), b.flatten(1)], dim=1)          # (B, 1 + D)
-        maps = self.all_totals(flat)                                              # (K, B, 1 + D)
+        """The block maps U -> a U + b per image of the shards k' > k composed, the last shard's
+        applied first (identity on the last shard): one all_gather of K maps. a (B,) or (B, ...)
+        (one gain per component, broadcast over b's further axes), b (B, ...)."""
+        batch = a.shape[0]
+        flat = torch.cat([a.reshape(batch, -1).to(b.dtype), b.reshape(batch, -1)], dim=1)
+        maps = self.all_totals(flat)                                              # (K, B, Da + Db)
+        split = a[0].numel()
         A, Bv = torch.ones_like(a), torch.zeros_like(b)
+        view = a.shape + (1,) * (b.dim() - a.dim())
         for k in range(self.shards - 1, self.shard_index, -1):   # (a_k, b_k) o (A, Bv)
-            a_k, b_k = maps[k, :, 0].to(a.dtype), maps[k, :, 1:].reshape(b.shape)
-            A, Bv = a_k * A, a_k.reshape((-1,) + (1,) * (b.dim() - 1)).to(b.dtype) * Bv + b_k
+            a_k, b_k = maps[k, :, :split].reshape(a.shape).to(a.dtype), maps[k, :, split:].reshape(b.shape)
+            A, Bv = a_k * A, a_k.reshape(view).to(b.dtype) * Bv + b_k
         return A, Bv
 
     def gather(self, value: torch.Tensor) -> torch.Tensor:
