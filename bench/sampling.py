@@ -11,8 +11,11 @@ sequential chain's, and solver overhead = seconds per solver iteration / seconds
 network call on the same (T - 1) rows, timed before the solve; overhead_inline = the solve's seconds /
 the seconds spent inside its own network calls (the same calls, so load on a shared CPU cancels).
 Writes bench/results/sampling.csv, sampling_traces.json (x_0 RMSE per iteration, per seed) and
-sampling_residual.png (median x_0 RMSE against iterations); --append keeps the other T's rows:
+sampling_residual.png (median x_0 RMSE against iterations); --append keeps the rows of every
+(T, solver) not rerun (iteration counts are deterministic; timings are per run):
     python bench/sampling.py --timesteps 1000 --append
+    python bench/sampling.py --solvers newton-scan --append
+newton-scan measures its Jacobian table once per T before the seeds (table_seconds_once).
 """
 from __future__ import annotations
 
@@ -160,10 +163,13 @@ def main() -> None:
                           f"overhead {rows[-1]['overhead']:.2f} (inline {rows[-1]['overhead_inline']:.3f})",
                           flush=True)
     out = Path(args.out)
-    if args.append and out.exists():              # keep the other T's rows and traces
+    if args.append and out.exists():              # keep the rows and traces of the (T, solver) not rerun
         old_rows, old_traces = read_outputs(out)
-        rows = [r for r in old_rows if r["T"] not in args.timesteps] + rows
-        traces = {**{k: v for k, v in old_traces.items() if k[0] not in args.timesteps}, **traces}
+        rerun = {(T, solver) for T in args.timesteps for solver in args.solvers}
+        rows = [r for r in old_rows if (r["T"], r["solver"]) not in rerun] + rows
+        traces = {**{k: v for k, v in old_traces.items() if k not in rerun}, **traces}
+        rows.sort(key=lambda r: (r["T"], list(SOLVER_OPTIONS).index(r["solver"])
+                                 if r["solver"] in SOLVER_OPTIONS else 99, r["seed"]))
     args.timesteps = sorted({r["T"] for r in rows})
     args.solvers = list(dict.fromkeys(r["solver"] for r in rows))
     summary = summarize(rows, args)

@@ -128,3 +128,28 @@ def test_rfft_weights_make_half_spectrum_inner_products_equal_pixel_ones():
         fa, fb = torch.fft.rfft2(a, norm="ortho"), torch.fft.rfft2(b, norm="ortho")
         half = ((fa.conj() * fb).real * rfft_weights(W)).sum()
         assert abs(float(half) - float((a * b).sum())) <= 1e-12
+
+
+def test_the_secant_scale_fits_the_step_and_stays_within_its_range():
+    """rho = <d eps, d x> / <d x, tau d x>: exact when eps's change is tau's filter times a scalar
+    inside RHO_RANGE; clamped outside it; kept where the row did not move."""
+    from deqlit.deq.newton_scan import RHO_RANGE, table_secant
+    gen = torch.Generator().manual_seed(0)
+    rows, B, H, W = 3, 2, 4, 6
+    tau = torch.rand(rows, 1, H, W // 2 + 1, generator=gen, dtype=torch.float64) + 0.5
+    tau[..., 0] = 1.0                                  # symmetric columns: a real filter
+    tau[..., W // 2] = 1.0
+    x_prev = torch.randn(rows, B, 1, H, W, generator=gen, dtype=torch.float64)
+    x = x_prev + torch.randn(rows, B, 1, H, W, generator=gen, dtype=torch.float64)
+    x[1, 0] = x_prev[1, 0]                             # this row and image did not move
+
+    def filtered(v, scale):
+        return scale * torch.fft.irfft2(tau[:, None] * torch.fft.rfft2(v, norm="ortho"), s=(H, W), norm="ortho")
+    rho0 = torch.full((rows, B), 0.77, dtype=torch.float64)
+    eps_prev = torch.zeros_like(x)
+    for scale, expected in ((1.3, 1.3), (-4.0, RHO_RANGE[0]), (9.0, RHO_RANGE[1])):
+        rho = table_secant(rho0, tau, filtered(x - x_prev, scale), eps_prev, x, x_prev, rfft_weights(W))
+        moved = torch.ones(rows, B, dtype=torch.bool)
+        moved[1, 0] = False
+        assert torch.allclose(rho[moved], torch.full_like(rho[moved], expected), atol=1e-12)
+        assert rho[1, 0] == 0.77

@@ -23,6 +23,23 @@ def test_sample_writes_grid_and_metrics_matching_the_sequential_chain(tmp_path, 
     assert written["x0_rmse_vs_sequential"] < 1e-3 and written == metrics
 
 
+def test_newton_scan_jacobian_override_is_honoured_and_recorded(tmp_path, monkeypatch):
+    """--sampling.jacobian scalar reaches the solver (no table measured) and metrics.json records
+    the options the solve ran with; the default records jacobian: table."""
+    import deqlit.deq.newton_scan as newton_scan
+    measured = []
+    real = newton_scan.row_gain_table
+    monkeypatch.setattr(newton_scan, "row_gain_table", lambda f, x0: measured.append(1) or real(f, x0))
+    common = ["--timesteps", "4", "--num-images", "1", "--solver", "newton-scan", "--no-progress"]
+    scalar = main(common + ["--sampling.jacobian", "scalar", "--out", str(tmp_path / "s")])
+    assert scalar["solver_options"]["jacobian"] == "scalar" and not measured
+    table = main(common + ["--out", str(tmp_path / "t")])
+    assert table["solver_options"]["jacobian"] == "table" and measured
+    with pytest.raises(ValueError, match="jacobian must be one of table, scalar"):
+        main(common + ["--sampling.jacobian", "diagonal", "--out", str(tmp_path / "d")])
+    assert not (tmp_path / "d").exists()                 # a failed run leaves nothing
+
+
 def test_sample_regenerates_latents_and_reports_a_missing_checkpoint(tmp_path):
     from deqlit.diffusion.chain import Chain
     from deqlit.diffusion.schedule import alphas_cumprod, linear_betas

@@ -20,7 +20,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm import tqdm
 
 from deqlit.cli import int_at_least, parse, positive_int
-from deqlit.deq.solvers import options_from
+from deqlit.deq.solvers import option_defaults, options_from
 from deqlit.devices import placement
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.interpolation import FRAMES_RULE
@@ -263,7 +263,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         count = int(x0.shape[0])
         save_grid(x0, out / "samples.png", samples_title(s["solver"], chain, stats, s["tol"], count))
         metrics = {
-            "solver": s["solver"], "timesteps": chain.T, "timesteps_requested": chain.requested,
+            "solver": s["solver"], "solver_options": {k: v for k, v in {**option_defaults(s["solver"]), **options}.items()
+                               if k not in ("max_iter", "tol")},
+            "timesteps": chain.T, "timesteps_requested": chain.requested,
             "skip": chain.skip, "eta": chain.eta, "num_images": count, "seed": s["seed"],
             "checkpoint": str(ckpt_path), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "iterations": stats.iterations, "nfe": stats.iterations,

@@ -27,17 +27,28 @@ maps) and each applies the composition of the later blocks' maps to 0 as its blo
 (the reducer's `compose_from_later`, an affine generalization of the carry of cumulative sums).
 g = 0 gives Picard exactly (DEER / quasi-DEER: Lim et al. 2023, Gonzalez et al. 2024).
 
-The Jacobian model (shared/paper.md, measured on the shipped model): at the first call
-g_r = 1 / sqrt(1 - abar_r), the eps Jacobian of pure noise (for eps(x) = (x - s x0) / sqrt(1 - abar)
-with x0 fixed, (2) is then exact); afterwards the secant of the last two iterates,
-g_r = <eps(x_r) - eps(x'_r), x_r - x'_r> / ||x_r - x'_r||^2, kept where x_r did not move.
+The Jacobian model (jacobian="table", the default). J_r = rho_{r,b} diag(tau_r) in the orthonormal
+2-D Fourier basis of the image: tau_r(k) the network's gain at spatial frequency k for the row's
+state, measured once per model and chain (jacobian_table.py: a denoiser keeps low frequencies and
+removes high ones, which one scalar cannot say), and rho a scalar secant per row and image,
+rho = <eps(x_r) - eps(x'_r), x_r - x'_r> / <x_r - x'_r, tau_r (x_r - x'_r)>, 1 at the first call and
+kept where x_r did not move. The recurrence (3) is then diagonal in the Fourier basis: it runs on
+the residual's rfft2 with one gain a_r per frequency, and the maps compose elementwise (the shards
+exchange a per-frequency a with b). jacobian="scalar": J_r = g I, g = 1 / sqrt(1 - abar_r) (pure
+noise) at the first call, then the secant <d eps, d x> / ||d x||^2. Measured on the shipped faces
+model (bench/sampling.py, 8 seeds, median [max] iterations to x_0 within RMSE 1e-3 of sequential
+DDIM): T = 25: table 7 [8], scalar 8 [9]; T = 100: table 8 [10], scalar 9 [11] (RHO_RANGE).
 
 The inverse map's safeguards. On inclusive rows the scan divides by 1 - w_r g_r s_r, and the a_r
 of (3) are > 1: an error in g is amplified along the chain instead of damped (forward: 0 < a_r < 1).
 So there (measured on the shipped faces model, bench/exact_inversion.py):
-  - the first call takes Picard's step (g = 0): the pure-noise prior makes 1 - w g s vanish at x_1
-    (eps of pure noise cancels that inverse step exactly) and took T = 10 from 22 dB to 7;
-  - g is clamped to [0, INVERSE_GAIN_CAP / (w_r s_r)], i.e. a_r <= 1 / (1 - cap);
+  - the first call takes Picard's step (g = 0): with the scalar model the pure-noise prior makes
+    1 - w g s vanish at x_1 (eps of pure noise cancels that inverse step exactly) and took T = 10
+    from 22 dB to 7; with the measured table, a first call from the table gained 0.7 dB at T = 10
+    (16 held-out faces, 5 calls: 36.9 against 36.1 dB) but lost 18 dB at T = 100 (4 calls: 43.3
+    against 61.1);
+  - g is clamped to [0, INVERSE_GAIN_CAP / (w_r s_r)], i.e. a_r <= 1 / (1 - cap) (per frequency
+    with the table; its rho is not held to RHO_RANGE);
   - an image whose residual ||R|| grew over its last call has its g scaled by BACKOFF from then on
     (T = 100, 16 held-out faces, 4 / 6 / 12 calls: without it 61.5 dB, then down to 50 after 6;
     0.5: 59.9 / 63.8 / 82.8; 0.7: 61.3 / 67.2 / 95.4; 0.8: 61.9 / 65.8 / 97.1; on 16 training faces
@@ -61,6 +72,10 @@ if TYPE_CHECKING:
 
 Map = Callable[..., torch.Tensor]
 INVERSE_GAIN_CAP = 0.2      # largest w g s on an inclusive (inverse) row; T = 10: 0.5 lost 1-8 dB
+# rho (jacobian="table") is kept within this range of the measured table: a single step's secant
+# overshoots now and then (T = 100, 8 seeds: unclamped 8.5 [11] iterations, [0.5, 2] 8 [10],
+# [0.3, 3] and [0.3, 1.5] alike on the 4 slowest seeds, [0, 3] worse; T = 25: 7 [9] -> 7 [8]).
+RHO_RANGE = (0.5, 2.0)
 BACKOFF = 0.7               # g factor of an inverse-map image whose residual grew (0.5: 59.9 dB at T = 100, 4 calls)
 
 
@@ -131,9 +146,11 @@ def from_frequencies(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def table_secant(rho: torch.Tensor, tau: torch.Tensor, eps: torch.Tensor, eps_prev: torch.Tensor,
-                 x: torch.Tensor, x_prev: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+                 x: torch.Tensor, x_prev: torch.Tensor, weights: torch.Tensor,
+                 bounds: Optional[tuple[float, float]] = RHO_RANGE) -> torch.Tensor:
     """The scalar rho per row and image for which rho * tau best explains the last step:
-    <d eps, d x> / <d x, tau d x> (both over the full spectrum), rho kept where x did not move.
+    <d eps, d x> / <d x, tau d x> (both over the full spectrum) clamped to `bounds` (None: not
+    clamped), rho kept where x did not move.
 
     rho (R, B); tau (R, C, H, Wf); eps.. (R, B, C, H, W); weights (Wf,) (rfft_weights) -> (R, B).
     """
@@ -144,7 +161,10 @@ def table_secant(rho: torch.Tensor, tau: torch.Tensor, eps: torch.Tensor, eps_pr
     den = (power * tau[:, None]).flatten(2).sum(-1)
     moved = power.flatten(2).sum(-1) > 1e-30 * (x.double().flatten(2).pow(2).sum(-1) + 1e-30)
     usable = moved & (den.abs() > 1e-300)
-    return torch.where(usable, num / torch.where(usable, den, torch.ones_like(den)), rho)
+    fitted = num / torch.where(usable, den, torch.ones_like(den))
+    if bounds is not None:
+        fitted = fitted.clamp(*bounds)
+    return torch.where(usable, fitted, rho)
 
 
 def secant(g: torch.Tensor, eps: torch.Tensor, eps_prev: torch.Tensor, x: torch.Tensor,
@@ -206,7 +226,7 @@ def newton_scan(f: Map, x0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e
     if jacobian == "table":
         tau = row_gain_table(f, x0)[:, None]                                    # (R, 1, C, H, Wf)
         size, freq_weights = tuple(x0.shape[-2:]), rfft_weights(x0.shape[-1], device=x0.device)
-        # The inverse map's first call takes Picard's step, as with the scalar model (header).
+        # The inverse map's first call takes Picard's step (header); the forward map's the table's.
         g0 = torch.full((x0.shape[0], B), 0.0 if inclusive else 1.0, dtype=dtype, device=x0.device)
     else:
         g0 = (1.0 - scale.pow(2)).clamp(min=1e-12).rsqrt()[:, None].expand(-1, B)
@@ -217,7 +237,8 @@ def newton_scan(f: Map, x0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e
     def mix(xs, fxs, gs):
         eps = f.row_eps().clone()
         if state["eps"] is not None and len(xs) >= 2:
-            state["g"] = (table_secant(state["g"], tau[:, 0], eps, state["eps"], xs[-1], xs[-2], freq_weights)
+            state["g"] = (table_secant(state["g"], tau[:, 0], eps, state["eps"], xs[-1], xs[-2], freq_weights,
+                                       None if inclusive else RHO_RANGE)
                           if jacobian == "table" else secant(state["g"], eps, state["eps"], xs[-1], xs[-2]))
         state["eps"] = eps
         g = state["g"]                                                          # (R, B)
