@@ -48,7 +48,8 @@ TINY = dict(ch=16, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=
             in_channels=3, resolution=16, resamp_with_conv=True, norm_groups=8)
 TINY_T = {"CIFAR10": 12, "CelebA": 8, "LSUN": 5}
 FIELDS = ("data", "T", "method", "iterations", "seconds_per_image", "speedup_vs_sequential",
-          "peak_memory_mb", "x0_rmse_vs_sequential", "max_batch", "params_m", "device", "paper_seconds")
+          "peak_memory_mb", "x0_rmse_vs_sequential", "max_batch", "params_m", "device", "paper_seconds",
+          "table_seconds_once")
 
 
 def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
@@ -99,11 +100,16 @@ def run_setting(label: str, model: torch.nn.Module, T: int, args, device: torch.
     rows = [{**common, "method": "DDIM (sequential)", "iterations": chain.T,
              "seconds_per_image": seq_seconds, "speedup_vs_sequential": 1.0,
              "peak_memory_mb": peak_mb(device), "x0_rmse_vs_sequential": 0.0, "max_batch": 1,
-             "paper_seconds": paper[0]}]
+             "paper_seconds": paper[0], "table_seconds_once": 0.0}]
     iters = args.deq_iters if args.deq_iters > 0 else chain.T
     tol = 0.0 if args.deq_iters > 0 else args.tol
     for solver in SOLVERS:
         options = SOLVER_OPTIONS[solver]
+        table_seconds = 0.0
+        if solver == "newton-scan":       # its Jacobian table, once per model and chain: timed apart
+            from deqlit.deq.jacobian_table import gain_table
+            table_seconds, _ = timed(lambda: gain_table(model, chain, tuple(shape[1:]), x_T.device,
+                                                        x_T.dtype)[0], device, 1)
         generate(model, x_T, chain, solver, max_batch=args.max_batch, max_iter=2, tol=0.0, **options)
         reset_peak(device)
         stats_box = {}
@@ -119,7 +125,8 @@ def run_setting(label: str, model: torch.nn.Module, T: int, args, device: torch.
                      "iterations": stats_box["stats"].iterations, "seconds_per_image": seconds,
                      "speedup_vs_sequential": seq_seconds / seconds, "peak_memory_mb": peak_mb(device),
                      "x0_rmse_vs_sequential": float((x0 - x0_seq).pow(2).mean().sqrt()),
-                     "max_batch": args.max_batch or chain.T, "paper_seconds": paper[1]})
+                     "max_batch": args.max_batch or chain.T, "paper_seconds": paper[1],
+                     "table_seconds_once": table_seconds})
     return rows
 
 
