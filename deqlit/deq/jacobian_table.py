@@ -21,8 +21,10 @@ the solve take more iterations, never changes its fixed point.
 
 Measured (shipped faces model, T = 25, 8 seeds, iterations to x_0 within RMSE 1e-3 of sequential
 DDIM, bench/sampling.py's rule): the scalar model median 8 [7, 7, 8, 9, 7, 9, 8, 8]; this table with
-the scalar secant rho: median 7 [7, 7, 8, 8, 6, 9, 6, 7]; the table without rho: 8; a secant per
-frequency band instead of rho: 7.5 (the bands' secants are noisier); exact Newton (true JVPs): 5.
+the scalar secant rho: median 7 [7, 7, 8, 8, 6, 9, 6, 7], with rho held to [0.5, 2]
+(newton_scan.RHO_RANGE) 7 [6, 7, 7, 8, 6, 8, 6, 7]; the table without rho: 8; a secant per frequency
+band instead of rho: 7.5 (the bands' secants are noisier); exact Newton (true JVPs): 5-6. A table
+measured on the chain's own trajectories (JVPs) instead of noised samples: the same iterations.
 """
 from __future__ import annotations
 
