@@ -26,10 +26,10 @@ def test_sample_writes_grid_and_metrics_matching_the_sequential_chain(tmp_path, 
 def test_newton_scan_jacobian_override_is_honoured_and_recorded(tmp_path, monkeypatch):
     """--sampling.jacobian scalar reaches the solver (no table measured) and metrics.json records
     the options the solve ran with; the default records jacobian: table."""
-    import deqlit.deq.newton_scan as newton_scan
+    import deqlit.deq.jacobian_table as jacobian_table
     measured = []
-    real = newton_scan.row_gain_table
-    monkeypatch.setattr(newton_scan, "row_gain_table", lambda f, x0: measured.append(1) or real(f, x0))
+    real = jacobian_table.gain_table
+    monkeypatch.setattr(jacobian_table, "gain_table", lambda *a: measured.append(1) or real(*a))
     common = ["--timesteps", "4", "--num-images", "1", "--solver", "newton-scan", "--no-progress"]
     scalar = main(common + ["--sampling.jacobian", "scalar", "--out", str(tmp_path / "s")])
     assert scalar["solver_options"]["jacobian"] == "scalar" and not measured

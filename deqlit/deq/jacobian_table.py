@@ -115,13 +115,14 @@ def calibrate(model: NoiseModel, chain: Chain, image_shape: tuple[int, ...], dev
     # Interpolate tau * sigma (bounded) over the state index; sigma_i = sqrt(1 - abar_i).
     sigma = (1 - chain.abar.double()).clamp(min=0).sqrt().to(gains.device)
     measured = gains * sigma[states].reshape(-1, 1, 1, 1)
+    # Every state i >= 1 between the measured states lo <= i <= hi (states[0] = 1, states[-1] = T).
+    where = torch.tensor(states, dtype=torch.float64, device=gains.device)
+    i = torch.arange(1, chain.T + 1, dtype=torch.float64, device=gains.device)
+    hi = torch.searchsorted(where, i).clamp(max=len(states) - 1)
+    lo = (hi - 1).clamp(min=0)
+    frac = ((i - where[lo]) / (where[hi] - where[lo]).clamp(min=1)).reshape(-1, 1, 1, 1)
     table = torch.zeros((chain.T + 1,) + tuple(gains.shape[1:]), dtype=torch.float64, device=gains.device)
-    for k in range(len(states)):
-        lo, hi = states[k], states[min(k + 1, len(states) - 1)]
-        span = torch.arange(lo, hi + 1, device=gains.device, dtype=torch.float64)
-        frac = ((span - lo) / max(hi - lo, 1)).reshape(-1, 1, 1, 1)
-        table[lo:hi + 1] = (1 - frac) * measured[k] + frac * measured[min(k + 1, len(states) - 1)]
-    table[1:] = table[1:] / sigma[1:].clamp(min=1e-12).reshape(-1, 1, 1, 1)
+    table[1:] = ((1 - frac) * measured[lo] + frac * measured[hi]) / sigma[1:].clamp(min=1e-12).reshape(-1, 1, 1, 1)
     return table
 
 

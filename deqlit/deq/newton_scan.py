@@ -35,7 +35,8 @@ rho = <eps(x_r) - eps(x'_r), x_r - x'_r> / <x_r - x'_r, tau_r (x_r - x'_r)>, 1 a
 kept where x_r did not move. The recurrence (3) is then diagonal in the Fourier basis: it runs on
 the residual's rfft2 with one gain a_r per frequency, and the maps compose elementwise (the shards
 exchange a per-frequency a with b). jacobian="scalar": J_r = g I, g = 1 / sqrt(1 - abar_r) (pure
-noise) at the first call, then the secant <d eps, d x> / ||d x||^2. Measured on the shipped faces
+noise) at the first call, then the secant <d eps, d x> / ||d x||^2 (the same code with a flat table:
+tau_r = 1 / sqrt(1 - abar_r) at every frequency, g = rho tau_r, rho unclamped). Measured on the shipped faces
 model (bench/sampling.py, 8 seeds, median [max] iterations to x_0 within RMSE 1e-3 of sequential
 DDIM): T = 25: table 7 [8], scalar 8 [9]; T = 100: table 8 [10], scalar 9 [11] (RHO_RANGE).
 
@@ -167,19 +168,6 @@ def table_secant(rho: torch.Tensor, tau: torch.Tensor, eps: torch.Tensor, eps_pr
     return torch.where(usable, fitted, rho)
 
 
-def secant(g: torch.Tensor, eps: torch.Tensor, eps_prev: torch.Tensor, x: torch.Tensor,
-           x_prev: torch.Tensor) -> torch.Tensor:
-    """<d eps, d x> / <d x, d x> per row and image, float64; g (R, B) kept where x did not move.
-
-    eps, eps_prev, x, x_prev (R, B, ...) -> (R, B).
-    """
-    dx = (x - x_prev).double().flatten(2)
-    de = (eps - eps_prev).double().flatten(2)
-    dxx = (dx * dx).sum(-1)
-    moved = dxx > 1e-30 * (x.double().flatten(2).pow(2).sum(-1) + 1e-30)
-    return torch.where(moved, (de * dx).sum(-1) / dxx.clamp(min=1e-300), g)
-
-
 def chain_structure(f: Map) -> tuple[torch.Tensor, torch.Tensor, bool]:
     if not (hasattr(f, "scan_coefficients") and hasattr(f, "row_eps")):
         raise TypeError("newton-scan needs the chain's structure from the map itself: pass a "
@@ -191,12 +179,16 @@ def chain_structure(f: Map) -> tuple[torch.Tensor, torch.Tensor, bool]:
 JACOBIANS = ("table", "scalar")
 
 
-def row_gain_table(f: Map, x0: torch.Tensor) -> torch.Tensor:
-    """tau of the map's rows (jacobian_table.py): (R, C, H, W // 2 + 1) float64 on x0's device."""
+def row_gain_table(f: Map, x0: torch.Tensor, jacobian: str, scale: torch.Tensor) -> torch.Tensor:
+    """tau of the map's rows, (R, C, H, W // 2 + 1) float64 on x0's device: measured
+    (jacobian_table.py) or, for jacobian="scalar", flat at the pure-noise gain 1 / sqrt(1 - abar)."""
     from deqlit.deq.jacobian_table import gain_table
     if x0.dim() != 5:
-        raise ValueError(f"newton-scan's jacobian='table' needs image rows (R, B, C, H, W), got "
-                         f"{tuple(x0.shape)}; use jacobian='scalar'")
+        raise ValueError(f"newton-scan needs image rows (R, B, C, H, W), got {tuple(x0.shape)}")
+    if jacobian == "scalar":
+        prior = (1.0 - scale.pow(2)).clamp(min=1e-12).rsqrt()
+        C, H, W = x0.shape[2:]
+        return prior.reshape(-1, 1, 1, 1).expand(-1, C, H, W // 2 + 1)
     table = gain_table(f.model, f.chain, tuple(x0.shape[2:]), x0.device, x0.dtype)
     return table[f.row_states().to(table.device)]
 
@@ -207,9 +199,10 @@ def newton_scan(f: Map, x0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e
     """Quasi-Newton on the chain (module header): X <- h(X) + s U, U from a scan of affine maps.
     f must be the chain map itself.
 
-    jacobian: the model of eps's Jacobian per row and image. "table" (default): rho * diag(tau) in
-    the Fourier basis, tau the per-frequency gains measured once per model and chain
-    (jacobian_table.py), rho a scalar secant; "scalar": one scalar secant g (header), no calibration.
+    jacobian: the model of eps's Jacobian per row and image, rho * diag(tau) in the Fourier basis
+    with rho a scalar secant. "table" (default): tau the per-frequency gains measured once per
+    model and chain (jacobian_table.py); "scalar": tau flat at the pure-noise gain, i.e. one scalar
+    secant g = rho / sqrt(1 - abar) (header), no calibration.
     x0 (R, B, C, H, W): this block's rows. Same contract and loop as the other solvers
     (solvers._run): per-image stop, stats as tensors, NaN raised with the iteration, and on the
     forward chain at most T calls.
@@ -223,39 +216,29 @@ def newton_scan(f: Map, x0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e
     scale, weight = scale.to(device=x0.device, dtype=dtype), weight.to(device=x0.device, dtype=dtype)
     B = x0.shape[1]
     cap = INVERSE_GAIN_CAP / (weight * scale).clamp(min=1e-300)                 # (R,)
-    if jacobian == "table":
-        tau = row_gain_table(f, x0)[:, None]                                    # (R, 1, C, H, Wf)
-        size, freq_weights = tuple(x0.shape[-2:]), rfft_weights(x0.shape[-1], device=x0.device)
-        # The inverse map's first call takes Picard's step (header); the forward map's the table's.
-        g0 = torch.full((x0.shape[0], B), 0.0 if inclusive else 1.0, dtype=dtype, device=x0.device)
-    else:
-        g0 = (1.0 - scale.pow(2)).clamp(min=1e-12).rsqrt()[:, None].expand(-1, B)
-        g0 = torch.zeros_like(g0) if inclusive else g0.clone()
+    tau = row_gain_table(f, x0, jacobian, scale)                                # (R, C, H, Wf)
+    size, freq_weights = tuple(x0.shape[-2:]), rfft_weights(x0.shape[-1], device=x0.device)
+    # The measured table's rho is held to RHO_RANGE on the forward chain only (header).
+    bounds = RHO_RANGE if jacobian == "table" and not inclusive else None
+    # The inverse map's first call takes Picard's step (header); the forward map's the model's.
     state: dict[str, Optional[torch.Tensor]] = {
-        "g": g0, "eps": None, "backoff": torch.ones(B, dtype=dtype, device=x0.device)}
+        "rho": torch.full((x0.shape[0], B), 0.0 if inclusive else 1.0, dtype=dtype, device=x0.device),
+        "eps": None, "backoff": torch.ones(B, dtype=dtype, device=x0.device)}
 
     def mix(xs, fxs, gs):
         eps = f.row_eps().clone()
         if state["eps"] is not None and len(xs) >= 2:
-            state["g"] = (table_secant(state["g"], tau[:, 0], eps, state["eps"], xs[-1], xs[-2], freq_weights,
-                                       None if inclusive else RHO_RANGE)
-                          if jacobian == "table" else secant(state["g"], eps, state["eps"], xs[-1], xs[-2]))
+            state["rho"] = table_secant(state["rho"], tau, eps, state["eps"], xs[-1], xs[-2], freq_weights, bounds)
         state["eps"] = eps
-        g = state["g"]                                                          # (R, B)
-        if jacobian == "table":
-            g = trailing(g, tau.dim()) * tau                                    # (R, B, C, H, Wf)
+        g = trailing(state["rho"], tau.dim() + 1) * tau[:, None]                # (R, B, C, H, Wf)
         if inclusive:                                  # the inverse map's safeguards (header)
             if len(gs) >= 2:
                 norms = reducer.sum(torch.stack([r.double().pow(2).flatten(2).sum((0, 2)) for r in gs[-2:]]))
                 state["backoff"] = torch.where(norms[1] > norms[0], state["backoff"] * BACKOFF,
                                                state["backoff"])
             g = torch.minimum(g.clamp(min=0), trailing(cap, g.dim())) * trailing(state["backoff"], g.dim() - 1)
-        if jacobian == "table":
-            U = from_frequencies(scan_correction(scale, weight, inclusive, g, to_frequencies(gs[-1]), reducer),
-                                 size).to(gs[-1].dtype)
-        else:
-            U = scan_correction(scale, weight, inclusive, g, gs[-1], reducer)
-        return fxs[-1] + trailing(scale.to(U.dtype), U.dim()) * U
+        U = from_frequencies(scan_correction(scale, weight, inclusive, g, to_frequencies(gs[-1]), reducer), size)
+        return fxs[-1] + trailing(scale, U.dim()).to(gs[-1].dtype) * U.to(gs[-1].dtype)
 
     return _run("newton-scan", f, x0, max_iter=max_iter, tol=tol, mix=mix, m=2, freeze=freeze,
                 reducer=reducer, triangular=triangular, callback=callback)
