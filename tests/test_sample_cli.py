@@ -162,6 +162,25 @@ def test_a_refused_interpolation_leaves_no_folder(tmp_path, flags):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_folder_in_use_by_another_run_is_refused_and_the_lock_is_let_go(tmp_path):
+    """sample.py (and --interpolate) lock their folder as invert.py and train.py do: a second run on
+    a folder in use is refused naming the holder; after a run the folder holds no .lock."""
+    from deqlit.guards import OutputFolderError
+    from deqlit.runs.folder_lock import LOCK_NAME, folder_lock
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    latents = str(tiny_latents(tmp_path / "inv"))
+    with folder_lock(busy, "sample.py --num-images 64"):
+        for argv in (["--num-images", "1", *SHRUNK],
+                     ["--interpolate", latents, "--frames", "3", "--solver", "sequential"]):
+            with pytest.raises(OutputFolderError, match=r"in use by sample.py --num-images 64 \(pid"):
+                main(argv + ["--out", str(busy)])
+        assert [p.name for p in busy.iterdir()] == [LOCK_NAME]       # nothing written beside it
+    metrics = main(["--num-images", "1", *SHRUNK, "--out", str(busy)])
+    assert metrics["num_images"] == 1 and not (busy / LOCK_NAME).exists()
+    assert (busy / "samples.png").is_file()
+
+
 def test_a_run_that_fails_after_creating_its_folder_removes_it(tmp_path, monkeypatch):
     import deqlit.commands.sample as command
 

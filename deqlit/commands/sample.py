@@ -29,6 +29,7 @@ from deqlit.guards import NonFiniteError, OutputFolderError, UserInputError, fir
 from deqlit.models.build import build_noise_model
 from deqlit.parallel.launch import gather_over_data
 from deqlit.pictures import numbered_grid, save_picture
+from deqlit.runs.folder_lock import folder_lock
 from deqlit.runs.guards import check_output_dir
 from deqlit.runs.latents import read_latents
 from deqlit.runs.launch import prepare_launch, process_mesh
@@ -173,16 +174,20 @@ def refuse_earlier_outputs(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def output_folder(path: str | Path) -> Iterator[Path]:
+def output_folder(path: str | Path, lock: bool = True) -> Iterator[Path]:
     """The output folder: refused if it holds an earlier run's outputs, else created and proven
-    writable. If the block fails, the folders created here are removed while they are empty, so
-    that a failed run leaves no empty --out behind (what it did write stays)."""
+    writable, and locked while the block runs (`lock`: the process that writes; a second sample.py
+    on the same folder meanwhile is refused naming the first, as invert.py and train.py are). If
+    the block fails, the folders created here are removed while they are empty, so that a failed
+    run leaves no empty --out behind (what it did write stays)."""
     out = Path(path)
     refuse_earlier_outputs(out)
     created = [p for p in (out, *out.parents) if not p.exists()]      # deepest first
     check_output_dir(out)
     try:
-        yield out
+        # The lock is let go (its file removed) before the empty folders are.
+        with folder_lock(out, "sample.py") if lock else contextlib.nullcontext():
+            yield out
     except BaseException:
         for folder in created:
             try:
@@ -219,7 +224,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise ValueError(f"{args.latents} was found with eta = {chain.eta} but holds no noise")
     quality = (DatasetMetrics.from_config(args.metrics, cfg, model, args.ref_data, args.fid_weights)
                if args.metrics else None)
-    with output_folder(s["out"]) as out:
+    with output_folder(s["out"], lock=mesh is None or mesh.rank == 0) as out:
         model = model.to(device=device, dtype=dtype)
         if saved is None:
             shape = (s["num_images"], model.in_channels, model.resolution, model.resolution)
