@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +189,29 @@ def test_lightning_tips_are_dropped_and_other_messages_kept(caplog):
         rank_zero_info("`Trainer.fit` stopped: `max_steps=2` reached.")
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["`Trainer.fit` stopped: `max_steps=2` reached."]
+
+
+@pytest.mark.parametrize("signum, said", [(signal.SIGTERM, "Detected SIGTERM"),
+                                          (signal.SIGINT, "Detected KeyboardInterrupt")])
+def test_lightning_shutdown_notice_names_the_signal_that_arrived(caplog, signum, said):
+    """A SIGTERM reaches Lightning as the KeyboardInterrupt that interrupts_as_exceptions raises:
+    its "Detected KeyboardInterrupt" notice then says SIGTERM (Ctrl-C keeps Lightning's words);
+    outside an interrupted run the notice is left alone."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from deqlit.runs.guards import interrupts_as_exceptions
+    notice = "\nDetected KeyboardInterrupt, attempting graceful shutdown ..."
+    quiet_lightning_tips()
+    with caplog.at_level(logging.INFO):
+        with interrupts_as_exceptions():
+            try:
+                os.kill(os.getpid(), signum)       # the handler raises before the next line
+                raise AssertionError("the signal did not interrupt")
+            except KeyboardInterrupt:
+                rank_zero_info(notice)     # what Lightning's trainer says in its graceful shutdown
+        rank_zero_info(notice)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [f"\n{said}, attempting graceful shutdown ...", notice]
 
 
 def test_lightning_leafspec_deprecation_is_dropped_and_other_warnings_kept():

@@ -79,6 +79,7 @@ def interrupts_as_exceptions(trainer: Any = None) -> Iterator[Interrupts]:
     def handler(signum: int, frame: Any) -> None:
         if seen.signum is None:
             seen.signum = signum
+            _SIGNAL_SEEN["name"] = signal.Signals(signum).name
             if seen.in_step:
                 print(f"{signal.Signals(signum).name} received: stopping when this step ends",
                       file=sys.stderr, flush=True)
@@ -100,6 +101,7 @@ def interrupts_as_exceptions(trainer: Any = None) -> Iterator[Interrupts]:
             raise
         raise RunInterrupted(seen.signum) from err
     finally:
+        _SIGNAL_SEEN["name"] = None
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
         if boundary is not None:
@@ -142,20 +144,29 @@ def refuse_existing_run(out: Path, markers: Iterable[str], what: str = "an earli
             f"--resume to continue it, or --out NEW_FOLDER to start a new run")
 
 
-# ---- Lightning's advertisements --------------------------------------------------------------
+# ---- Lightning's advertisements and notices -------------------------------------------------
 _TIP_WORDS = ("litlogger", "litmodels")
 _TIP_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+# The signal that interrupts_as_exceptions turned into a KeyboardInterrupt, while its block runs.
+_SIGNAL_SEEN: dict[str, str | None] = {"name": None}
 
 
 class _DropLightningTips(logging.Filter):
+    """Drops the tips; names the real signal in Lightning's "Detected KeyboardInterrupt" notice
+    (a SIGTERM reaches Lightning as the KeyboardInterrupt that interrupts_as_exceptions raises)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage().lower()
-        return not any(word in text for word in _TIP_WORDS)
+        text = record.getMessage()
+        name = _SIGNAL_SEEN["name"]
+        if name not in (None, "SIGINT") and "Detected KeyboardInterrupt" in text:
+            record.msg, record.args = text.replace("Detected KeyboardInterrupt", f"Detected {name}"), ()
+        return not any(word in text.lower() for word in _TIP_WORDS)
 
 
 def quiet_lightning_tips() -> None:
     """Drop Lightning's "Tip: try installing litlogger/litmodels" lines and its pytree helper's
-    LeafSpec deprecation warning (torch >= 2.10), and nothing else.
+    LeafSpec deprecation warning (torch >= 2.10); say SIGTERM, not KeyboardInterrupt, in its
+    shutdown notice when a SIGTERM stopped the run.
 
     A logging filter on the two loggers rank_zero_info writes to, installed by the entry point
     (cli.run_main), so importing deqlit changes nobody's logging.
