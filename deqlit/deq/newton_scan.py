@@ -55,6 +55,18 @@ So there (measured on the shipped faces model, bench/exact_inversion.py):
     0.5: 59.9 / 63.8 / 82.8; 0.7: 61.3 / 67.2 / 95.4; 0.8: 61.9 / 65.8 / 97.1; on 16 training faces
     0.7 beat 0.5 at every point too: 53.7 / 57.1 / 64.4 against 53.0 / 55.5 / 63.3).
 
+Where the inverse map falls short (T = 10; bench/inverse_newton_floor.py, 8 held-out faces, the
+extrapolated start, median PSNR of the regenerated faces after 5 calls). The second step
+(x_1 -> x_2, t = 0 -> 100) has w g s ~ 0.95 at high frequencies: that row is barely a contraction
+(1 / (1 - 0.95) amplifies any error in g twentyfold) and its error sets every later state's (after
+5 calls x_2 is at -33 dB RMS, x_T at -15). Newton with the network's true Jacobian (GMRES on JVPs)
+reaches 61 dB at 5 calls after a worse first step; newton-scan 35.7: the gap is the Jacobian model.
+Tried and not kept: per-row caps (0.4 on the top rows, 0.9 on x_2: 41 dB, not monotone in the
+calls), a rho per frequency band (35.7), Anderson on the newton-scan iterates (at most 34.8), a
+table measured on the solve's own start states (35.6), a first call from the table (30.5), a
+Broyden rank-1 term per row along the last step (40.1 with its Sherman-Morrison denominator kept
+above 0.6, 33.7 above 0.05; its maps no longer compose, so no scan and no time shards).
+
 Triangular guarantee (forward). A row whose input X_r and every later row's are exact has R = 0
 there, so U_r = 0 on it and on the row below: the update is Picard's on the settled rows, and the
 shared loop (solvers._run) also copies h(X) onto them. So after n calls the rows >= T - n are
