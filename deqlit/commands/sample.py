@@ -38,7 +38,7 @@ from deqlit.sampling import SAMPLERS, draw_noise, generate
 FLAGS = {"timesteps": "sampling.timesteps", "skip": "sampling.skip", "eta": "sampling.eta",
          "solver": "sampling.solver", "max_iter": "sampling.max_iter", "tol": "sampling.tol",
          "num_images": "sampling.num_images", "seed": "sampling.seed", "out": "sampling.out",
-         "ckpt": "checkpoint.path", "max_batch": "sampling.max_batch"}
+         "ckpt": "checkpoint.path", "max_batch": "sampling.max_batch", "batch_size": "sampling.batch_size"}
 # The flags of --interpolate and their defaults (None in the parser: a flag typed without
 # --interpolate is refused, a default is not).
 INTERPOLATION = {"pairs": "0:1", "frames": 9, "interp": "slerp"}
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float)
     p.add_argument("--num-images", type=positive_int, dest="num_images")
     p.add_argument("--max-batch", type=positive_int, dest="max_batch", help="rows per network call")
+    p.add_argument("--batch-size", type=positive_int, dest="batch_size", help="images per solve "
+                   "(default sampling.batch_size): more images are solved in consecutive batches, "
+                   "with the same samples; a solve holds T states of each of its images")
     p.add_argument("--seed", type=int)
     p.add_argument("--latents", help="latents of invert.py or train.py --task joint (RUN/latents.pt "
                    "or the run folder, part files included): regenerate the first --num-images "
@@ -220,6 +223,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.metrics and count < 2:
         raise ValueError(f"--metrics compares distributions and needs at least 2 images; got {count} "
                          f"(raise --num-images)")
+    if s["batch_size"] is not None and s["batch_size"] < 1:
+        raise ValueError(f"sampling.batch_size must be >= 1 (images per solve) or null, got {s['batch_size']}")
     if saved is not None and chain.eta > 0 and saved.get("noise") is None:
         raise ValueError(f"{args.latents} was found with eta = {chain.eta} but holds no noise")
     quality = (DatasetMetrics.from_config(args.metrics, cfg, model, args.ref_data, args.fid_weights)
@@ -238,8 +243,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
             mine = mesh.data_slice(x_T.shape[0])
             x_T, noise = x_T[mine], None if noise is None else noise[:, mine]
 
-        bar = tqdm(total=min(s["max_iter"], chain.T) if s["solver"] != "sequential" else chain.T,
-                   desc=f"{s['solver']} T={chain.T}", unit="it",
+        batch_size = s["batch_size"]
+        solves = 1 if batch_size is None else -(-x_T.shape[0] // batch_size)
+        bar = tqdm(total=solves * (min(s["max_iter"], chain.T) if s["solver"] != "sequential" else chain.T),
+                   desc=f"{s['solver']} T={chain.T}" + (f", {solves} batches" if solves > 1 else ""), unit="it",
                    disable=args.no_progress or (mesh is not None and mesh.rank != 0))
 
         def on_iteration(n, stats, fx):
@@ -252,9 +259,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         start = time.perf_counter()
         with torch.no_grad(), autocast:
             x0, stats = generate(model, x_T, chain, s["solver"], noise=noise, max_batch=s["max_batch"],
-                                 reducer=None if mesh is None else mesh.time_reducer(),
+                                 reducer=None if mesh is None else mesh.time_reducer(), batch_size=batch_size,
                                  callback=on_iteration, **options)
         seconds = time.perf_counter() - start
+        bar.total = bar.n          # the batches stopped before their caps: end the bar full
         bar.close()
         if mesh is not None:   # rank 0 writes everything (stats: its replica's solve)
             x0, x_T, noise = gather_over_data(mesh, x0), all_x_T, all_noise
@@ -270,7 +278,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         metrics = {
             "solver": s["solver"], "solver_options": {k: v for k, v in {**option_defaults(s["solver"]), **options}.items()
                                if k not in ("max_iter", "tol")},
-            "timesteps": chain.T, "timesteps_requested": chain.requested,
+            "batch_size": batch_size, "timesteps": chain.T, "timesteps_requested": chain.requested,
             "skip": chain.skip, "eta": chain.eta, "num_images": count, "seed": s["seed"],
             "checkpoint": str(ckpt_path), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "iterations": stats.iterations, "nfe": stats.iterations,

@@ -78,6 +78,7 @@ class Sampling:
     max_iter: int = 100
     tol: float = 0.001
     max_batch: Optional[int] = 64
+    batch_size: Optional[int] = 256   # images per solve (None: all at once); more go in consecutive solves
     num_images: int = 16
     seed: int = 0
     out: str = "runs/sample"
