@@ -13,4 +13,4 @@ from deqlit.cli import run_main
 from deqlit.commands.sample import main
 
 if __name__ == "__main__":
-    run_main(main, sys.argv[1:], script="sample.py", resume_flag=None)
+    run_main(main, sys.argv[1:], script="sample.py")

@@ -1,7 +1,7 @@
 """One entry point for generating images with any solver (sample.py, the trainers, benchmarks)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -24,6 +24,8 @@ def draw_noise(shape: tuple[int, ...], seq_len: int, eta: float, generator: torc
 def generate(model, x_T: torch.Tensor, chain: Chain, solver: str = "sequential",
              noise: Optional[torch.Tensor] = None, max_batch: Optional[int] = None,
              reducer: Optional[LocalReducer] = None, batch_size: Optional[int] = None,
+             done: Optional[dict[int, tuple[torch.Tensor, SolverStats]]] = None,
+             on_batch: Optional[Callable[[int, torch.Tensor, SolverStats], None]] = None,
              **solver_options: Any) -> tuple[torch.Tensor, SolverStats]:
     """x_T (B, C, H, W) -> (x_0 (B, C, H, W), stats) with any registered solver ('sequential'
     included: the chain one state per call through the same map).
@@ -36,7 +38,9 @@ def generate(model, x_T: torch.Tensor, chain: Chain, solver: str = "sequential",
     batch_size: images per solve (None: all B at once). A solve holds T states of each of its
     images, several times over, so a large B (FID needs thousands) is solved in consecutive
     batches; every image stops on its own (solvers._run), so x_0 does not depend on batch_size,
-    and the stats are combined over the batches (combine_stats).
+    and the stats are combined over the batches (combine_stats). done: batches finished earlier
+    (index -> (x_0, stats)), taken as they are; on_batch(index, x_0, stats) after each batch solved
+    here (sample.py saves them: runs/sample_batches.py).
     """
     reducer = LOCAL if reducer is None else reducer
     if solver not in SOLVERS:
@@ -52,11 +56,18 @@ def generate(model, x_T: torch.Tensor, chain: Chain, solver: str = "sequential",
                      reducer=reducer)
     size = x_T.shape[0] if batch_size is None else batch_size
     results, all_stats = [], []
-    for start in range(0, x_T.shape[0], size):
+    for index, start in enumerate(range(0, x_T.shape[0], size)):
+        if done and index in done:
+            x0, stats = done[index]
+            results.append(x0.to(device=x_T.device, dtype=x_T.dtype))
+            all_stats.append(stats)
+            continue
         batch = slice(start, start + size)
         X, stats = deq(x_T[batch], None if noise is None else noise[:, batch])
         results.append(deq.first_state(X))
         all_stats.append(stats)
+        if on_batch is not None:
+            on_batch(index, results[-1], stats)
     if len(results) == 1:
         return results[0], all_stats[0]
     return torch.cat(results), combine_stats(all_stats)

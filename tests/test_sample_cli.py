@@ -220,3 +220,42 @@ def test_batches_of_images_give_the_same_samples_and_one_report(tmp_path):
     assert torch.equal(a["x_T"], b["x_T"])
     assert torch.allclose(a["x0"], b["x0"], atol=1e-5)
     assert split["iterations"] <= whole["iterations"] and split["converged"] and whole["converged"]
+
+
+def test_an_interrupted_run_resumes_from_its_finished_batches(tmp_path, monkeypatch):
+    """Ctrl-C after the second of three batches: the run stops saying what it kept; a rerun without
+    --resume or with other settings is refused by name; --resume solves only the third batch and
+    gives the uninterrupted run's samples, then removes the batch files."""
+    import os
+    import signal
+
+    import deqlit.runs.sample_batches as batches
+    from deqlit.guards import OutputFolderError, RunInterrupted
+    common = ["--timesteps", "4", "--num-images", "5", "--batch-size", "2", "--solver", "newton-scan",
+              "--tol", "1e-4", "--no-progress"]
+    main(common + ["--out", str(tmp_path / "whole")])
+    real, saved = batches.save_batch, []
+
+    def save_then_interrupt(folder, index, x0, stats):
+        real(folder, index, x0, stats)
+        saved.append(index)
+        if index == 1:
+            os.kill(os.getpid(), signal.SIGINT)          # the user's Ctrl-C, right after batch 1
+    monkeypatch.setattr(batches, "save_batch", save_then_interrupt)
+    part = str(tmp_path / "part")
+    with pytest.raises(RunInterrupted, match=r"2 finished batch\(es\) of up to 2 image\(s\) kept in"):
+        main(common + ["--out", part])
+    assert saved == [0, 1] and not (tmp_path / "part" / "samples.pt").exists()
+    with pytest.raises(OutputFolderError, match="or --resume to finish that run"):
+        main(common + ["--out", part])
+    with pytest.raises(OutputFolderError, match="seed 0 -> 1"):
+        main(common + ["--out", part, "--seed", "1", "--resume"])
+    saved.clear()
+    metrics = main(common + ["--out", part, "--resume"])
+    assert saved == [2] and metrics["num_images"] == 5
+    a = torch.load(tmp_path / "whole" / "samples.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "samples.pt", weights_only=True)
+    assert torch.allclose(a["x0"], b["x0"], atol=1e-5) and torch.equal(a["x_T"], b["x_T"])
+    assert not (tmp_path / "part" / "batches").exists()
+    with pytest.raises(OutputFolderError, match="has finished"):
+        main(common + ["--out", part, "--resume"])

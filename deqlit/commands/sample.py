@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio
@@ -25,12 +25,13 @@ from deqlit.devices import placement
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.interpolation import FRAMES_RULE
 from deqlit.evaluation import DatasetMetrics, format_metrics
-from deqlit.guards import NonFiniteError, OutputFolderError, UserInputError, first_nonfinite
+from deqlit.guards import NonFiniteError, OutputFolderError, RunInterrupted, UserInputError, first_nonfinite
 from deqlit.models.build import build_noise_model
 from deqlit.parallel.launch import gather_over_data
 from deqlit.pictures import numbered_grid, save_picture
+from deqlit.runs import sample_batches
 from deqlit.runs.folder_lock import folder_lock
-from deqlit.runs.guards import check_output_dir
+from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions
 from deqlit.runs.latents import read_latents
 from deqlit.runs.launch import prepare_launch, process_mesh
 from deqlit.sampling import SAMPLERS, draw_noise, generate
@@ -43,7 +44,8 @@ FLAGS = {"timesteps": "sampling.timesteps", "skip": "sampling.skip", "eta": "sam
 # --interpolate is refused, a default is not).
 INTERPOLATION = {"pairs": "0:1", "frames": 9, "interp": "slerp"}
 # What a sampling or interpolation run writes: a folder holding any of them is refused.
-OUTPUTS = ("metrics.json", "samples.png", "samples.pt", "samples_sequential.png", "strip_*.png")
+OUTPUTS = ("metrics.json", "samples.png", "samples.pt", "samples_sequential.png", "strip_*.png",
+           sample_batches.RUN_FILE, sample_batches.BATCH_DIR)
 GRID_LIMIT = 256     # samples.png shows at most this many samples (samples.pt holds them all)
 
 
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the sequential chain on the same x_T and noise and compare")
     p.add_argument("--out", help="output folder, new or without an earlier run's outputs (default: "
                    "sampling.out of the config, e.g. runs/sample-faces)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out: its "
+                   "finished batches (--batch-size) are kept, the rest solved (one process)")
     p.add_argument("--no-progress", action="store_true", dest="no_progress")
     p.add_argument("--metrics", help="comma-separated distances to --ref-data written into "
                    "metrics.json: fid, kid (need --fid-weights), fd-random, kd-random (offline)")
@@ -154,6 +158,7 @@ def refuse_interpolation_flags(args: argparse.Namespace) -> None:
 # Flags of plain sampling that --interpolate would not read (the morphs decode the saved latents
 # with their own chain, and the midpoints' fd-random is always reported).
 NOT_INTERPOLATION = {"num_images": "--num-images", "metrics": "--metrics", "ref_data": "--ref-data",
+                     "resume": "--resume", "batch_size": "--batch-size",
                      "fid_weights": "--fid-weights", "compare": "--compare-sequential",
                      "timesteps": "--timesteps", "skip": "--skip", "eta": "--eta"}
 
@@ -172,25 +177,34 @@ def refuse_earlier_outputs(out: Path) -> None:
     found = sorted({p.name for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
     if found:
         listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        unfinished = sample_batches.RUN_FILE in found and "samples.pt" not in found
         raise OutputFolderError(f"--out {out} holds an earlier run's outputs ({listed}), which this run "
-                                f"would overwrite: pass --out NEW_FOLDER")
+                                f"would overwrite: pass --out NEW_FOLDER"
+                                + (", or --resume to finish that run" if unfinished else ""))
 
 
 @contextlib.contextmanager
-def output_folder(path: str | Path, lock: bool = True) -> Iterator[Path]:
+def output_folder(path: str | Path, lock: bool = True, resume: bool = False,
+                  on_failure: Optional[Callable[[BaseException], None]] = None) -> Iterator[Path]:
     """The output folder: refused if it holds an earlier run's outputs, else created and proven
     writable, and locked while the block runs (`lock`: the process that writes; a second sample.py
     on the same folder meanwhile is refused naming the first, as invert.py and train.py are). If
     the block fails, the folders created here are removed while they are empty, so that a failed
     run leaves no empty --out behind (what it did write stays)."""
     out = Path(path)
-    refuse_earlier_outputs(out)
+    if not resume:                   # --resume: the caller checks the run it continues
+        refuse_earlier_outputs(out)
     created = [p for p in (out, *out.parents) if not p.exists()]      # deepest first
     check_output_dir(out)
     try:
         # The lock is let go (its file removed) before the empty folders are.
         with folder_lock(out, "sample.py") if lock else contextlib.nullcontext():
-            yield out
+            try:
+                yield out
+            except BaseException as err:
+                if on_failure is not None:     # e.g. remove what the run wrote before its first result
+                    on_failure(err)
+                raise
     except BaseException:
         for folder in created:
             try:
@@ -227,9 +241,27 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise ValueError(f"sampling.batch_size must be >= 1 (images per solve) or null, got {s['batch_size']}")
     if saved is not None and chain.eta > 0 and saved.get("noise") is None:
         raise ValueError(f"{args.latents} was found with eta = {chain.eta} but holds no noise")
+    if args.resume and mesh is not None:
+        raise ValueError("--resume continues a run of one process: drop --trainer.strategy ddp_time / "
+                         "--trainer.devices (the batches of a multi-process run are not saved)")
     quality = (DatasetMetrics.from_config(args.metrics, cfg, model, args.ref_data, args.fid_weights)
                if args.metrics else None)
-    with output_folder(s["out"], lock=mesh is None or mesh.rank == 0) as out:
+    # What the run samples: --resume continues only a run of the same (runs/sample_batches.py).
+    identity = {"seed": s["seed"], "num_images": count, "batch_size": s["batch_size"],
+                "chain": chain.to_dict(), "solver": s["solver"],
+                "solver_options": {**options, "max_iter": s["max_iter"], "tol": s["tol"]},
+                "checkpoint": str(ckpt_path), "latents": args.latents, "dtype": str(dtype)}
+    with output_folder(s["out"], lock=mesh is None or mesh.rank == 0, resume=args.resume,
+                       on_failure=None if args.resume else
+                       lambda err: sample_batches.undo_unstarted(Path(s["out"]), err)) as out:
+        done, on_batch = {}, None
+        if mesh is None:             # one process: every finished batch is kept for a resume
+            if args.resume:
+                sample_batches.check_resume(out, identity)
+                done = sample_batches.load_batches(out)
+            else:
+                sample_batches.write_identity(out, identity)
+            on_batch = lambda index, x0, stats: sample_batches.save_batch(out, index, x0, stats)  # noqa: E731
         model = model.to(device=device, dtype=dtype)
         if saved is None:
             shape = (s["num_images"], model.in_channels, model.resolution, model.resolution)
@@ -257,10 +289,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 bar.set_postfix(residual=f"{stats.last_rel():.2e}")
 
         start = time.perf_counter()
-        with torch.no_grad(), autocast:
-            x0, stats = generate(model, x_T, chain, s["solver"], noise=noise, max_batch=s["max_batch"],
-                                 reducer=None if mesh is None else mesh.time_reducer(), batch_size=batch_size,
-                                 callback=on_iteration, **options)
+        try:
+            # One process: Ctrl-C / SIGTERM stop with the finished batches saved and a --resume line.
+            with interrupts_as_exceptions() if mesh is None else contextlib.nullcontext(), \
+                    torch.no_grad(), autocast:
+                x0, stats = generate(model, x_T, chain, s["solver"], noise=noise, max_batch=s["max_batch"],
+                                     reducer=None if mesh is None else mesh.time_reducer(),
+                                     batch_size=batch_size, done=done, on_batch=on_batch,
+                                     callback=on_iteration, **options)
+        except RunInterrupted as err:
+            bar.close()
+            kept = len(list((out / sample_batches.BATCH_DIR).glob("batch-*.pt")))
+            raise RunInterrupted(err.signum, f"{kept} finished batch(es) of up to {batch_size} image(s) "
+                                 f"kept in {out}") from None
         seconds = time.perf_counter() - start
         bar.total = bar.n          # the batches stopped before their caps: end the bar full
         bar.close()
@@ -309,6 +350,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         torch.save({"x_T": x_T.cpu(), "noise": None if noise is None else noise.cpu(), "x0": x0,
                     "chain": chain.to_dict()}, out / "samples.pt")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        sample_batches.finish(out)   # samples.pt holds every image now
+    if done:
+        print(f"resumed: {len(done)} finished batch(es) of {batch_size} image(s) read from {out}")
     print(f"wrote {out / 'samples.png'}, {out / 'samples.pt'} (x_T, noise, x_0, chain) and "
           f"{out / 'metrics.json'}: {solve_summary(stats, chain.T, s['tol'])}, {seconds:.1f} s on {device}")
     if "x0_psnr_vs_saved" in metrics:
