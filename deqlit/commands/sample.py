@@ -189,8 +189,9 @@ def output_folder(path: str | Path, lock: bool = True, resume: bool = False,
     """The output folder: refused if it holds an earlier run's outputs, else created and proven
     writable, and locked while the block runs (`lock`: the process that writes; a second sample.py
     on the same folder meanwhile is refused naming the first, as invert.py and train.py are). If
-    the block fails, the folders created here are removed while they are empty, so that a failed
-    run leaves no empty --out behind (what it did write stays)."""
+    the block fails, `on_failure(err)` runs (inside the lock), then the folders created here are
+    removed while they are empty, so that a failed run leaves no empty --out behind (what it did
+    write stays). `resume`: the folder's earlier outputs are the caller's to check."""
     out = Path(path)
     if not resume:                   # --resume: the caller checks the run it continues
         refuse_earlier_outputs(out)
