@@ -77,16 +77,17 @@ def gmres(apply, b: torch.Tensor, k: int) -> torch.Tensor:
 def exact_newton(model, faces, chain, start, calls: int, krylov: int, solution) -> list[dict]:
     """Newton with the true Jacobian, natural order; rows scored after each call of G."""
     G = InverseChainMap(model, chain, faces)
-    times = G._timesteps.repeat_interleave(faces.shape[0])
+    times = chain.timestep_tensor(faces.device).repeat_interleave(faces.shape[0])     # x_1..x_T's
+    offset = G.states_from_eps(torch.zeros((chain.T,) + tuple(faces.shape), dtype=faces.dtype))
 
     def G_natural(X):
         with torch.no_grad():
             return G(X.flip(0)).flip(0)
 
-    def jacobian_times(X, V):                        # J_G V = -s_i sum_{j <= i} c_j J_eps(x_j) V_j
+    def jacobian_times(X, V):                        # G is affine in eps: J_G V = G(J_eps V) - G(0)
         flat, tangent = X.reshape(-1, *X.shape[2:]), V.reshape(-1, *X.shape[2:])
         _, d_eps = jvp(lambda x: model(x, times), (flat,), (tangent,))
-        return -G._scale * (G._c * d_eps.reshape(X.shape)).cumsum(0)
+        return G.states_from_eps(d_eps.reshape(X.shape)) - offset
 
     rows, X = [], start.clone()
     for n in range(1, calls + 1):

@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio
@@ -31,7 +31,7 @@ from deqlit.parallel.launch import gather_over_data
 from deqlit.pictures import numbered_grid, save_picture
 from deqlit.runs import sample_batches
 from deqlit.runs.folder_lock import folder_lock
-from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions
+from deqlit.runs.guards import FolderStart, check_output_dir, interrupts_as_exceptions
 from deqlit.runs.latents import read_latents
 from deqlit.runs.launch import prepare_launch, process_mesh
 from deqlit.sampling import SAMPLERS, draw_noise, generate
@@ -185,13 +185,13 @@ def refuse_earlier_outputs(out: Path) -> None:
 
 @contextlib.contextmanager
 def output_folder(path: str | Path, lock: bool = True, resume: bool = False,
-                  on_failure: Optional[Callable[[BaseException], None]] = None) -> Iterator[Path]:
+                  start: Optional[FolderStart] = None) -> Iterator[Path]:
     """The output folder: refused if it holds an earlier run's outputs, else created and proven
     writable, and locked while the block runs (`lock`: the process that writes; a second sample.py
     on the same folder meanwhile is refused naming the first, as invert.py and train.py are). If
-    the block fails, `on_failure(err)` runs (inside the lock), then the folders created here are
-    removed while they are empty, so that a failed run leaves no empty --out behind (what it did
-    write stays). `resume`: the folder's earlier outputs are the caller's to check."""
+    the block fails, what `start` noted is undone (FolderStart: unless a result is on disk or it
+    was an interrupt), then the folders created here are removed while they are empty, so that a
+    failed run leaves no empty --out behind. `resume`: the earlier outputs are the caller's to check."""
     out = Path(path)
     if not resume:                   # --resume: the caller checks the run it continues
         refuse_earlier_outputs(out)
@@ -200,12 +200,8 @@ def output_folder(path: str | Path, lock: bool = True, resume: bool = False,
     try:
         # The lock is let go (its file removed) before the empty folders are.
         with folder_lock(out, "sample.py") if lock else contextlib.nullcontext():
-            try:
+            with start.undone_on_failure() if start is not None else contextlib.nullcontext():
                 yield out
-            except BaseException as err:
-                if on_failure is not None:     # e.g. remove what the run wrote before its first result
-                    on_failure(err)
-                raise
     except BaseException:
         for folder in created:
             try:
@@ -252,15 +248,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 "chain": chain.to_dict(), "solver": s["solver"],
                 "solver_options": {**options, "max_iter": s["max_iter"], "tol": s["tol"]},
                 "checkpoint": str(ckpt_path), "latents": args.latents, "dtype": str(dtype)}
+    start = FolderStart(Path(s["out"]), results=f"{sample_batches.BATCH_DIR}/batch-*.pt")
     with output_folder(s["out"], lock=mesh is None or mesh.rank == 0, resume=args.resume,
-                       on_failure=None if args.resume else
-                       lambda err: sample_batches.undo_unstarted(Path(s["out"]), err)) as out:
+                       start=None if args.resume else start) as out:
         done, on_batch = {}, None
         if mesh is None:             # one process: every finished batch is kept for a resume
             if args.resume:
                 sample_batches.check_resume(out, identity)
                 done = sample_batches.load_batches(out)
             else:
+                start.creates(out / sample_batches.RUN_FILE, out / sample_batches.BATCH_DIR)
                 sample_batches.write_identity(out, identity)
             on_batch = lambda index, x0, stats: sample_batches.save_batch(out, index, x0, stats)  # noqa: E731
         model = model.to(device=device, dtype=dtype)

@@ -6,12 +6,14 @@
   `RunInterrupted(signum)`, which the entry point turns into "saved ..., resume with ...";
   given the Trainer, a signal inside a training step waits for the step's end.
 - `check_output_dir` / `refuse_existing_run`: fail before any compute, never overwrite a model.
+- `FolderStart`: what a run wrote before its first result, removed if it fails before any.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import logging
+import shutil
 import signal
 import sys
 import tempfile
@@ -142,6 +144,46 @@ def refuse_existing_run(out: Path, markers: Iterable[str], what: str = "an earli
         raise OutputFolderError(
             f"{out} holds {what} ({', '.join(found)}), which this run would overwrite: pass "
             f"--resume to continue it, or --out NEW_FOLDER to start a new run")
+
+
+class FolderStart:
+    """What a run creates in its folder before its first result, undone if it fails before any.
+
+    A run that stopped on an error before any result (files matching `results` in the folder, e.g.
+    invert.py's finished or saved batches) holds nothing to resume, but its run.json would make
+    the corrected rerun refuse the folder as an earlier run. An interrupt (Ctrl-C, SIGTERM) keeps
+    everything: it prints a --resume command. Made before the folder is (it notes whether it was).
+    """
+
+    def __init__(self, out: Path, results: str) -> None:
+        self.out, self.results, self.made_folder = Path(out), results, not Path(out).exists()
+        self.created: list[Path] = []
+
+    def creates(self, *paths: Path) -> None:
+        """Note the paths (files or folders) that do not exist yet: this run makes them."""
+        self.created += [p for p in paths if not p.exists()]
+
+    def holds_results(self) -> bool:
+        return any(self.out.glob(self.results))
+
+    def undo(self) -> None:
+        for path in self.created:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def undone_on_failure(self):
+        try:
+            yield
+        except Exception as err:
+            if not isinstance(err, RunInterrupted) and not self.holds_results():
+                self.undo()
+                if self.made_folder:          # empty once the lock inside has let go of .lock
+                    with contextlib.suppress(OSError):
+                        self.out.rmdir()
+            raise
 
 
 # ---- Lightning's advertisements and notices -------------------------------------------------

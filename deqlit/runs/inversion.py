@@ -23,7 +23,7 @@ from deqlit.deq.solvers import options_from
 from deqlit.diffusion.chain import Chain
 from deqlit.guards import OutputFolderError, RunInterrupted, UserInputError
 from deqlit.runs.folder_lock import folder_lock
-from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions
+from deqlit.runs.guards import FolderStart, check_output_dir, interrupts_as_exceptions
 from deqlit.lit.inversion_data import InversionDataModule
 from deqlit.lit.inversion_module import InversionModule
 from deqlit.lit.inversion_outputs import InversionWriter, finished_indices, merge_outputs
@@ -219,7 +219,7 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
     def check_folder() -> None:
         check_output_folder(out, identity, resume)
         check_output_dir(out)
-    start = FolderStart(out)          # before check_output_dir creates the folder
+    start = FolderStart(out, results="latents/part*.pt")  # part-* and partial-*; before the folder is made
     on_rank_zero_of(launch, check_folder)
     with (contextlib.nullcontext() if worker else start.undone_on_failure()), \
             (contextlib.nullcontext() if worker else folder_lock(out, command)):
@@ -270,44 +270,3 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
             return {}, out
         metrics = merge_outputs(out, settings.method, chain.T, inv["merge_limit"])
     return metrics, out
-
-
-class FolderStart:
-    """What a run creates in its folder before its first result, undone if it fails before any.
-
-    A run that stopped on an error before any batch finished or saved its state holds nothing to
-    resume, but its run.json would make the corrected rerun refuse the folder as "an earlier
-    inversion". An interrupt (Ctrl-C, SIGTERM) keeps everything: it prints a --resume command.
-    """
-
-    def __init__(self, out: Path) -> None:
-        self.out, self.made_folder = out, not out.exists()
-        self.created: list[Path] = []
-
-    def creates(self, *paths: Path) -> None:
-        """Note the paths (files or folders) that do not exist yet: this run makes them."""
-        self.created += [p for p in paths if not p.exists()]
-
-    def holds_results(self) -> bool:
-        return any((self.out / "latents").glob("part*.pt"))      # part-* and partial-* files
-
-    def undo(self) -> None:
-        import shutil
-        for path in self.created:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-
-    @contextlib.contextmanager
-    def undone_on_failure(self):
-        try:
-            yield
-        except Exception as err:
-            if not isinstance(err, RunInterrupted) and not self.holds_results():
-                self.undo()
-                if self.made_folder:          # empty once the lock inside has let go of .lock
-                    with contextlib.suppress(OSError):
-                        self.out.rmdir()
-            raise
-

@@ -9,7 +9,6 @@ batch files are removed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 import torch
 
 from deqlit.deq.solvers import SolverStats
-from deqlit.guards import OutputFolderError
+from deqlit.guards import OutputFolderError, atomic_torch_save
+from deqlit.runs.resume import differences, listed
 
 RUN_FILE = "run.json"
 BATCH_DIR = "batches"
@@ -34,10 +34,8 @@ def save_batch(folder: Path, index: int, x0: torch.Tensor, stats: SolverStats) -
     """Batch `index`'s x_0 (B, C, H, W) and figures, written whole or not at all."""
     path = batch_path(folder, index)
     path.parent.mkdir(exist_ok=True)
-    record = {"x0": x0.detach().cpu(), "stats": {k: v for k, v in asdict(stats).items() if k in STATS_FIELDS}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(record, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({"x0": x0.detach().cpu(),
+                       "stats": {k: v for k, v in asdict(stats).items() if k in STATS_FIELDS}}, path)
 
 
 def load_batches(folder: Path) -> dict[int, tuple[torch.Tensor, SolverStats]]:
@@ -66,24 +64,10 @@ def check_resume(folder: Path, identity: dict[str, Any]) -> None:
     if (Path(folder) / "samples.pt").is_file():
         raise OutputFolderError(f"--resume: the run in {folder} has finished (samples.pt is there): "
                                 f"nothing to resume")
-    earlier = json.loads(path.read_text())
-    changed = [f"{k} {earlier.get(k)!r} -> {identity.get(k)!r}" for k in sorted(set(earlier) | set(identity))
-               if earlier.get(k) != identity.get(k)]
+    changed = differences(json.loads(path.read_text()), json.loads(json.dumps(identity)))
     if changed:
-        raise OutputFolderError(f"--resume: the run in {folder} sampled other settings ({'; '.join(changed)}): "
+        raise OutputFolderError(f"--resume: the run in {folder} sampled other settings ({listed(changed)}): "
                                 f"resume with the same flags, or choose another --out")
-
-
-def undo_unstarted(folder: Path, err: BaseException) -> None:
-    """After a failure (not an interrupt) before any batch finished: remove run.json, so that the
-    corrected rerun is not refused as "an earlier run". An interrupt keeps it for --resume."""
-    from deqlit.guards import RunInterrupted
-    if isinstance(err, (RunInterrupted, KeyboardInterrupt)) or not isinstance(err, Exception):
-        return
-    if any((Path(folder) / BATCH_DIR).glob("batch-*.pt")):
-        return
-    (Path(folder) / RUN_FILE).unlink(missing_ok=True)
-    shutil.rmtree(Path(folder) / BATCH_DIR, ignore_errors=True)
 
 
 def finish(folder: Path) -> None:
