@@ -91,7 +91,7 @@ def describe_error(err: BaseException) -> tuple[str, int] | None:
     """
     from deqlit.config import ConfigError
     from deqlit.deq.solvers import SolverDivergedError
-    from deqlit.guards import NonFiniteError, UserInputError, find_enospc
+    from deqlit.guards import NonFiniteError, RankZeroStopped, UserInputError, find_enospc
 
     full = find_enospc(err)
     if full is not None:
@@ -103,7 +103,7 @@ def describe_error(err: BaseException) -> tuple[str, int] | None:
     lost = describe_lost_peer(err)          # another process of a multi-process run went silent
     if lost is not None:
         return lost, 1
-    if isinstance(err, (NonFiniteError, SolverDivergedError, InversionNotConverged)):
+    if isinstance(err, (NonFiniteError, SolverDivergedError, InversionNotConverged, RankZeroStopped)):
         return str(err), 1
     if isinstance(err, (ConfigError, UserInputError)):
         return str(err), 2

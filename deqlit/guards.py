@@ -37,6 +37,14 @@ class NonFiniteError(RuntimeError):
     """A loss, weights or EMA became NaN/Inf: the run stops instead of saving them."""
 
 
+class RankZeroStopped(RuntimeError):
+    """Another process of a multi-process run: rank 0 stopped on an error that it reports itself.
+    run_main prints one line with rank 0's reason, no traceback."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"rank 0 stopped the run: {reason}")
+
+
 class DiskFullError(OSError):
     """ENOSPC while writing `filename`."""
 

@@ -161,5 +161,7 @@ def test_sample_on_two_time_shards_started_by_trainer_devices_equals_one_process
     assert one.shape == two.shape == (2, 1, 32, 32)
     assert torch.allclose(one, two, rtol=0, atol=1e-9), (one - two).abs().max()
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    # run.json for a --resume; the batch files (written by the first shard only) removed at the end
+    assert (tmp_path / "two" / "run.json").is_file() and not (tmp_path / "two" / "batches").exists()
     assert metrics["iterations"] < 7                    # stopped on tol, on both shards at once
     assert metrics["x0_rmse_vs_sequential"] < 1e-2      # and the DEQ's x_0 is the sequential chain's

@@ -236,8 +236,8 @@ def test_an_interrupted_run_resumes_from_its_finished_batches(tmp_path, monkeypa
     main(common + ["--out", str(tmp_path / "whole")])
     real, saved = batches.save_batch, []
 
-    def save_then_interrupt(folder, index, x0, stats):
-        real(folder, index, x0, stats)
+    def save_then_interrupt(folder, index, x0, stats, *replica):
+        real(folder, index, x0, stats, *replica)
         saved.append(index)
         if index == 1:
             os.kill(os.getpid(), signal.SIGINT)          # the user's Ctrl-C, right after batch 1

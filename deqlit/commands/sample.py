@@ -25,9 +25,10 @@ from deqlit.devices import placement
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.interpolation import FRAMES_RULE
 from deqlit.evaluation import DatasetMetrics, format_metrics
-from deqlit.guards import NonFiniteError, OutputFolderError, RunInterrupted, UserInputError, first_nonfinite
+from deqlit.guards import (NonFiniteError, OutputFolderError, RankZeroStopped, RunInterrupted, UserInputError,
+                           first_nonfinite)
 from deqlit.models.build import build_noise_model
-from deqlit.parallel.launch import gather_over_data
+from deqlit.parallel.launch import from_rank_zero, gather_over_data
 from deqlit.pictures import numbered_grid, save_picture
 from deqlit.runs import sample_batches
 from deqlit.runs.folder_lock import folder_lock
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder, new or without an earlier run's outputs (default: "
                    "sampling.out of the config, e.g. runs/sample-faces)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out: its "
-                   "finished batches (--batch-size) are kept, the rest solved (one process)")
+                   "finished batches (--batch-size) are kept, the rest solved (the same processes: "
+                   "a ddp_time run resumes with as many data replicas)")
     p.add_argument("--no-progress", action="store_true", dest="no_progress")
     p.add_argument("--metrics", help="comma-separated distances to --ref-data written into "
                    "metrics.json: fid, kid (need --fid-weights), fd-random, kd-random (offline)")
@@ -211,6 +213,45 @@ def output_folder(path: str | Path, lock: bool = True, resume: bool = False,
         raise
 
 
+@contextlib.contextmanager
+def run_folder(path: str | Path, identity: dict[str, Any], resume: bool, mesh
+               ) -> Iterator[tuple[Path, dict[int, tuple[torch.Tensor, Any]], int]]:
+    """(the run's output folder, this process's batches finished earlier (index -> (x_0, stats);
+    runs/sample_batches.py), how many batches every replica finished earlier).
+
+    One process, or rank 0 of several, holds the folder (output_folder: refused if it holds an
+    earlier run, locked) and writes run.json, or with `resume` checks run.json against `identity`
+    and lists every replica's finished batches. Rank 0's verdict, its error or those lists, reaches
+    every other process before any of them solves: they never read the folder while rank 0 writes
+    into it, and a refused folder stops them all at once instead of leaving them waiting in the
+    solver's first collective until the timeout."""
+    out = Path(path)
+    replicas, replica = (1, 0) if mesh is None else (mesh.data, mesh.data_index)
+    with contextlib.ExitStack() as stack:
+        finished, error = None, None
+        if mesh is None or mesh.rank == 0:
+            try:
+                start = FolderStart(out, results=sample_batches.BATCH_FILES)
+                stack.enter_context(output_folder(out, resume=resume, start=None if resume else start))
+                if resume:
+                    sample_batches.check_resume(out, identity)
+                    finished = [sample_batches.finished_batches(out, r, replicas) for r in range(replicas)]
+                else:
+                    start.creates(out / sample_batches.RUN_FILE, out / sample_batches.BATCH_DIR)
+                    sample_batches.write_identity(out, identity)
+                    finished = [[] for _ in range(replicas)]
+            except Exception as err:      # raised below, once the other processes have heard of it
+                error = err
+        if mesh is not None:
+            finished, said = from_rank_zero((finished, None if error is None else f"{type(error).__name__}: {error}"))
+            if error is None and said is not None:
+                raise RankZeroStopped(said)
+        if error is not None:
+            raise error
+        yield (out, sample_batches.load_batches(out, finished[replica], replica, replicas),
+               sum(len(indices) for indices in finished))
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args, cfg = parse(build_parser(), argv, FLAGS, task="sample")
     refuse_interpolation_flags(args)
@@ -238,9 +279,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise ValueError(f"sampling.batch_size must be >= 1 (images per solve) or null, got {s['batch_size']}")
     if saved is not None and chain.eta > 0 and saved.get("noise") is None:
         raise ValueError(f"{args.latents} was found with eta = {chain.eta} but holds no noise")
-    if args.resume and mesh is not None:
-        raise ValueError("--resume continues a run of one process: drop --trainer.strategy ddp_time / "
-                         "--trainer.devices (the batches of a multi-process run are not saved)")
     quality = (DatasetMetrics.from_config(args.metrics, cfg, model, args.ref_data, args.fid_weights)
                if args.metrics else None)
     # What the run samples: --resume continues only a run of the same (runs/sample_batches.py).
@@ -248,18 +286,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 "chain": chain.to_dict(), "solver": s["solver"],
                 "solver_options": {**options, "max_iter": s["max_iter"], "tol": s["tol"]},
                 "checkpoint": str(ckpt_path), "latents": args.latents, "dtype": str(dtype)}
-    start = FolderStart(Path(s["out"]), results=f"{sample_batches.BATCH_DIR}/batch-*.pt")
-    with output_folder(s["out"], lock=mesh is None or mesh.rank == 0, resume=args.resume,
-                       start=None if args.resume else start) as out:
-        done, on_batch = {}, None
-        if mesh is None:             # one process: every finished batch is kept for a resume
-            if args.resume:
-                sample_batches.check_resume(out, identity)
-                done = sample_batches.load_batches(out)
-            else:
-                start.creates(out / sample_batches.RUN_FILE, out / sample_batches.BATCH_DIR)
-                sample_batches.write_identity(out, identity)
-            on_batch = lambda index, x0, stats: sample_batches.save_batch(out, index, x0, stats)  # noqa: E731
+    if mesh is not None and mesh.data > 1:    # each replica numbers its own batches
+        identity["data_replicas"] = mesh.data
+    with run_folder(s["out"], identity, args.resume, mesh) as (out, done, resumed):
+        on_batch = None
+        if mesh is None or mesh.time_index == 0:     # one writer per replica (its shards hold the same x_0)
+            replica, replicas = (0, 1) if mesh is None else (mesh.data_index, mesh.data)
+            on_batch = lambda index, x0, stats: sample_batches.save_batch(  # noqa: E731
+                out, index, x0, stats, replica, replicas)
         model = model.to(device=device, dtype=dtype)
         if saved is None:
             shape = (s["num_images"], model.in_channels, model.resolution, model.resolution)
@@ -288,16 +322,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
         start = time.perf_counter()
         try:
-            # One process: Ctrl-C / SIGTERM stop with the finished batches saved and a --resume line.
-            with interrupts_as_exceptions() if mesh is None else contextlib.nullcontext(), \
-                    torch.no_grad(), autocast:
+            # Ctrl-C / SIGTERM stop with the finished batches saved and a --resume line (several
+            # processes: each gets the signal from the terminal, torchrun or the scheduler).
+            with interrupts_as_exceptions(), torch.no_grad(), autocast:
                 x0, stats = generate(model, x_T, chain, s["solver"], noise=noise, max_batch=s["max_batch"],
                                      reducer=None if mesh is None else mesh.time_reducer(),
                                      batch_size=batch_size, done=done, on_batch=on_batch,
                                      callback=on_iteration, **options)
         except RunInterrupted as err:
             bar.close()
-            kept = len(list((out / sample_batches.BATCH_DIR).glob("batch-*.pt")))
+            if mesh is not None and mesh.rank != 0:      # rank 0 says what was kept and how to resume
+                raise RunInterrupted(err.signum, resumable=False) from None
+            kept = len(list(out.glob(sample_batches.BATCH_FILES)))
             raise RunInterrupted(err.signum, f"{kept} finished batch(es) of up to {batch_size} image(s) "
                                  f"kept in {out}") from None
         seconds = time.perf_counter() - start
@@ -349,8 +385,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     "chain": chain.to_dict()}, out / "samples.pt")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         sample_batches.finish(out)   # samples.pt holds every image now
-    if done:
-        print(f"resumed: {len(done)} finished batch(es) of {batch_size} image(s) read from {out}")
+    if resumed:
+        print(f"resumed: {resumed} finished batch(es) of up to {batch_size} image(s) read from {out}")
     print(f"wrote {out / 'samples.png'}, {out / 'samples.pt'} (x_T, noise, x_0, chain) and "
           f"{out / 'metrics.json'}: {solve_summary(stats, chain.T, s['tol'])}, {seconds:.1f} s on {device}")
     if "x0_psnr_vs_saved" in metrics:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from deqlit.guards import RankZeroStopped
 from deqlit.parallel.distributed import init_time_group
 from deqlit.parallel.mesh import TimeMesh
 
@@ -56,7 +58,10 @@ def start_local_processes(count: int) -> list[subprocess.Popen]:
                 for r in range(1, count)]
 
     def wait() -> None:
-        failed = [c.args for c in children if c.wait() != 0]
+        # A copy stopped by the same Ctrl-C / SIGTERM as this process (exit 128 + signal, or killed
+        # by it) did not fail: this process says what was kept, with its own exit code.
+        interrupted = {0, 128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
+        failed = [c.args for c in children if c.wait() not in interrupted]
         if failed:
             print(f"error: {len(failed)} of the {count} processes failed (see their messages above)",
                   file=sys.stderr)
@@ -193,5 +198,5 @@ def on_rank_zero(fn, worker: bool, launched: Optional[tuple[int, int]], workers_
     if error is not None:
         raise error
     if shared[1] is not None:
-        raise RuntimeError(f"rank 0 stopped the run: {shared[1]}")
+        raise RankZeroStopped(shared[1])
     return shared[0]

@@ -1,10 +1,12 @@
 """sample.py's finished batches on disk, so that a long run (thousands of images for FID) resumes.
 
-A run folder holds run.json (what the run samples: seed, counts, chain, solver, weights) and, while
-it runs, batches/batch-NNNNNN.pt, one per finished solve of `sampling.batch_size` images (x_0 and
-the solve's figures). `python sample.py ... --resume` checks run.json against its own settings and
-solves only the batches not on disk; the finished run's samples.pt holds every image and the
-batch files are removed.
+A run folder holds run.json (what the run samples: seed, counts, chain, solver, weights, data
+replicas) and, while it runs, batches/batch-NNNNNN.pt, one per finished solve of
+`sampling.batch_size` images (x_0 and the solve's figures); with several data replicas
+(--trainer.strategy ddp_time over more processes than time shards) each replica numbers its own
+batches, batches/replica-RRR-batch-NNNNNN.pt. `python sample.py ... --resume` checks run.json
+against its own settings and solves only the batches not on disk; the finished run's samples.pt
+holds every image and the batch files are removed.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import json
 import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -26,28 +28,53 @@ BATCH_DIR = "batches"
 STATS_FIELDS = tuple(f.name for f in fields(SolverStats) if f.name not in ("abs_trace", "rel_trace"))
 
 
-def batch_path(folder: Path, index: int) -> Path:
-    return Path(folder) / BATCH_DIR / f"batch-{index:06d}.pt"
+BATCH_FILES = f"{BATCH_DIR}/*.pt"      # every replica's batch files, as a glob in the run folder
 
 
-def save_batch(folder: Path, index: int, x0: torch.Tensor, stats: SolverStats) -> None:
-    """Batch `index`'s x_0 (B, C, H, W) and figures, written whole or not at all."""
-    path = batch_path(folder, index)
+def batch_prefix(replica: int, replicas: int) -> str:
+    """The file-name prefix of a replica's batches: 'batch-' in a run of one replica."""
+    return "batch-" if replicas == 1 else f"replica-{replica:03d}-batch-"
+
+
+def batch_path(folder: Path, index: int, replica: int = 0, replicas: int = 1) -> Path:
+    return Path(folder) / BATCH_DIR / f"{batch_prefix(replica, replicas)}{index:06d}.pt"
+
+
+def save_batch(folder: Path, index: int, x0: torch.Tensor, stats: SolverStats,
+               replica: int = 0, replicas: int = 1) -> None:
+    """Batch `index` (of data replica `replica`): its x_0 (B, C, H, W) and figures, written whole
+    or not at all."""
+    path = batch_path(folder, index, replica, replicas)
     path.parent.mkdir(exist_ok=True)
     atomic_torch_save({"x0": x0.detach().cpu(),
                        "stats": {k: v for k, v in asdict(stats).items() if k in STATS_FIELDS}}, path)
 
 
-def load_batches(folder: Path) -> dict[int, tuple[torch.Tensor, SolverStats]]:
-    """The finished batches in `folder`: index -> (x_0 on the CPU, SolverStats)."""
-    done = {}
-    for path in sorted((Path(folder) / BATCH_DIR).glob("batch-*.pt")):
+def finished_batches(folder: Path, replica: int = 0, replicas: int = 1) -> list[int]:
+    """The indices of a replica's batch files that load (a file cut short by a full disk, say, is
+    named and left out: its batch is solved again)."""
+    prefix = batch_prefix(replica, replicas)
+    found = []
+    for path in sorted((Path(folder) / BATCH_DIR).glob(f"{prefix}*.pt")):
         try:
-            record = torch.load(path, weights_only=True)
-        except Exception as err:          # a file cut short by a full disk, say: solve it again
+            torch.load(path, weights_only=True)
+        except Exception as err:
             print(f"sample.py: {path} is unreadable ({type(err).__name__}); its batch is solved again")
             continue
-        done[int(path.stem.split("-")[1])] = (record["x0"], SolverStats(**record["stats"]))
+        found.append(int(path.stem[len(prefix):]))
+    return found
+
+
+def load_batches(folder: Path, indices: Optional[list[int]] = None, replica: int = 0,
+                 replicas: int = 1) -> dict[int, tuple[torch.Tensor, SolverStats]]:
+    """A replica's finished batches in `folder` (`indices`: those of finished_batches, by default
+    all that load): index -> (x_0 on the CPU, SolverStats)."""
+    if indices is None:
+        indices = finished_batches(folder, replica, replicas)
+    done = {}
+    for index in indices:
+        record = torch.load(batch_path(folder, index, replica, replicas), weights_only=True)
+        done[index] = (record["x0"], SolverStats(**record["stats"]))
     return done
 
 

@@ -1,0 +1,77 @@
+"""sample.py's saved batches and --resume across processes (--trainer.strategy ddp_time): each data
+replica writes its own batch files, --resume reads them back on every process, and a folder that
+rank 0 refuses stops the other processes at once."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deqlit.deq.solvers import SolverStats
+from deqlit.runs import sample_batches
+from tests.conftest import REPO
+
+# Two processes started by sample.py itself, two data replicas of one time shard each: 5 images
+# are split 3 + 2, and in solves of 2 images replica 0 has batches 0 (images 0-1) and 1 (image 2),
+# replica 1 has batch 0 (images 3-4).
+COMMON = ["--timesteps", "4", "--num-images", "5", "--batch-size", "2", "--solver", "newton-scan",
+          "--tol", "1e-4", "--no-progress", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+          "--trainer.strategy", "ddp_time", "--parallel.time_shards", "1", "--parallel.timeout_s", "120"]
+
+
+def sample_py(args: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "sample.py"), *COMMON, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_two_replica_run_resumes_from_each_replicas_batch_files(tmp_path):
+    """The batch files a stopped run left (made here from the finished run's samples, shifted by
+    0.5 so that their use shows) are taken as they are on the replica that wrote them; only the
+    missing batch (replica 0's batch 0) is solved again and equals the uninterrupted run."""
+    whole = sample_py(["--out", str(tmp_path / "whole")], REPO)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    reference = torch.load(tmp_path / "whole" / "samples.pt", weights_only=True)["x0"]
+    assert reference.shape[0] == 5 and not (tmp_path / "whole" / "batches").exists()
+    identity = json.loads((tmp_path / "whole" / "run.json").read_text())
+    assert identity["data_replicas"] == 2
+
+    part = tmp_path / "part"
+    part.mkdir()
+    sample_batches.write_identity(part, identity)
+    stats = SolverStats(iterations=3, converged=True, abs_residual=[1.0, 0.1, 0.01],
+                        rel_residual=[1.0, 0.1, 1e-5], image_residual=[1e-5], image_iterations=[3], network_rows=12)
+    sample_batches.save_batch(part, 1, reference[2:3] + 0.5, stats, replica=0, replicas=2)
+    two = SolverStats(**{**stats.__dict__, "image_residual": [1e-5] * 2, "image_iterations": [3, 3]})
+    sample_batches.save_batch(part, 0, reference[3:5] + 0.5, two, replica=1, replicas=2)
+    assert sorted(p.name for p in (part / "batches").iterdir()) == [
+        "replica-000-batch-000001.pt", "replica-001-batch-000000.pt"]
+
+    resumed = sample_py(["--out", str(part), "--resume"], REPO)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed: 2 finished batch(es) of up to 2 image(s)" in resumed.stdout
+    x0 = torch.load(part / "samples.pt", weights_only=True)["x0"]
+    assert torch.allclose(x0[:2], reference[:2], atol=1e-6)           # solved again
+    assert torch.equal(x0[2:3], reference[2:3] + 0.5)                 # read from replica 0's file
+    assert torch.equal(x0[3:5], reference[3:5] + 0.5)                 # read from replica 1's file
+    assert not (part / "batches").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_that_rank_zero_refuses_stops_every_process_at_once(tmp_path):
+    """--resume on a folder that holds no run: rank 0 refuses it by name, and the other process
+    stops with rank 0's reason instead of waiting in the solver's first collective until the
+    timeout; the folder is left as it was."""
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "notes.txt").write_text("mine")
+    refused = sample_py(["--out", str(part), "--resume"], REPO)
+    assert refused.returncode != 0
+    assert "holds no sample.py run (run.json is missing)" in refused.stderr
+    assert "rank 0 stopped the run" in refused.stderr            # the other process heard why
+    assert sorted(p.name for p in part.iterdir()) == ["notes.txt"]
