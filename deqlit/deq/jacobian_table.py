@@ -16,8 +16,12 @@ tau * sqrt(1 - abar), which stays between 0 and about 1, linearly in the state i
 samples come from a DDIM chain through at most SAMPLE_STEPS of the chain's own states. In all
 SAMPLE_STEPS + 2 batched calls of CALIBRATION_SAMPLES images (times CALIBRATION_STATES in the last
 two), once per (model, chain, image shape, device, dtype) in a process: the table is cached with
-the model and not refreshed when its weights change (joint fine-tuning): a stale table only makes
-the solve take more iterations, never changes its fixed point.
+the model and not refreshed when its weights change (joint fine-tuning): a stale table could only
+make the solve take more iterations, never change its fixed point, and measured it does not: after
+200 steps of the default joint run (weights 2.6% away from the shipped ones, the table 19% at T = 10
+and 12% at T = 25), sampling with the fine-tuned network and the shipped network's table took the
+same iterations as with its own (8 seeds of 4 images, tol 1e-4: T = 10 median 8 both, T = 25 median
+10 both).
 
 Measured (shipped faces model, T = 25, 8 seeds, iterations to x_0 within RMSE 1e-3 of sequential
 DDIM, bench/sampling.py's rule): the scalar model median 8 [7, 7, 8, 9, 7, 9, 8, 8]; this table with
