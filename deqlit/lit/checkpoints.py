@@ -76,10 +76,14 @@ class SaveLast(Callback):
             with contextlib.suppress(NonFiniteError):
                 self._save(trainer, self.written_step)
 
-    def interrupted(self, step: int, resumed_from: str | None) -> tuple[str, bool]:
+    def interrupted(self, step: int, resumed_from: str | None, max_steps: int | None = None) -> tuple[str, bool]:
         """(what an interrupted run kept, whether --resume can continue it), from the files:
-        never a --resume for a checkpoint that is not there."""
+        never a --resume for a checkpoint that is not there, nor for a run whose every step (of
+        `max_steps`) is done: the signal came as the last step ended, and a resume would be refused."""
         if self.written_step is not None and self.path.is_file():
+            if self.written_step == step and max_steps is not None and 0 < max_steps <= step:
+                return (f"saved {self.path} at step {step}: all {max_steps} steps were done, so the run "
+                        f"is complete (--resume with more steps trains on)"), False
             if self.written_step == step:
                 return f"saved {self.path} at step {step}", True
             return (f"the last checkpoint is {self.path}, step {self.written_step} (nothing newer "

@@ -5,7 +5,7 @@ import contextlib
 import fcntl
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from deqlit.guards import OutputFolderError
 
@@ -48,3 +48,19 @@ def folder_lock(folder: Path, command: str) -> Iterator[None]:
             path.unlink()          # before unlocking: a waiting process then sees a fresh file
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         handle.close()
+
+
+def folder_holder(folder: Path) -> Optional[str]:
+    """The command and pid holding `folder`'s lock now ('invert.py (pid 123)'), or None."""
+    path = Path(folder) / LOCK_NAME
+    try:
+        handle = open(path)
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return None

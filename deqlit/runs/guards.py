@@ -135,8 +135,20 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
-def refuse_existing_run(out: Path, markers: Iterable[str], what: str = "an earlier run") -> None:
-    """Raise OutputFolderError if `out` holds any of `markers` (e.g. 'checkpoints', 'ema.pt')."""
+# What a run of any deqlit command leaves in its folder (train.py, joint fine-tuning, invert.py;
+# sample.py's own outputs are listed in commands/sample.py): a new run of any command refuses a
+# folder that holds one of them, so that no command writes into another's run (config.yaml, tb/).
+RUN_FILES = ("config.yaml", "run.json", "checkpoints", "ema.pt", "latents.pt", "latents", "metrics.json",
+             "tb", "samples.pt")
+
+
+def refuse_existing_run(out: Path, markers: Iterable[str] = RUN_FILES, what: str = "an earlier run") -> None:
+    """Raise OutputFolderError if another process holds `out` (folder_lock) or `out` holds any of
+    `markers` (by default what any deqlit run leaves, RUN_FILES)."""
+    from deqlit.runs.folder_lock import folder_holder
+    holder = folder_holder(out)
+    if holder is not None:
+        raise OutputFolderError(f"{out} is in use by {holder}: wait for it to finish, or choose another --out")
     # An empty checkpoints/ (a run stopped before its first save) holds nothing to lose.
     found = [m for m in markers if (out / m).is_file()
              or ((out / m).is_dir() and any((out / m).iterdir()))]
@@ -173,16 +185,20 @@ class FolderStart:
             else:
                 path.unlink(missing_ok=True)
 
+    def discard(self) -> None:
+        """Undo, and remove the folder if this run made it (empty once the lock has let go of .lock)."""
+        self.undo()
+        if self.made_folder:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+
     @contextlib.contextmanager
     def undone_on_failure(self):
         try:
             yield
         except Exception as err:
             if not isinstance(err, RunInterrupted) and not self.holds_results():
-                self.undo()
-                if self.made_folder:          # empty once the lock inside has let go of .lock
-                    with contextlib.suppress(OSError):
-                        self.out.rmdir()
+                self.discard()
             raise
 
 

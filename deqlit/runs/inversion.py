@@ -23,7 +23,7 @@ from deqlit.deq.solvers import options_from
 from deqlit.diffusion.chain import Chain
 from deqlit.guards import OutputFolderError, RunInterrupted, UserInputError
 from deqlit.runs.folder_lock import folder_lock
-from deqlit.runs.guards import FolderStart, check_output_dir, interrupts_as_exceptions
+from deqlit.runs.guards import RUN_FILES, FolderStart, check_output_dir, interrupts_as_exceptions, refuse_existing_run
 from deqlit.lit.inversion_data import InversionDataModule
 from deqlit.lit.inversion_module import InversionModule
 from deqlit.lit.inversion_outputs import InversionWriter, finished_indices, merge_outputs
@@ -122,6 +122,7 @@ def check_output_folder(out: Path, identity: dict[str, Any], resume: bool) -> No
         if holds_run:
             raise OutputFolderError(f"{out} holds an earlier inversion: add --resume to continue it, "
                                     f"or --out NEW_FOLDER for a new run")
+        refuse_existing_run(out, RUN_FILES)      # another command's run (train.py's), or one in use
         return
     if not (out / RUN_FILE).is_file():
         raise FileNotFoundError(f"cannot resume: {out / RUN_FILE} does not exist (no inversion was "

@@ -13,6 +13,7 @@ joint.metrics_per_image_limit images, summaries always.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -34,7 +35,9 @@ from deqlit.deq.solvers import options_from
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.sequential import ddim_sample
 from deqlit.guards import RunInterrupted, UserInputError, atomic_torch_save
-from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions, refuse_existing_run
+from deqlit.runs.folder_lock import folder_lock
+from deqlit.runs.guards import (RUN_FILES, FolderStart, check_output_dir, interrupts_as_exceptions,
+                                refuse_existing_run)
 from deqlit.lit.joint_data import JointDataModule, fine_tuning_count
 from deqlit.deq.degradations import frobenius_loss
 from deqlit.diffusion.gaussianity import kurtosis, lag1_autocorrelation, typicality_chi2
@@ -45,7 +48,6 @@ from deqlit.runs.resume import check_resume, record_resume, resume_checkpoint
 from deqlit.runs.sections import module_arguments, resolve
 from deqlit.runs.trainer import build_trainer
 
-RUN_MARKERS = ("checkpoints", "ema.pt", "latents.pt")
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -242,59 +244,77 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
     time_shardable_adjoint(joint, launch.shards)
     ckpt_path = resume_checkpoint(resume, ckpt_dir) if resume else None
 
+    # Rank 0 (check_folder runs there only) holds the folder while the run lasts: a second joint
+    # run, train.py or invert.py there is refused; a run that fails before its first checkpoint
+    # removes what it wrote (config.yaml, tb/, the latent table), and so does a --fast-dev-run step.
+    start = FolderStart(out, results="checkpoints/*.ckpt")
+    held = contextlib.ExitStack()
+
     def check_folder() -> Optional[dict[str, Any]]:
         record = check_resume(cfg, out, ckpt_path, "joint") if ckpt_path else None
         if not resume:
-            refuse_existing_run(out, RUN_MARKERS)
+            refuse_existing_run(out, RUN_FILES)
         check_output_dir(out)
+        if fast_dev_run:        # after the lock has let go: nothing of a debug step is kept
+            held.callback(start.discard)
+        held.enter_context(start.undone_on_failure())
+        held.enter_context(folder_lock(out, "train.py --task joint"))
+        start.creates(out / "config.yaml", out / "tb", ckpt_dir, out / "latents")
         if record is None:
             save_config(cfg, out / "config.yaml")
         else:
             record_resume(out, record)
-    L.seed_everything(joint["seed"], workers=True)
-    module, datamodule = build_joint(cfg, ckpt, resume=bool(resume),
-                                     before_writing=lambda: on_rank_zero_of(launch, check_folder))
-    if launch.time_sharded and module.latents.store is not None:
-        raise UserInputError("--joint.latents_on_disk (the table in RUN/latents/) is not shared between "
-                             "the processes of --trainer.strategy ddp_time yet: pass "
-                             "--joint.latents_on_disk false (each process keeps the table in memory)")
-    from deqlit.evaluation import denoising_loss
-    before = {"denoise_mse_train": denoising_loss(module.model, datamodule.prior_images(), module.abar)}
+    with held:
+        L.seed_everything(joint["seed"], workers=True)
+        module, datamodule = build_joint(cfg, ckpt, resume=bool(resume),
+                                         before_writing=lambda: on_rank_zero_of(launch, check_folder))
+        if launch.time_sharded and module.latents.store is not None:
+            raise UserInputError("--joint.latents_on_disk (the table in RUN/latents/) is not shared between "
+                                 "the processes of --trainer.strategy ddp_time yet: pass "
+                                 "--joint.latents_on_disk false (each process keeps the table in memory)")
+        from deqlit.evaluation import denoising_loss
+        before = {"denoise_mse_train": denoising_loss(module.model, datamodule.prior_images(), module.abar)}
 
-    export = ExportEMA(out / "ema.pt")
-    saver = SaveLast(ckpt_dir / "last.ckpt", export)
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, filename="step-{step}",
-                                 auto_insert_metric_name=False, enable_version_counter=False,
-                                 every_n_train_steps=joint["checkpoint_every"])
-    max_time, cpu_budget = joint["max_time_s"], joint["max_process_s"]   # benchmarks' budgets
-    extra = [] if cpu_budget is None else [ProcessTimeBudget(cpu_budget)]
-    trainer = build_trainer(launch, max_time=None if max_time is None else timedelta(seconds=float(max_time)),
-                            logger=TensorBoardLogger(str(out), name="tb", version=0, default_hp_metric=False),
-                            callbacks=[checkpoint, export, SaveLatents(out / "latents.pt"), saver, *extra],
-                            use_distributed_sampler=False,    # ddp_time: every process loads the global batch
-                            fast_dev_run=fast_dev_run, num_sanity_val_steps=0)
-    start, cpu_start = time.time(), time.process_time()
-    try:
-        with interrupts_as_exceptions(trainer), warnings.catch_warnings():
-            # Both expected here: the network stays in eval mode on purpose (dropout would make the
-            # fixed-point map random), and a checkpoint holds the state after the step's update,
-            # which is what --resume continues from (tested equal to an uninterrupted run).
-            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
-            warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization")
-            try:
-                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-            except SIGTERMException:
-                raise RunInterrupted(signal.SIGTERM) from None
-    except RunInterrupted as err:
-        raise RunInterrupted(err.signum, *saver.interrupted(trainer.global_step, ckpt_path)) from None
-    if fast_dev_run or not trainer.is_global_zero:
+        export = ExportEMA(out / "ema.pt")
+        saver = SaveLast(ckpt_dir / "last.ckpt", export)
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, filename="step-{step}",
+                                     auto_insert_metric_name=False, enable_version_counter=False,
+                                     every_n_train_steps=joint["checkpoint_every"])
+        max_time, cpu_budget = joint["max_time_s"], joint["max_process_s"]   # benchmarks' budgets
+        extra = [] if cpu_budget is None else [ProcessTimeBudget(cpu_budget)]
+        trainer = build_trainer(launch, max_time=None if max_time is None else timedelta(seconds=float(max_time)),
+                                logger=TensorBoardLogger(str(out), name="tb", version=0, default_hp_metric=False),
+                                # A debug step saves nothing (Lightning's ModelCheckpoint would write last.ckpt).
+                            callbacks=[*([] if fast_dev_run else [checkpoint, export, SaveLatents(out / "latents.pt"),
+                                                                  saver]), *extra],
+                            **({"enable_checkpointing": False} if fast_dev_run else {}),
+                                use_distributed_sampler=False,    # ddp_time: every process loads the global batch
+                                fast_dev_run=fast_dev_run, num_sanity_val_steps=0)
+        start, cpu_start = time.time(), time.process_time()
+        try:
+            with interrupts_as_exceptions(trainer), warnings.catch_warnings():
+                # Both expected here: the network stays in eval mode on purpose (dropout would make the
+                # fixed-point map random), and a checkpoint holds the state after the step's update,
+                # which is what --resume continues from (tested equal to an uninterrupted run).
+                warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+                warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization")
+                try:
+                    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+                except SIGTERMException:
+                    raise RunInterrupted(signal.SIGTERM) from None
+        except RunInterrupted as err:
+            raise RunInterrupted(err.signum, *saver.interrupted(trainer.global_step, ckpt_path,
+                                                                trainer.max_steps)) from None
+        if fast_dev_run and trainer.is_global_zero:
+            print(f"fast-dev-run: {trainer.global_step} fine-tuning step(s) ran; nothing was kept in {out}")
+        if fast_dev_run or not trainer.is_global_zero:
+            return module
+        metrics = write_metrics(module, datamodule, out, time.time() - start, before,
+                                process_seconds=time.process_time() - cpu_start, chunk=joint["eval_chunk"],
+                                per_image_limit=joint["metrics_per_image_limit"])
+        print(summary_line(metrics, out))
+        print(f"view the curves: tensorboard --logdir {out / 'tb'}")
         return module
-    metrics = write_metrics(module, datamodule, out, time.time() - start, before,
-                            process_seconds=time.process_time() - cpu_start, chunk=joint["eval_chunk"],
-                            per_image_limit=joint["metrics_per_image_limit"])
-    print(summary_line(metrics, out))
-    print(f"view the curves: tensorboard --logdir {out / 'tb'}")
-    return module
 
 
 def summary_line(metrics: dict[str, Any], out: Path) -> str:

@@ -12,6 +12,7 @@ and leave as RunInterrupted, which train.py's entry point prints with the --resu
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 from dataclasses import dataclass
@@ -30,14 +31,13 @@ from deqlit.lit.checkpoints import ExportEMA, LossBar, SaveLast
 from deqlit.lit.datamodule import ImageDataModule
 from deqlit.lit.metrics_callback import metrics_callbacks
 from deqlit.lit.train_module import DiffusionTrainModule
-from deqlit.runs.guards import check_output_dir, interrupts_as_exceptions, refuse_existing_run
-from deqlit.runs.launch import prepare_launch
+from deqlit.runs.folder_lock import folder_lock
+from deqlit.runs.guards import (RUN_FILES, FolderStart, check_output_dir, interrupts_as_exceptions,
+                                refuse_existing_run)
+from deqlit.runs.launch import launched_worker, on_rank_zero_of, prepare_launch
 from deqlit.runs.resume import check_resume, record_resume, resume_checkpoint
 from deqlit.runs.sections import module_arguments, resolve
 from deqlit.runs.trainer import build_trainer
-
-RUN_MARKERS = ("checkpoints", "ema.pt")  # what an earlier run leaves that a new one would overwrite
-
 
 # Trainer arguments that train.py takes from `train:` (their home in every config and in the
 # saved run): the trainer section may not set them too, or one of the two would be ignored.
@@ -101,6 +101,7 @@ class TrainingJob:
     saver: SaveLast
     ckpt_path: Optional[str]
     resume_record: Optional[dict[str, Any]]
+    start: FolderStart               # what the run creates before its first checkpoint
 
 
 def prepare_training(cfg: dict, resume: str | None = None,
@@ -116,8 +117,8 @@ def prepare_training(cfg: dict, resume: str | None = None,
     launch = prepare_launch(cfg)
     ckpt_path = resume_checkpoint(resume, ckpt_dir) if resume else None
     record = check_resume(cfg, out, ckpt_path, "train") if ckpt_path else None
-    if not resume:
-        refuse_existing_run(out, RUN_MARKERS)
+    if not resume and not fast_dev_run:     # rank 0 reads the folder (Lightning's workers start once it has written)
+        on_rank_zero_of(launch, lambda: refuse_existing_run(out, RUN_FILES))
     L.seed_everything(train["seed"], workers=True)
 
     data = ImageDataModule(name=data_cfg["name"], resolution=data_cfg["resolution"],
@@ -147,11 +148,16 @@ def prepare_training(cfg: dict, resume: str | None = None,
         launch, max_steps=train["max_steps"], log_every_n_steps=log_every(train),
         gradient_clip_val=clip, gradient_clip_algorithm="norm" if clip else None,
         logger=TensorBoardLogger(str(out), name="tb", version=0, default_hp_metric=False),
-        callbacks=[checkpoint, export, saver, *bar, *metrics_callbacks(cfg)],
+        # A debug step saves nothing: Lightning's ModelCheckpoint would still write last.ckpt (and
+        # ExportEMA ema.pt) into the folder of the real run that the same command then refuses.
+        callbacks=[*([] if fast_dev_run else [checkpoint, export, saver]), *bar, *metrics_callbacks(cfg)],
+        **({"enable_checkpointing": False} if fast_dev_run else {}),
         fast_dev_run=fast_dev_run, num_sanity_val_steps=0)
     # Created last: data, model, weights and Trainer settings that fail leave no folder behind.
-    check_output_dir(out)
-    return TrainingJob(cfg, out, module, data, trainer, export, saver, ckpt_path, record)
+    start = FolderStart(out, results="checkpoints/*.ckpt")     # before the folder is made
+    if not fast_dev_run:                # a debug step writes nothing (Lightning logs and saves nothing)
+        check_output_dir(out)
+    return TrainingJob(cfg, out, module, data, trainer, export, saver, ckpt_path, record, start)
 
 
 def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = False) -> DiffusionTrainModule:
@@ -161,11 +167,32 @@ def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = Fals
     cfg = job.cfg
     out, trainer, export, saver, ckpt_path = job.out, job.trainer, job.export, job.saver, job.ckpt_path
     ckpt_dir = out / "checkpoints"
-    if rank_zero_only.rank == 0:   # a DDP worker process re-runs this script: one writer
-        if not (out / "config.yaml").is_file() or job.resume_record is None:
-            save_config(cfg, out / "config.yaml")
-        if job.resume_record is not None:
-            record_resume(out, job.resume_record)
+    # One writer: a DDP worker re-runs this script (Lightning's launcher) or is rank > 0 (torchrun).
+    # It holds the folder (a second train.py, invert.py or joint run there is refused) and, if the
+    # run fails before its first checkpoint, removes what it wrote (config.yaml, tb/): nothing to
+    # resume, and the corrected rerun is not refused as an earlier run.
+    writer = rank_zero_only.rank == 0 and not launched_worker() and not fast_dev_run
+    with job.start.undone_on_failure() if writer else contextlib.nullcontext(), \
+            folder_lock(out, "train.py") if writer else contextlib.nullcontext():
+        if writer:
+            job.start.creates(out / "config.yaml", out / "tb", ckpt_dir)
+            if not (out / "config.yaml").is_file() or job.resume_record is None:
+                save_config(cfg, out / "config.yaml")
+            if job.resume_record is not None:
+                record_resume(out, job.resume_record)
+        fit(job)
+    if trainer.is_global_zero:
+        print(summary(cfg, out, trainer.global_step, job.module.last_loss, saver) if not fast_dev_run else
+              f"fast-dev-run: {trainer.global_step} training step(s) and the validation ran; nothing was written")
+    return job.module
+
+
+def fit(job: TrainingJob) -> None:
+    """Trainer.fit with the guards: an interrupt saves last.ckpt and leaves as RunInterrupted (no
+    --resume offered once every step is done), a non-finite loss names what was kept and what to
+    change, a full disk names the folder."""
+    cfg, out, trainer, export, saver, ckpt_path = job.cfg, job.out, job.trainer, job.export, job.saver, job.ckpt_path
+    ckpt_dir = out / "checkpoints"
     try:
         with interrupts_as_exceptions(trainer):
             try:
@@ -174,7 +201,8 @@ def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = Fals
             except SIGTERMException:  # Lightning's own SIGTERM path (outside the main thread)
                 raise RunInterrupted(signal.SIGTERM) from None
     except RunInterrupted as err:
-        raise RunInterrupted(err.signum, *saver.interrupted(trainer.global_step, ckpt_path)) from None
+        raise RunInterrupted(err.signum, *saver.interrupted(trainer.global_step, ckpt_path,
+                                                            cfg["train"]["max_steps"])) from None
     except NonFiniteError as err:
         raise NonFiniteError(f"{err}. {_kept(export, ckpt_dir, ckpt_path)} "
                              f"{_remedies(cfg)}") from None
@@ -182,9 +210,6 @@ def run_training(cfg: dict, resume: str | None = None, fast_dev_run: bool = Fals
         if find_enospc(err) is not None and not isinstance(err, DiskFullError):
             raise DiskFullError(out) from err
         raise
-    if trainer.is_global_zero and not fast_dev_run:
-        print(summary(cfg, out, trainer.global_step, job.module.last_loss, saver))
-    return job.module
 
 
 def summary(cfg: dict[str, Any], out: Path, steps: int, loss: float, saver: SaveLast) -> str:
