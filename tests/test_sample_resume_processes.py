@@ -75,3 +75,20 @@ def test_a_resume_that_rank_zero_refuses_stops_every_process_at_once(tmp_path):
     assert "holds no sample.py run (run.json is missing)" in refused.stderr
     assert "rank 0 stopped the run" in refused.stderr            # the other process heard why
     assert sorted(p.name for p in part.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_ddp_over_two_devices_samples_on_two_replicas_and_rank_zero_computes_the_metrics(tmp_path):
+    """--trainer.strategy ddp is data-parallel sampling (the ddp_time mesh with one time shard),
+    not one silent process; --metrics are computed on rank 0 from the gathered samples, without a
+    sync that would wait on the processes that have already returned."""
+    args = ["--timesteps", "4", "--num-images", "4", "--no-progress", "--metrics", "fd-random",
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--parallel.timeout_s", "120", "--out", str(tmp_path / "o")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "sample.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["data_replicas"] == 2
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["fd-random"] >= 0
+    assert torch.load(tmp_path / "o" / "samples.pt", weights_only=True)["x0"].shape[0] == 4

@@ -2,7 +2,8 @@
 
 Each run writes into a folder of its own: --out, or by default sampling.out (runs/sample-<data>)
 and, for --interpolate, sampling.interpolate_out (runs/interpolate-<data>, -lerp appended with
---interp lerp). A folder that holds an earlier run's outputs is refused, and a run that fails
+--interp lerp). Every run folder holds the resolved config.yaml (`--config RUN/config.yaml`
+replays the run). A folder that holds an earlier run's outputs is refused, and a run that fails
 before writing removes the folders it created.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm import tqdm
 
 from deqlit.cli import int_at_least, parse, positive_int
+from deqlit.config import save_config
 from deqlit.deq.solvers import option_defaults, options_from
 from deqlit.devices import placement
 from deqlit.diffusion.chain import Chain
@@ -34,7 +36,7 @@ from deqlit.runs import sample_batches
 from deqlit.runs.folder_lock import folder_lock
 from deqlit.runs.guards import FolderStart, check_output_dir, interrupts_as_exceptions
 from deqlit.runs.latents import read_latents
-from deqlit.runs.launch import prepare_launch, process_mesh
+from deqlit.runs.launch import prepare_launch, process_mesh, world_of
 from deqlit.sampling import SAMPLERS, draw_noise, generate
 
 FLAGS = {"timesteps": "sampling.timesteps", "skip": "sampling.skip", "eta": "sampling.eta",
@@ -45,7 +47,7 @@ FLAGS = {"timesteps": "sampling.timesteps", "skip": "sampling.skip", "eta": "sam
 # --interpolate is refused, a default is not).
 INTERPOLATION = {"pairs": "0:1", "frames": 9, "interp": "slerp"}
 # What a sampling or interpolation run writes: a folder holding any of them is refused.
-OUTPUTS = ("metrics.json", "samples.png", "samples.pt", "samples_sequential.png", "strip_*.png",
+OUTPUTS = ("config.yaml", "metrics.json", "samples.png", "samples.pt", "samples_sequential.png", "strip_*.png",
            sample_batches.RUN_FILE, sample_batches.BATCH_DIR)
 GRID_LIMIT = 256     # samples.png shows at most this many samples (samples.pt holds them all)
 
@@ -179,7 +181,8 @@ def refuse_earlier_outputs(out: Path) -> None:
     found = sorted({p.name for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
     if found:
         listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-        unfinished = sample_batches.RUN_FILE in found and "samples.pt" not in found
+        # Only a sample.py run resumes here (invert.py writes a run.json too).
+        unfinished = sample_batches.holds_sample_run(out) and "samples.pt" not in found
         raise OutputFolderError(f"--out {out} holds an earlier run's outputs ({listed}), which this run "
                                 f"would overwrite: pass --out NEW_FOLDER"
                                 + (", or --resume to finish that run" if unfinished else ""))
@@ -214,13 +217,14 @@ def output_folder(path: str | Path, lock: bool = True, resume: bool = False,
 
 
 @contextlib.contextmanager
-def run_folder(path: str | Path, identity: dict[str, Any], resume: bool, mesh
+def run_folder(path: str | Path, identity: dict[str, Any], resume: bool, mesh, cfg: dict
                ) -> Iterator[tuple[Path, dict[int, tuple[torch.Tensor, Any]], int]]:
     """(the run's output folder, this process's batches finished earlier (index -> (x_0, stats);
     runs/sample_batches.py), how many batches every replica finished earlier).
 
     One process, or rank 0 of several, holds the folder (output_folder: refused if it holds an
-    earlier run, locked) and writes run.json, or with `resume` checks run.json against `identity`
+    earlier run, locked) and writes run.json and config.yaml (the resolved `cfg`: --config
+    RUN/config.yaml replays the run), or with `resume` checks run.json against `identity`
     and lists every replica's finished batches. Rank 0's verdict, its error or those lists, reaches
     every other process before any of them solves: they never read the folder while rank 0 writes
     into it, and a refused folder stops them all at once instead of leaving them waiting in the
@@ -237,8 +241,10 @@ def run_folder(path: str | Path, identity: dict[str, Any], resume: bool, mesh
                     sample_batches.check_resume(out, identity)
                     finished = [sample_batches.finished_batches(out, r, replicas) for r in range(replicas)]
                 else:
-                    start.creates(out / sample_batches.RUN_FILE, out / sample_batches.BATCH_DIR)
+                    start.creates(out / sample_batches.RUN_FILE, out / sample_batches.BATCH_DIR,
+                                  out / "config.yaml")
                     sample_batches.write_identity(out, identity)
+                    save_config(cfg, out / "config.yaml")
                     finished = [[] for _ in range(replicas)]
             except Exception as err:      # raised below, once the other processes have heard of it
                 error = err
@@ -252,17 +258,64 @@ def run_folder(path: str | Path, identity: dict[str, Any], resume: bool, mesh
                sum(len(indices) for indices in finished))
 
 
+# Strategies that sample.py runs as one process or as a data x time mesh; others are refused.
+ONE_PROCESS = (None, "auto")
+DATA_PARALLEL = "ddp"
+
+
+def sampling_layout(cfg: dict, interpolate: bool) -> None:
+    """Map the trainer section onto sample.py's processes, in place, before any starts.
+
+    Data-parallel sampling is the ddp_time mesh with one time shard, so --trainer.strategy ddp
+    (or auto with --trainer.devices N > 1) becomes ddp_time with parallel.time_shards 1 instead of
+    silently running one process; a strategy sample.py cannot run is refused by name. --interpolate
+    runs in one process: more are refused here, before they would be started."""
+    section, parallel = cfg["trainer"], cfg["parallel"]
+    strategy, world = section.get("strategy"), world_of(section)
+    if interpolate:
+        typed = ([f"--trainer.strategy {strategy}"] if strategy in (DATA_PARALLEL, "ddp_time") else []) + \
+                ([f"--trainer.devices {section.get('devices')}"] if (world or 1) > 1 else [])
+        if typed:
+            raise UserInputError(f"--interpolate runs in one process: drop {' and '.join(typed)}")
+        return
+    if strategy not in (*ONE_PROCESS, DATA_PARALLEL, "ddp_time"):
+        raise UserInputError(f"sample.py cannot run --trainer.strategy {strategy}: use ddp (data-parallel "
+                             f"over --trainer.devices N) or ddp_time (each chain split over "
+                             f"--parallel.time_shards processes)")
+    if strategy == DATA_PARALLEL or (strategy in ONE_PROCESS and (world or 1) > 1):
+        if parallel.get("time_shards") not in (None, 1):
+            return                       # prepare_launch refuses time shards without ddp_time
+        section["strategy"], parallel["time_shards"] = "ddp_time", 1
+
+
+def precision_of(cfg: dict) -> str:
+    """The trainer precision as placement() reads it: the parameter dtype and the autocast."""
+    return str(cfg["trainer"].get("precision", "32-true"))
+
+
+def stored(x: torch.Tensor) -> torch.Tensor:
+    """Samples as saved, on the CPU: float32 and float64 kept (64-true's float64 is not cut to
+    float32), half precisions widened to float32."""
+    x = x.detach().cpu()
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args, cfg = parse(build_parser(), argv, FLAGS, task="sample")
     refuse_interpolation_flags(args)
     s = cfg["sampling"]
     device, dtype, autocast = placement(cfg["trainer"])
+    sampling_layout(cfg, bool(args.interpolate))
     # --trainer.strategy ddp_time: a data x time mesh (None: one process), joined as every job
     # joins it (torchrun / srun, or --trainer.devices N started here).
     mesh = process_mesh(prepare_launch(cfg), device)
     if args.interpolate:
-        return interpolate_main(args, cfg, device, dtype, mesh)
+        return interpolate_main(args, cfg, device, dtype)
     saved = read_latents(args.latents, args.num_images) if args.latents else None
+    if saved is not None and args.num_images is not None and len(saved["x_T"]) < args.num_images:
+        raise UserInputError(f"--num-images {args.num_images} asks for more images than --latents "
+                             f"{args.latents} holds ({len(saved['x_T'])}): pass --num-images "
+                             f"{len(saved['x_T'])} or fewer, or drop it to regenerate them all")
     model, schedule, ckpt_path = build_noise_model(cfg)
     bad = first_nonfinite(model.state_dict())
     if bad is not None:
@@ -284,11 +337,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # What the run samples: --resume continues only a run of the same (runs/sample_batches.py).
     identity = {"seed": s["seed"], "num_images": count, "batch_size": s["batch_size"],
                 "chain": chain.to_dict(), "solver": s["solver"],
-                "solver_options": {**options, "max_iter": s["max_iter"], "tol": s["tol"]},
-                "checkpoint": str(ckpt_path), "latents": args.latents, "dtype": str(dtype)}
+                # with the defaults, as metrics.json: typing a default value changes nothing
+                "solver_options": {**option_defaults(s["solver"]), **options,
+                                   "max_iter": s["max_iter"], "tol": s["tol"]},
+                "checkpoint": str(ckpt_path), "latents": args.latents, "dtype": str(dtype),
+                # the parameter dtype alone is float32 under bf16-mixed and 16-mixed too
+                "precision": precision_of(cfg)}
     if mesh is not None and mesh.data > 1:    # each replica numbers its own batches
         identity["data_replicas"] = mesh.data
-    with run_folder(s["out"], identity, args.resume, mesh) as (out, done, resumed):
+    with run_folder(s["out"], identity, args.resume, mesh, cfg) as (out, done, resumed):
         on_batch = None
         if mesh is None or mesh.time_index == 0:     # one writer per replica (its shards hold the same x_0)
             replica, replicas = (0, 1) if mesh is None else (mesh.data_index, mesh.data)
@@ -343,7 +400,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             x0, x_T, noise = gather_over_data(mesh, x0), all_x_T, all_noise
             if mesh.rank != 0:
                 return {}
-        x0 = x0.float().cpu()
+        x0 = stored(x0)
         if not bool(torch.isfinite(x0).all()):
             raise NonFiniteError("the samples hold NaN/Inf: the model's outputs are not finite for these "
                                  "inputs (check the checkpoint; try --trainer.precision 32-true)")
@@ -356,6 +413,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "batch_size": batch_size, "timesteps": chain.T, "timesteps_requested": chain.requested,
             "skip": chain.skip, "eta": chain.eta, "num_images": count, "seed": s["seed"],
             "checkpoint": str(ckpt_path), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "precision": precision_of(cfg),
             "iterations": stats.iterations, "nfe": stats.iterations,
             "network_evals_per_image": stats.network_rows, "converged": stats.converged,
             "final_residual": stats.rel_residual[-1] if stats.rel_residual else 0.0,
@@ -369,7 +427,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             start = time.perf_counter()
             with torch.no_grad(), autocast:
                 x0_seq, _ = generate(model, x_T, chain, "sequential", noise=noise)
-            x0_seq = x0_seq.float().cpu()
+            x0_seq = stored(x0_seq)       # compared in the samples' own dtype
             metrics["sequential_seconds"] = time.perf_counter() - start
             metrics["x0_rmse_vs_sequential"] = float((x0 - x0_seq).pow(2).mean().sqrt())
             metrics["x0_psnr_vs_sequential"] = psnr(x0, x0_seq)
@@ -398,14 +456,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return metrics
 
 
-def interpolate_main(args: argparse.Namespace, cfg: dict, device, dtype, mesh) -> dict:
+def interpolate_main(args: argparse.Namespace, cfg: dict, device, dtype) -> dict:
     """sample.py --interpolate: strips between pairs of saved latents (commands/interpolate.py)."""
     from deqlit.commands.interpolate import check_interpolation, fine_tuned_weights, run_interpolation
     if args.latents:
         raise ValueError("--interpolate reads its own latents: drop --latents")
     refuse_sampling_flags(args)
-    if mesh is not None:
-        raise ValueError("--interpolate runs in one process: drop --trainer.strategy ddp_time / --trainer.devices")
     pairs, frames, method = (default if getattr(args, name) is None else getattr(args, name)
                              for name, default in INTERPOLATION.items())
     saved = read_latents(args.interpolate)
@@ -417,7 +473,10 @@ def interpolate_main(args: argparse.Namespace, cfg: dict, device, dtype, mesh) -
     s = cfg["sampling"]
     # Its own folder by default, one per method: runs/interpolate-faces, runs/interpolate-faces-lerp.
     folder = args.out or s["interpolate_out"] + ("-lerp" if method == "lerp" else "")
-    with output_folder(folder) as out:
+    start = FolderStart(Path(folder), results="strip_*.png")   # a failure before any strip undoes config.yaml
+    with output_folder(folder, start=start) as out:
+        start.creates(out / "config.yaml")
+        save_config(cfg, out / "config.yaml")         # --config RUN/config.yaml replays the morphs
         model = model.to(device=device, dtype=dtype).eval()
         with torch.no_grad():
             report = run_interpolation(model, cfg, saved, pairs, frames, method, out, solver=s["solver"],

@@ -31,19 +31,23 @@ class Passthrough(nn.Module):
         return features
 
 
-def frechet_metric(dim: int, process_group: Optional[Any] = None) -> FrechetInceptionDistance:
-    """A FrechetInceptionDistance over (N, dim) features; update(features, real=...)."""
+def frechet_metric(dim: int, process_group: Optional[Any] = None, sync: bool = True
+                   ) -> FrechetInceptionDistance:
+    """A FrechetInceptionDistance over (N, dim) features; update(features, real=...). `sync`:
+    compute() pools every process's features (False: this process's only)."""
     return FrechetInceptionDistance(feature=Passthrough(dim), normalize=True,
-                                    process_group=process_group)
+                                    process_group=process_group, sync_on_compute=sync)
 
 
 def kernel_metric(dim: int, subset_size: int = 1000, subsets: int = 100,
-                  process_group: Optional[Any] = None) -> KernelInceptionDistance:
-    """A KernelInceptionDistance over (N, dim) features; update(features, real=...)."""
+                  process_group: Optional[Any] = None, sync: bool = True) -> KernelInceptionDistance:
+    """A KernelInceptionDistance over (N, dim) features; update(features, real=...); `sync` as
+    for frechet_metric."""
     with warnings.catch_warnings():   # "saves all features in a buffer": known, and small here
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         return KernelInceptionDistance(feature=Passthrough(dim), subset_size=subset_size,
-                                       subsets=subsets, normalize=True, process_group=process_group)
+                                       subsets=subsets, normalize=True, process_group=process_group,
+                                       sync_on_compute=sync)
 
 
 def feature_count(metric: KernelInceptionDistance) -> tuple[int, int]:

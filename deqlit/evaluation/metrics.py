@@ -42,13 +42,14 @@ class ImageMetrics(nn.Module):
 
     Args: names (subset of METRICS), channels of the images, fid_weights (the Inception file; only
     read when fid or kid is asked for), random_seed / random_width (the random feature net),
-    kid_subset_size / kid_subsets, process_group (which processes' images are pooled; None = all).
+    kid_subset_size / kid_subsets, process_group (which processes' images are pooled; None = all),
+    sync (False: compute() uses this process's images only, e.g. when one process holds them all).
     update(images, real) accumulates; compute() -> {name: value, ...} plus the feature nets used.
     """
 
     def __init__(self, names: str | Sequence[str], channels: int, fid_weights: str | Path | None = None,
                  random_seed: int = 0, random_width: int = 16, kid_subset_size: int = 1000,
-                 kid_subsets: int = 100, process_group: Optional[Any] = None):
+                 kid_subsets: int = 100, process_group: Optional[Any] = None, sync: bool = True):
         super().__init__()
         self.names = parse_metric_names(names)
         if not self.names:
@@ -66,8 +67,8 @@ class ImageMetrics(nn.Module):
         for name in self.names:
             family, kind = _KIND[name]
             dim = self.features[family].num_features
-            self.distances[name] = (frechet_metric(dim, process_group) if kind == "frechet" else
-                                    kernel_metric(dim, kid_subset_size, kid_subsets, process_group))
+            self.distances[name] = (frechet_metric(dim, process_group, sync) if kind == "frechet" else
+                                    kernel_metric(dim, kid_subset_size, kid_subsets, process_group, sync))
         self.requires_grad_(False)
 
     @torch.no_grad()
@@ -159,13 +160,16 @@ class DatasetMetrics:
     images (N, C, H, W) load through deqlit.data.registry at the samples' resolution and channels
     and their features are computed here. Calling it with samples (B, C, H, W) in [-1, 1] returns
     the values plus what they were measured against.
+
+    The caller holds every sample (sample.py gathers them on rank 0, which alone computes), so
+    compute() never syncs across processes: a sync would wait on processes that have returned.
     """
 
     def __init__(self, names: str | Sequence[str], ref_data: str, channels: int, resolution: int,
                  root: str = "data", fid_weights: str | Path | None = None, split: str = "train",
                  limit: Optional[int] = 50_000, device: str | torch.device = "cpu",
                  batch_size: int = 64, **options: Any):
-        self.metrics = ImageMetrics(names, channels, fid_weights, **options).to(device)
+        self.metrics = ImageMetrics(names, channels, fid_weights, sync=False, **options).to(device)
         reference = load_reference(ref_data, split, resolution, channels, root, limit)
         for chunk in reference.split(batch_size):
             self.metrics.update(chunk, real=True)

@@ -13,12 +13,23 @@ the run's size.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from deqlit.guards import CorruptCheckpointError, UserInputError
 from deqlit.lit.inversion_outputs import PART_GLOB, ROW_KEYS, join_parts, read_result
+
+
+def _reason(err: BaseException) -> str:
+    """An exception as 'Type: cause'. torch's weights_only message opens with advice on
+    weights_only=False that does not apply to a damaged file; its cause follows this marker."""
+    text = str(err)
+    cause = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    reason = cause.group(1) if cause else (text.strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {reason[:120]}".rstrip(": ")
 
 
 def read_latents(path: str | Path, limit: Optional[int] = None) -> dict[str, Any]:
@@ -37,6 +48,9 @@ def read_latents(path: str | Path, limit: Optional[int] = None) -> dict[str, Any
     except FileNotFoundError:
         raise FileNotFoundError(f"latents file {path} does not exist; invert.py and train.py --task "
                                 f"joint write RUN/latents.pt (a run folder is accepted too)") from None
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, OSError... by cause
+        raise UserInputError(f"latents file {path} is corrupt or truncated ({_reason(err)}): write it "
+                             f"again with the invert.py or train.py --task joint run that made it") from err
     if isinstance(data, dict) and "latents_dir" in data and "x_T" not in data:
         from deqlit.lit.latent_store import read_disk_latents
         indices = data["indices"][:limit]
@@ -70,7 +84,13 @@ def _from_parts(parts: list[Path], limit: Optional[int]) -> dict[str, Any]:
     pieces: list[dict[str, Any]] = []
     count = 0
     for part in parts:
-        data = read_result(part)
+        try:
+            data = read_result(part)
+        except CorruptCheckpointError as err:   # its message is for invert.py --resume
+            cause = err.__cause__ or err
+            raise UserInputError(f"latents part file {part} is corrupt or truncated ({_reason(cause)}): "
+                                 f"delete it and finish the inversion with invert.py --resume --out "
+                                 f"{part.parent.parent} (only its batch is solved again)") from err
         pieces.append(data)
         count += len(data["indices"])
         if limit is not None and count >= limit:

@@ -65,9 +65,13 @@ def differences(saved: Any, now: Any, prefix: str = "") -> list[tuple[str, Any, 
     return [] if saved == now else [(prefix.rstrip("."), saved, now)]
 
 
-def listed(changes: list[tuple[str, Any, Any]], limit: int = 8) -> str:
-    """'key (saved a, now b); ...' for the first `limit` changes."""
-    return "; ".join(f"{k} (saved {a!r}, now {b!r})" for k, a, b in changes[:limit])
+def listed(changes: list[tuple[str, Any, Any]], limit: int = 8, width: int = 60) -> str:
+    """'key (saved a, now b); ...' for the first `limit` changes; a value whose repr is longer than
+    `width` characters (a schedule's whole abar array) is cut with '...', so the line stays readable."""
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= width else text[:width - 3] + "..."
+    return "; ".join(f"{k} (saved {short(a)}, now {short(b)})" for k, a, b in changes[:limit])
 
 
 def _trainer_default(key: str) -> Any:

@@ -78,6 +78,19 @@ def load_batches(folder: Path, indices: Optional[list[int]] = None, replica: int
     return done
 
 
+# Keys of every sample.py run.json (invert.py's run.json holds other ones).
+SAMPLE_RUN_KEYS = ("seed", "solver", "solver_options", "num_images")
+
+
+def holds_sample_run(folder: Path) -> bool:
+    """True when `folder` holds a sample.py run.json (the run --resume continues)."""
+    try:
+        saved = json.loads((Path(folder) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and all(key in saved for key in SAMPLE_RUN_KEYS)
+
+
 def write_identity(folder: Path, identity: dict[str, Any]) -> None:
     (Path(folder) / RUN_FILE).write_text(json.dumps(identity, indent=2))
 
@@ -93,8 +106,11 @@ def check_resume(folder: Path, identity: dict[str, Any]) -> None:
                                 f"nothing to resume")
     changed = differences(json.loads(path.read_text()), json.loads(json.dumps(identity)))
     if changed:
+        # The data replicas follow the process layout, which no sampling flag names.
+        layout = (" (start it with the same --trainer.devices / --parallel.time_shards)"
+                  if any(key == "data_replicas" for key, _, _ in changed) else "")
         raise OutputFolderError(f"--resume: the run in {folder} sampled other settings ({listed(changed)}): "
-                                f"resume with the same flags, or choose another --out")
+                                f"resume with the same flags{layout}, or choose another --out")
 
 
 def finish(folder: Path) -> None:
