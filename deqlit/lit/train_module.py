@@ -1,18 +1,54 @@
 """LightningModule that trains a DDPM noise network with the epsilon-prediction loss."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
 
 from deqlit.diffusion.schedule import alphas_cumprod, make_betas
+from deqlit.lit.datamodule import data_share
 from deqlit.lit.ema import make_ema, update_ema as ema_step
 from deqlit.guards import NonFiniteError
 from deqlit.models.unet import DDIMUNet
+
+
+def batch_generator(seed: int, step: int, batch_idx: int = 0, rank: int = 0) -> torch.Generator:
+    """The CPU generator of one training batch: a function of (run seed, optimizer step, batch
+    index, data rank) only, so a resumed run draws what an uninterrupted one would (a checkpoint
+    holds no RNG state, and every start seeds the process-wide RNGs again). batch_idx separates the
+    micro-batches of one step (accumulate_grad_batches); rank, the processes of one DDP step.
+    SeedSequence mixes the four, so nearby keys give unrelated streams."""
+    key = np.random.SeedSequence([seed, step, batch_idx, rank]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(key))
+
+
+@contextlib.contextmanager
+def seeded_global_rng(generator: torch.Generator, device: torch.device) -> Iterator[None]:
+    """Within the block the process-wide RNGs (CPU and `device`'s) start from a seed drawn from
+    `generator`, and are put back on leaving: nn.Dropout has no generator argument, so this is how
+    its masks become a function of the batch's key too. Reading and setting a CUDA generator's
+    state are host-side (seed and offset): no device sync."""
+    seed = int(torch.randint(2 ** 62, (), generator=generator))
+    backend = getattr(torch, device.type, None)    # torch.cuda, torch.mps, ...; 'meta' has none
+    forked = [device] if device.type != "cpu" and hasattr(backend, "get_rng_state") else []
+    with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A fresh CPU tensor x on `device`, without the host waiting for the device: a CUDA copy
+    from pinned memory is asynchronous (PyTorch's pinned-memory cache keeps the block until the
+    copy is done), one from pageable memory may wait for the stream's earlier work."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 class DiffusionTrainModule(L.LightningModule):
@@ -24,8 +60,11 @@ class DiffusionTrainModule(L.LightningModule):
 
     Device and dtype: every tensor made here follows the batch (x0) or the model, so the module
     runs on any accelerator and precision (tests/test_train_config.py runs it on 'meta' tensors,
-    where any CPU constant would raise, and in float64). Random draws use the device's generator;
-    fixed draws (validation noise, sample noise) use a CPU torch.Generator, then move.
+    where any CPU constant would raise, and in float64).
+
+    Randomness: every draw comes from a CPU torch.Generator, then moves to the device: a training
+    batch's from batch_generator(seed, step, batch_idx, rank), so that --resume continues the
+    run exactly (tests/test_train_resume_rng.py); validation and sample noise from fixed seeds.
     """
 
     def __init__(self, model: dict[str, Any], diffusion: dict[str, Any], lr: float = 1e-3,
@@ -52,17 +91,26 @@ class DiffusionTrainModule(L.LightningModule):
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         return F.mse_loss(net(x_t, t), noise)
 
-    def training_loss(self, x0: torch.Tensor) -> torch.Tensor:
-        """The loss of one batch x0 (B, C, H, W): random flips, timesteps and noise on x0's device."""
+    def training_loss(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None
+                      ) -> torch.Tensor:
+        """The loss of one batch x0 (B, C, H, W). Its draws, in this order from `generator` (a CPU
+        one; default: this step's first batch, rank 0): flips (B,), timesteps (B,), noise like x0
+        (in x0's dtype), the dropout seed; they move to x0's device with to_device (no host wait)."""
+        if generator is None:
+            generator = batch_generator(self.hparams.seed, self.global_step)
+        batch = x0.shape[0]
         if self.hparams.hflip:
-            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+            flip = to_device(torch.rand(batch, generator=generator) < 0.5, x0.device)
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = torch.randint(0, len(self.abar), (x0.shape[0],), device=x0.device)
-        return self.diffusion_loss(self.model, x0, t, torch.randn_like(x0))
+        t = to_device(torch.randint(0, len(self.abar), (batch,), generator=generator), x0.device)
+        noise = to_device(torch.randn(x0.shape, generator=generator, dtype=x0.dtype), x0.device)
+        with seeded_global_rng(generator, x0.device):
+            return self.diffusion_loss(self.model, x0, t, noise)
 
     def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
         (x0,) = batch
-        loss = self.training_loss(x0)
+        rank, _ = data_share(self._trainer)
+        loss = self.training_loss(x0, batch_generator(self.hparams.seed, self.global_step, batch_idx, rank))
         # Before backward and the optimizer step, so that NaN never reaches the weights or the EMA
         # (the one scalar host sync per step). Raising makes Lightning stop with nothing saved.
         value = loss.detach().item()

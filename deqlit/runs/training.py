@@ -124,7 +124,8 @@ def prepare_training(cfg: dict, resume: str | None = None,
     data = ImageDataModule(name=data_cfg["name"], resolution=data_cfg["resolution"],
                            channels=data_cfg["channels"], batch_size=data_cfg["batch_size"],
                            root=data_cfg["root"], steps_per_epoch=train["steps_per_epoch"],
-                           num_workers=data_cfg["num_workers"], val_images=train["val_images"])
+                           num_workers=data_cfg["num_workers"], val_images=train["val_images"],
+                           seed=train["seed"])
     data.setup("fit")   # lists the files and decodes one image: a wrong dataset fails here
     module = DiffusionTrainModule(model=cfg["model"], diffusion=cfg["diffusion"],
                                   **module_arguments(train, DiffusionTrainModule, ("model", "diffusion")))
