@@ -10,16 +10,30 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deqlit.cli import parse, positive_int, run_main
+from deqlit.cli import ArgumentParser, parse, positive_int, run_main, typed_keys
 from deqlit.runs.training import run_training
 
 # --task joint: the shared flags set keys of the joint section (--lr is the network's lr there).
 JOINT_FLAGS = {"max_steps": "trainer.max_steps", "lr": "joint.network_lr", "batch_size": "joint.batch_size",
                "seed": "joint.seed", "out": "joint.out"}
+# Named flags that one task reads only, with what reads them (given to the other, refused).
+TASK_ONLY = {"ckpt": ("joint", "--task joint (the network it fine-tunes; --init starts --task train "
+                               "from weights)"),
+             "init": ("train", "--task train (the weights it starts from; --ckpt names the network "
+                               "--task joint fine-tunes)")}
+
+
+def refuse_other_tasks_flags(task: str, args: argparse.Namespace, argv: list[str]) -> None:
+    """parse()'s `adjust`: refuse what the command line set that `task` never reads (another
+    task's flag or section); the config file's values are defaults, never refused."""
+    from deqlit.runs.sections import refuse_unread
+    flags = {f"--{dest}": reader for dest, (owner, reader) in TASK_ONLY.items()
+             if owner != task and getattr(args, dest, None) is not None}
+    refuse_unread(task, typed_keys(argv), flags)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-steps", type=positive_int, dest="max_steps")
     parser.add_argument("--lr", type=float)
     parser.add_argument("--batch-size", type=positive_int, dest="batch_size")
@@ -34,13 +48,14 @@ def main(argv: list[str] | None = None) -> None:
                              "latents of a set of images through the DEQ (the joint section)")
     parser.add_argument("--ckpt", help="--task joint: the network to fine-tune (default checkpoint.path)")
     # The task picks the flags' keys; read it first without --help (parse prints the full help).
-    first = argparse.ArgumentParser(add_help=False)
+    first = ArgumentParser(add_help=False)
     first.add_argument("--task", default="train")
     task = first.parse_known_args(argv)[0].task
     flags = JOINT_FLAGS if task == "joint" else {
         "max_steps": "train.max_steps", "lr": "train.lr", "batch_size": "data.batch_size",
         "seed": "train.seed", "out": "train.out", "init": "train.init"}
-    args, cfg = parse(parser, argv, flags, task=task)
+    args, cfg = parse(parser, argv, flags, task=task,
+                      adjust=lambda cfg, args, argv: refuse_other_tasks_flags(task, args, argv))
     if task == "joint":
         from deqlit.runs.joint import run_joint
         run_joint(cfg, resume=args.resume, fast_dev_run=args.fast_dev_run, ckpt=args.ckpt)

@@ -10,9 +10,32 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from deqlit.config import apply_overrides, find_config, load_config, set_path
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line, `error: ... (see --help)` with exit code 2,
+    as run_main's: the usage block argparse prints first buries the line that says what to fix."""
+
+    def error(self, message: str) -> NoReturn:
+        one_line_error(self, message)
+
+
+def one_line_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    parser.exit(2, f"error: {message} (see --help)\n")
+
+
+def typed_keys(argv: list[str]) -> dict[str, str]:
+    """{dotted config key: the word that set it} for each `--section.key[.sub] value` (or
+    `--section.key=value`) of a command line; what comes from a config file is not in it."""
+    typed = {}
+    for word in argv:
+        match = re.match(r"--([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?:=|$)", word)
+        if match:
+            typed.setdefault(match.group(1), word.split("=", 1)[0])
+    return typed
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None, flag_to_key: dict[str, str],
@@ -24,10 +47,13 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, flag_to_key: 
     left at None does not override the YAML. `task` picks the job's Trainer defaults
     (deqlit.runs.sections.TASK_TRAINER). `adjust(cfg, args, argv)`, a command's own defaults that
     depend on what was passed (invert.py's restoration tasks), runs before --print_config, which
-    prints the resolved config and exits 0; its returned line (or None) is args.note.
+    prints the resolved config and exits 0; its returned line (or None) is args.note. A bad flag
+    value is one line, `error: ... (see --help)`, exit 2 (ArgumentParser), whatever parser is given.
     Returns (args, resolved config).
     """
     from deqlit.runs.sections import print_config, resolve
+    if not isinstance(parser, ArgumentParser):      # a command's own parser: one-line errors too
+        parser.error = lambda message: one_line_error(parser, message)  # type: ignore[method-assign]
     parser.add_argument("--data", default=None,
                         help="dataset name: faces, digits, cifar10, celeba, lsun-bedroom, "
                              "lsun-church, folder:PATH (default: faces)")

@@ -216,3 +216,16 @@ def test_the_summary_counts_one_image_in_the_singular(tmp_path, capsys):
     assert "inverted 1 image with exact" in capsys.readouterr().out
     invert(config, "--task", "inpaint", "--num-images", "1", "--max-steps", "1", "--out", str(tmp_path / "r"))
     assert "restored 1 image with deq" in capsys.readouterr().out
+
+
+def test_latents_thrown_out_of_range_by_adam_name_the_learning_rate_and_leave_nothing(tmp_path, capsys):
+    """--lr 1e30: after one Adam step the latents are ~1e30 and the network returns NaN on them.
+    The error names the step and --lr (not the checkpoint's weights, the solver's guess for NaN
+    from sane inputs), and the run, which finished nothing, leaves no folder to refuse a rerun."""
+    from tests.test_run_layer import run
+    out = tmp_path / "diverged"
+    code, _, err = run("invert", ["--method", "deq", "--lr", "1e30", "--num-images", "1", "--timesteps", "3",
+                                  "--max-steps", "4", "--out", str(out), "--no-progress"], capsys)
+    assert code == 1
+    assert "diverged at step 1" in err and "--lr, now 1e+30" in err and "checkpoint" not in err
+    assert not out.exists()

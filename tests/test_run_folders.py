@@ -76,3 +76,13 @@ def test_an_interrupt_after_the_last_step_offers_no_resume(tmp_path):
     assert resumable and kept == f"saved {last} at step 8"
     kept, resumable = saver.interrupted(8, None, max_steps=-1)     # Lightning's "no step limit"
     assert resumable
+
+
+def test_an_inversion_started_before_on_fail_was_recorded_still_resumes():
+    """run.json of an earlier version left exact.on_fail out when it was the default: read as
+    'warn', the value this version records, so --resume does not refuse it as a changed setting."""
+    from deqlit.runs.inversion import recorded_settings_only
+    old = {"settings": {"task": "reconstruct", "method": "exact", "exact": {"mode": "per-step", "tol": 1e-6}}}
+    assert recorded_settings_only(old)["settings"]["exact"] == {"mode": "per-step", "tol": 1e-6, "on_fail": "warn"}
+    new = {"settings": {"task": "reconstruct", "exact": {"on_fail": "raise"}}}
+    assert recorded_settings_only(new)["settings"]["exact"] == {"on_fail": "raise"}

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from deqlit.cli import parse, positive_int
+from deqlit.cli import ArgumentParser, parse, positive_int, typed_keys
 from deqlit.config import set_path
 from deqlit.deq.degradations import FILLS, TASK_OPTIONS, TASKS
 from deqlit.deq.inversion import INIT_ALIASES, INITS, METHODS, canonical_init
@@ -26,9 +26,9 @@ FLAGS = {"method": "inversion.method", "timesteps": "inversion.timesteps", "skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Invert images with DEQ-DDIM (or the sequential "
-                                "baseline). Any config key can be overridden as --section.key value, "
-                                "Trainer arguments as --trainer.KEY (e.g. --trainer.accelerator gpu).")
+    p = ArgumentParser(description="Invert images with DEQ-DDIM (or the sequential "
+                       "baseline). Any config key can be overridden as --section.key value, "
+                       "Trainer arguments as --trainer.KEY (e.g. --trainer.accelerator gpu).")
     p.add_argument("--method", choices=METHODS)
     p.add_argument("--timesteps", type=positive_int, help="T")
     p.add_argument("--skip", choices=["uniform", "quad"])
@@ -67,15 +67,17 @@ def given(argv: list[str], args: argparse.Namespace, dest: str) -> bool:
 def typed_inversion_keys(argv: list[str], args: argparse.Namespace) -> dict[str, str]:
     """{key of the inversion section: how the command line set it}, for the keys it set: by flag
     (max_steps: '--max-steps') or dotted ('--inversion.max_steps'; '--inversion.exact.tol' sets
-    'exact'). Values that come from the config file are not in it."""
+    'exact' and 'exact.tol'). Values that come from the config file are not in it."""
     typed = {}
     for dest, key in FLAGS.items():
         if key.startswith("inversion.") and getattr(args, dest, None) is not None:
             typed[key.split(".", 1)[1]] = "--" + dest.replace("_", "-")
-    for word in argv:
-        match = re.match(r"--inversion\.([A-Za-z_]+)", word)
-        if match:
-            typed.setdefault(match.group(1), word.split("=", 1)[0])
+    for key, word in typed_keys(argv).items():
+        section, _, rest = key.partition(".")
+        if section == "inversion":
+            typed.setdefault(rest.split(".", 1)[0], word)
+            if "." in rest:
+                typed.setdefault(rest, word)
     return typed
 
 
@@ -180,7 +182,7 @@ def command_defaults(cfg: dict, args: argparse.Namespace, argv: list[str]) -> Op
     nothing, and the default run folder; returns the lines to print (None: nothing to say)."""
     notes = [restoration_defaults(cfg, args, argv)]
     typed = typed_inversion_keys(argv, args)
-    check_applicable(cfg["inversion"], typed)
+    check_applicable(runs_as(cfg), typed)
     notes.append(default_out(cfg, typed))
     return "\n".join(n for n in notes if n) or None
 
@@ -193,6 +195,34 @@ def starts_exact(inv: dict) -> bool:
     return inv["method"] == "exact" or canonical_init(inv["init"]) == "exact"
 
 
+def runs_as(cfg: dict) -> dict:
+    """The inversion section as the run reads it, for check_applicable: time shards solve a
+    per-step exact inversion over all timesteps instead (runs/inversion.check_time_shardable;
+    under ddp_time, time_shards unset is the whole world, which may be more than 1)."""
+    inv = dict(cfg["inversion"])
+    exact = dict(inv.get("exact") or {})
+    sharded = (cfg.get("trainer") or {}).get("strategy") == "ddp_time" and \
+        (cfg.get("parallel") or {}).get("time_shards") != 1
+    if sharded and starts_exact(inv):
+        exact["mode"] = "all-timesteps"
+    return {**inv, "exact": exact}
+
+
+def exact_mode(inv: dict) -> str:
+    from deqlit.deq.inversion import exact_option_defaults
+    return (inv.get("exact") or {}).get("mode") or exact_option_defaults()["mode"]
+
+
+def takes_solver_option(key: str) -> Callable[[dict], bool]:
+    """Does the DEQ method's solver (inversion.solver) read solver option `key`?"""
+    return lambda inv: inv["method"] == "deq" and key in option_defaults(inv["solver"])
+
+
+def solver_option_need(key: str) -> str:
+    owners = [name for name in SOLVERS if key in option_defaults(name)]
+    return f"--method deq with --solver {' or '.join(owners)} (an option of its forward solve)"
+
+
 # Keys of the inversion section that only some runs read, with the runs that do: set on the command
 # line for another run they would be ignored, and recorded in metrics.json as if they had been used.
 # (The same values from the config file are defaults, not choices: they are never refused.)
@@ -201,33 +231,41 @@ DEQ_ONLY = ("--method deq (its forward solve; exact and the baseline run the cha
             lambda inv: inv["method"] == "deq")
 ONLY_FOR: dict[str, tuple[str, Callable[[dict], bool]]] = {
     **{key: (f"--task {task}", lambda inv, task=task: inv["task"] == task) for key, task in TASK_OPTIONS.items()},
-    **{key: GRADIENT_METHODS for key in ("lr", "max_steps", "early_stop_loss", "optimize_noise")},
+    **{key: GRADIENT_METHODS for key in ("lr", "max_steps", "early_stop_loss")},
+    "optimize_noise": ("--method deq or baseline with --eta above 0 (the noise the chain injects; "
+                       "at eta 0 it injects none)", lambda inv: optimizes(inv) and inv["eta"] > 0),
     "init": ("--method deq or baseline (the start they refine; the exact method is its own start)",
              lambda inv: optimizes(inv) or canonical_init(inv["init"]) == "exact"),
-    **{key: DEQ_ONLY for key in ("solver", "tau", "warm_start",
-                                 *{k for name in SOLVERS for k in option_defaults(name)})},
+    **{key: DEQ_ONLY for key in ("solver", "tau", "warm_start")},
+    **{key: (solver_option_need(key), takes_solver_option(key))
+       for key in {k for name in SOLVERS for k in option_defaults(name)}},
     "grad_checkpointing": ("--method baseline (its backward pass through the chain)",
                            lambda inv: inv["method"] == "baseline"),
     "exact": ("--method exact or --init exact (the exact inverse solve)", starts_exact),
+    "exact.init": ("--inversion.exact.mode all-timesteps (the start of its solve over all timesteps; "
+                   "per-step starts each step from its DDIM-inversion guess)",
+                   lambda inv: exact_mode(inv) == "all-timesteps"),
 }
 
 
 def check_applicable(inv: dict, typed: dict[str, str]) -> None:
     """Refuse the keys the command line set that this run would not read (ONLY_FOR), naming each
     flag and the task or method that reads it."""
-    flags_by_need: dict[str, list[str]] = {}
-    for key, flag in typed.items():
-        if key in ONLY_FOR and not ONLY_FOR[key][1](inv):
-            flags_by_need.setdefault(ONLY_FOR[key][0], []).append(flag)
-    if not flags_by_need:
+    refused = [key for key in typed if key in ONLY_FOR and not ONLY_FOR[key][1](inv)]
+    # --inversion.exact.init sets 'exact' and 'exact.init': name it once, for the outer reason.
+    refused = [key for key in refused if key.split(".", 1)[0] == key or key.split(".", 1)[0] not in refused]
+    if not refused:
         return
+    flags_by_need: dict[str, list[str]] = {}
+    for key in refused:
+        flags_by_need.setdefault(ONLY_FOR[key][0], []).append(typed[key])
     flags = [flag for group in flags_by_need.values() for flag in group]
     needs = "; ".join(f"{' and '.join(group)} {'applies' if len(group) == 1 else 'apply'} to {need}"
                       for need, group in flags_by_need.items())
     them = "it" if len(flags) == 1 else "them"
     raise UserInputError(f"{', '.join(flags)} would do nothing in this run (--task {inv['task']}, "
-                         f"--method {inv['method']}): {needs}. Drop {them}, or choose the task or "
-                         f"method that uses {them}")
+                         f"--method {inv['method']}): {needs}. Drop {them}, or choose the settings "
+                         f"that use {them}")
 
 
 def restoration_summary(metrics: dict) -> str:

@@ -36,11 +36,12 @@ from torch import nn
 from deqlit.deq.blocks import all_rows, x0_objective
 from deqlit.deq.degradations import TASK_OPTIONS, check_task, frobenius_loss, make_degradation
 from deqlit.deq.layer import DEQSampler
-from deqlit.deq.solvers import get_solver, option_defaults
+from deqlit.deq.solvers import SolverDivergedError, get_solver, option_defaults
 from deqlit.deq.warm_start import shifted_warm_start
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.seeds import per_image_generator
 from deqlit.diffusion.sequential import ddim_encode, ddim_sample
+from deqlit.guards import NonFiniteError
 from deqlit.deq.reduce import LOCAL, LocalReducer
 
 METHODS = ("deq", "baseline", "exact")
@@ -53,6 +54,63 @@ INIT_ALIASES = {"random": "gaussian"}
 def canonical_init(init: str) -> str:
     """The one name of a start: 'random' -> 'gaussian', other names unchanged."""
     return INIT_ALIASES.get(init, init)
+
+
+# What an image whose exact inverse solve misses tol does (settings.exact's on_fail): 'warn' keeps
+# its latent and the run names it at the end (exact_invert's on_fail 'return'); 'raise' stops.
+EXACT_ON_FAIL = ("warn", "raise")
+# exact_invert's arguments that the caller passes, not the settings.
+_EXACT_CALLER = ("model", "x0", "chain", "noise", "max_batch", "reducer")
+
+
+def exact_option_defaults(solver: Optional[str] = None) -> dict[str, Any]:
+    """The keys settings.exact (a config's inversion.exact) takes with their defaults:
+    exact_invert's own arguments (mode, solver, ...; on_fail 'warn') and the options of `solver`
+    (None: exact_invert's default solver)."""
+    import inspect
+
+    from deqlit.deq.inverse_map import exact_invert
+    params = inspect.signature(exact_invert).parameters
+    own = {k: p.default for k, p in params.items()
+           if k not in _EXACT_CALLER and p.kind is not p.VAR_KEYWORD}
+    options = option_defaults(own["solver"] if solver is None else solver)
+    return {**own, "on_fail": "warn", **{k: v for k, v in options.items() if k not in own}}
+
+
+def check_exact_options(exact: dict[str, Any], where: str = "inversion.exact") -> None:
+    """Raise ValueError naming the first key of `exact` that the exact inverse solve does not
+    take (with the close matches) or the first value it refuses; `where` is its config key."""
+    import difflib
+
+    from deqlit.deq.inverse_map import INITS as EXACT_INITS, MODES
+    from deqlit.deq.solvers import SOLVERS
+    solver = exact.get("solver", exact_option_defaults()["solver"])
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r} for --{where}.solver; use one of {', '.join(SOLVERS)}")
+    accepted = exact_option_defaults(solver)
+    for key in exact:
+        if key in accepted:
+            continue
+        owners = [name for name in SOLVERS if key in option_defaults(name)]
+        if owners:       # another solver's option: the chosen one would never read it
+            raise ValueError(f"--{where}.{key} is an option of solver {', '.join(owners)}, not of "
+                             f"{solver!r} (--{where}.solver): drop it or choose one of those solvers")
+        close = difflib.get_close_matches(str(key), list(accepted), n=3)
+        hint = f"; did you mean {', '.join(f'--{where}.{c}' for c in close)}?" if close else ""
+        raise ValueError(f"unknown key {key!r} in {where} (--{where}.{key}){hint} It takes: "
+                         f"{', '.join(accepted)}")
+    choices = {"mode": MODES, "init": EXACT_INITS, "on_fail": EXACT_ON_FAIL}
+    for key, allowed in choices.items():
+        if key in exact and isinstance(exact[key], (str, type(None))) and exact[key] not in allowed:
+            raise ValueError(f"--{where}.{key} must be one of {', '.join(allowed)}, got {exact[key]!r}"
+                             + (" (warn keeps an image's latent when its solve misses tol and names "
+                                "it at the end; raise stops the run)" if key == "on_fail" else ""))
+    max_iter, tol = exact.get("max_iter"), exact.get("tol", 0.0)
+    if max_iter is not None and (not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1):
+        raise ValueError(f"--{where}.max_iter must be an integer >= 1 (or null: the mode's default), "
+                         f"got {max_iter!r}")
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"--{where}.tol must be a number >= 0, got {tol!r}")
 
 
 @dataclass
@@ -107,6 +165,7 @@ class InversionSettings:
         max_iter, tol = self.solver_options.get("max_iter", 1), self.solver_options.get("tol", 0.0)
         need(isinstance(max_iter, int) and max_iter >= 1, f"max_iter must be an integer >= 1, got {max_iter!r}")
         need(math.isfinite(tol) and tol >= 0, f"tol must be >= 0, got {tol!r}")
+        check_exact_options(self.exact)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -263,6 +322,23 @@ class BatchInverter:
     def finished(self) -> bool:
         return self.all_stopped or self.step_index >= self.settings.max_steps
 
+    # White-noise latents stay within about 5; far beyond this the optimizer, not the network, failed.
+    SANE_LATENT = 1e3
+
+    def diverged(self, err: Exception) -> Exception:
+        """The error for a solve that met NaN/Inf: when Adam has thrown the latents out of range
+        (a learning rate far too high), say so and name --lr, instead of the solver's guess that
+        the network's weights are bad. A check made only once the solve has failed: no host sync
+        in the steps that run."""
+        latents = [self.latents] + ([self.noise] if self.noise is not None else [])
+        size = max(float(z.detach().abs().nan_to_num(math.inf).max()) for z in latents)
+        if size <= self.SANE_LATENT:
+            return err
+        return NonFiniteError(
+            f"the inversion diverged at step {self.step_index}: the Adam steps moved the latents to "
+            f"|x_T| = {size:.3g} (white noise stays below about 5), where the noise network returns "
+            f"NaN/Inf; lower the learning rate (--lr, now {self.settings.lr:g})")
+
     def step(self) -> torch.Tensor:
         """One Adam step on every image still above its early-stop threshold (stop_below); returns
         the loss (B,) of the latents before the update. An image under it is left as it is: one
@@ -270,7 +346,10 @@ class BatchInverter:
         k = self.step_index
         x_T, noise = self.latents, self.noise
         with torch.enable_grad():
-            X, iterations = self.predict_states(x_T, noise)
+            try:
+                X, iterations = self.predict_states(x_T, noise)
+            except SolverDivergedError as err:
+                raise self.diverged(err) from None
             losses: dict[str, torch.Tensor] = {}
 
             def loss_of_x0(x0_hat: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from deqlit.config import save_config
 from deqlit.deq.degradations import TASK_OPTIONS, check_factor_divides, fit_mask, read_mask_file
 from deqlit.deq.inversion import InversionSettings
-from deqlit.deq.solvers import options_from
+from deqlit.deq.solvers import SolverDivergedError, options_from
 from deqlit.diffusion.chain import Chain
-from deqlit.guards import OutputFolderError, RunInterrupted, UserInputError
+from deqlit.guards import NonFiniteError, OutputFolderError, RunInterrupted, UserInputError
 from deqlit.runs.folder_lock import folder_lock
 from deqlit.runs.guards import RUN_FILES, FolderStart, check_output_dir, interrupts_as_exceptions, refuse_existing_run
 from deqlit.lit.inversion_data import InversionDataModule
@@ -141,12 +141,15 @@ def check_output_folder(out: Path, identity: dict[str, Any], resume: bool) -> No
 
 def recorded_settings_only(saved: dict[str, Any]) -> dict[str, Any]:
     """A run.json as this version writes it: earlier versions also recorded the options of the
-    tasks a run did not perform (a reconstruction's mask), which InversionSettings.to_dict drops."""
+    tasks a run did not perform (a reconstruction's mask), which InversionSettings.to_dict drops,
+    and left exact.on_fail out when it was the default ('warn', which this version records)."""
     settings = saved.get("settings")
     if not isinstance(settings, dict):
         return saved
     task = settings.get("task", "reconstruct")
     kept = {k: v for k, v in settings.items() if TASK_OPTIONS.get(k, task) == task}
+    if isinstance(kept.get("exact"), dict) and "on_fail" not in kept["exact"]:
+        kept["exact"] = {**kept["exact"], "on_fail": "warn"}
     return {**saved, "settings": kept}
 
 
@@ -184,6 +187,8 @@ class SaveOnInterrupt(Callback):
         self.saved: Optional[Path] = None
 
     def on_exception(self, trainer, module: InversionModule, exception: BaseException) -> None:
+        if isinstance(exception, (NonFiniteError, SolverDivergedError)):
+            return         # diverged latents are no state to resume from (the last periodic one stays)
         self.saved = module.save_partial(on_error=True)
 
 

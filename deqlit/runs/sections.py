@@ -196,6 +196,53 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
 MODULE_BOUND = {"train": "DiffusionTrainModule", "joint": "JointFineTuneModule"}
 
 
+# ---- option mappings inside a section (inversion.exact, joint.adjoint) -------------------------
+# Their keys are checked at parse time like a section's: a misspelt one would otherwise reach the
+# solver in the middle of the run (a TypeError after minutes of work) or be silently dropped.
+def _resolve_exact(exact: Any) -> dict[str, Any]:
+    """inversion.exact checked (deq.inversion.check_exact_options), typed against exact_invert's
+    defaults, with on_fail filled in (the one default the run, not exact_invert, decides)."""
+    from deqlit.deq.inversion import check_exact_options, exact_option_defaults
+    exact = _check_mapping("inversion.exact", exact)
+    try:
+        check_exact_options(exact)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    defaults = exact_option_defaults(exact.get("solver"))
+    typed = {k: typed_value(defaults[k], v, v if isinstance(v, str) else repr(v), f"inversion.exact.{k}")
+             if defaults[k] is not None and k != "init" else v for k, v in exact.items()}
+    return {**typed, "on_fail": typed.get("on_fail", defaults["on_fail"])}
+
+
+def _resolve_adjoint(adjoint: Any) -> Optional[dict[str, Any]]:
+    """joint.adjoint (None: deq.grad's default) with its keys checked against its solver's options."""
+    from deqlit.deq.grad import SWEEP
+    from deqlit.deq.solvers import SOLVERS, option_defaults
+    if adjoint is None:
+        return None
+    adjoint = _check_mapping("joint.adjoint", adjoint)
+    solver = adjoint.get("solver", "picard")
+    if solver != SWEEP and solver not in SOLVERS:
+        raise ConfigError(f"unknown solver {solver!r} for --joint.adjoint.solver; use one of "
+                          f"{SWEEP}, {', '.join(SOLVERS)}")
+    accepted = ["solver", *([] if solver == SWEEP else option_defaults(solver))]
+    for key in adjoint:
+        if key not in accepted:
+            takes = "no options" if solver == SWEEP else "the options " + ", ".join(accepted[1:])
+            raise ConfigError(f"unknown key {key!r} in joint.adjoint (--joint.adjoint.{key}): its "
+                              f"solver {solver!r} takes {takes}{_close(str(key), accepted, '--joint.adjoint.')}")
+    return dict(adjoint)
+
+
+def _check_mapping(where: str, given: Any) -> dict[str, Any]:
+    """An option mapping inside a section (inversion.exact): {} for None, else it must be a dict."""
+    return _as_mapping(given, lambda: f"{where} must be a mapping of options (set them as --{where}.KEY "
+                                      f"value), got {given!r}")
+
+
+NESTED: dict[str, Callable[[Any], Any]] = {"inversion.exact": _resolve_exact, "joint.adjoint": _resolve_adjoint}
+
+
 def _close(word: str, options: list[str], prefix: str) -> str:
     close = difflib.get_close_matches(word, options, n=3)
     return f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
@@ -208,11 +255,16 @@ def module_arguments(section: dict[str, Any], module: type, skip: tuple[str, ...
 
 
 def _check_section(name: str, given: Any) -> dict[str, Any]:
+    return _as_mapping(given, lambda: f"config section {name!r} must be a mapping of keys (key: value "
+                                      f"lines), got a {type(given).__name__}: {given!r}")
+
+
+def _as_mapping(given: Any, refusal: Callable[[], str]) -> dict[str, Any]:
+    """`given` as a mapping: {} for None (an empty YAML section), else ConfigError(refusal())."""
     if given is None:
         return {}
     if not isinstance(given, dict):
-        raise ConfigError(f"config section {name!r} must be a mapping of keys (key: value lines), "
-                          f"got a {type(given).__name__}: {given!r}")
+        raise ConfigError(refusal())
     return given
 
 
@@ -263,6 +315,8 @@ def resolve(cfg: Any, task: Optional[str] = None) -> dict[str, Any]:
                 section[key] = value
             elif default is not _EMPTY:
                 section[key] = default
+            if f"{name}.{key}" in NESTED and key in section:
+                section[key] = NESTED[f"{name}.{key}"](section[key])
         out[name] = section
     return out
 
@@ -271,3 +325,32 @@ def print_config(cfg: dict[str, Any]) -> str:
     """The resolved config as the YAML text that `--config FILE` reads back."""
     import yaml
     return yaml.safe_dump(cfg, sort_keys=False)
+
+
+# ---- keys typed for another command ------------------------------------------------------------
+# The sections of a config that train.py's tasks never read, with what reads them: typed on
+# train.py's command line they would do nothing (the same keys in a config file are defaults).
+NOT_READ_BY = {"train": {"joint": "--task joint", "inversion": "invert.py", "sampling": "sample.py"},
+               "joint": {"train": "--task train", "inversion": "invert.py", "sampling": "sample.py"}}
+
+
+def refuse_unread(task: str, typed: dict[str, str], flags: Optional[dict[str, str]] = None) -> None:
+    """Refuse what the command line set that --task `task` never reads, in one line naming each
+    flag and what reads it. typed: {dotted key: the word that set it} (deqlit.cli.typed_keys);
+    flags: {a named flag given: what reads it}, e.g. {'--ckpt': '--task joint (...)'}."""
+    from deqlit.guards import UserInputError
+    readers: dict[str, list[str]] = {}
+    for flag, reader in (flags or {}).items():
+        readers.setdefault(reader, []).append(flag)
+    for key, word in typed.items():
+        reader = NOT_READ_BY.get(task, {}).get(key.split(".", 1)[0])
+        if reader is not None:
+            readers.setdefault(f"{reader} (the {key.split('.', 1)[0]} section)", []).append(word)
+    if not readers:
+        return
+    given = [flag for group in readers.values() for flag in group]
+    them = "it" if len(given) == 1 else "them"
+    uses = "; ".join(f"{' and '.join(group)} {'applies' if len(group) == 1 else 'apply'} to {reader}"
+                     for reader, group in readers.items())
+    raise UserInputError(f"{', '.join(given)} would do nothing with --task {task}: {uses}. "
+                         f"Drop {them}, or run the task or script named")
