@@ -9,6 +9,7 @@ import shlex
 import signal
 import sys
 import threading
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -158,6 +159,13 @@ def _full_file(err: OSError) -> str:
     return "a file under the output folder"
 
 
+def script_as_typed(script: str) -> str:
+    """The script as the user started it (`python /work/main/sample.py` from elsewhere: that path,
+    so that the printed command runs where they are), else its bare name."""
+    typed = sys.argv[0] if sys.argv else ""
+    return typed if Path(typed).name == script else script
+
+
 def resume_command(script: str, argv: list[str], resume_flag: str = "--resume") -> str:
     """The command line that continues this run: the same arguments, plus --resume if absent."""
     has = any(a == resume_flag or a.startswith(resume_flag + "=") for a in argv)
@@ -196,7 +204,7 @@ def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
     except RunInterrupted as err:
         print(f"{script}: {err}", file=sys.stderr)
         if resume_flag and err.resumable:
-            print(f"resume with: {resume_command(script, argv, resume_flag)}", file=sys.stderr)
+            print(f"resume with: {resume_command(script_as_typed(script), argv, resume_flag)}", file=sys.stderr)
         sys.exit(128 + err.signum)
     except KeyboardInterrupt:
         if debug:

@@ -251,3 +251,12 @@ def test_scripts_print_one_line_and_debug_the_traceback(tmp_path, script, monkey
         monkeypatch.setattr(sys, "argv", argv[1:])
         with pytest.raises(UnknownSectionError, match="inversoin"):
             runpy.run_path(str(REPO / script), run_name="__main__")
+
+
+def test_the_resume_command_names_the_script_as_the_user_started_it(monkeypatch):
+    """`python /somewhere/sample.py ...` run from elsewhere: the printed resume line must run there."""
+    from deqlit.cli import resume_command, script_as_typed
+    monkeypatch.setattr(sys, "argv", ["/opt/deqlit/sample.py", "--out", "x"])
+    assert resume_command(script_as_typed("sample.py"), ["--out", "x"]) == "python /opt/deqlit/sample.py --out x --resume"
+    monkeypatch.setattr(sys, "argv", ["pytest"])          # in-process (tests): the bare name
+    assert script_as_typed("sample.py") == "sample.py"
