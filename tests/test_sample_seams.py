@@ -173,3 +173,13 @@ def test_listed_cuts_long_values():
     from deqlit.runs.resume import listed
     line = listed([("chain.abar", [0.1234567] * 50, [0.2] * 50), ("seed", 0, 1)])
     assert "..." in line and len(line) < 200 and "seed (saved 0, now 1)" in line
+
+
+def test_a_typed_option_of_another_solver_is_refused_by_name(tmp_path):
+    """--sampling.jacobian is newton-scan's: with --solver picard it would be ignored (and recorded
+    in metrics.json as if used). The config file's list of every solver's options is never refused."""
+    from deqlit.guards import UserInputError
+    with pytest.raises(UserInputError, match=r"--sampling.jacobian would do nothing with --solver picard: "
+                                             r"it is an option of newton-scan"):
+        main(["--solver", "picard", "--sampling.jacobian", "scalar", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -300,10 +301,27 @@ def stored(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def refuse_other_solvers_options(argv: list[str], solver: str) -> None:
+    """A typed --sampling.KEY that is an option of other solvers only (--sampling.jacobian with
+    anderson) would be ignored and recorded as if used: refuse it, naming the solvers that take it.
+    (The config file lists every solver's options: those are defaults, never refused.)"""
+    from deqlit.cli import typed_keys
+    from deqlit.deq.solvers import SOLVERS
+    mine = option_defaults(solver) if solver != "sequential" else {}
+    for key, flag in typed_keys(argv).items():
+        section, _, name = key.partition(".")
+        owners = [other for other in SOLVERS if other != "sequential" and name in option_defaults(other)]
+        if section == "sampling" and owners and name not in mine:
+            raise UserInputError(f"{flag} would do nothing with --solver {solver}: it is an option of "
+                                 f"{' and '.join(owners)}; drop it or choose one of those solvers")
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, cfg = parse(build_parser(), argv, FLAGS, task="sample")
     refuse_interpolation_flags(args)
     s = cfg["sampling"]
+    refuse_other_solvers_options(argv, s["solver"])
     device, dtype, autocast = placement(cfg["trainer"])
     sampling_layout(cfg, bool(args.interpolate))
     # --trainer.strategy ddp_time: a data x time mesh (None: one process), joined as every job
