@@ -34,6 +34,7 @@ def test_train_py_refuses_the_folder_of_another_commands_run(tmp_path, capsys, l
     (out / left).write_text("an inversion's file")
     code, err = run_train(TINY + ["--max-steps", "1", "--out", str(out)], capsys)
     assert code == 2 and f"{out} holds an earlier run ({Path(left).parts[0]})" in err
+    assert "--resume" not in err          # not a training run: train.py --resume could not continue it
     assert (out / left).read_text() == "an inversion's file"
 
 

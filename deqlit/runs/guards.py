@@ -153,9 +153,11 @@ def refuse_existing_run(out: Path, markers: Iterable[str] = RUN_FILES, what: str
     found = [m for m in markers if (out / m).is_file()
              or ((out / m).is_dir() and any((out / m).iterdir()))]
     if found:
+        # --resume continues a training run (its checkpoints); another command's run it cannot.
+        resume = "--resume to continue it, or " if "checkpoints" in found or "ema.pt" in found else ""
         raise OutputFolderError(
             f"{out} holds {what} ({', '.join(found)}), which this run would overwrite: pass "
-            f"--resume to continue it, or --out NEW_FOLDER to start a new run")
+            f"{resume}--out NEW_FOLDER to start a new run")
 
 
 class FolderStart:
