@@ -100,3 +100,30 @@ def test_step_stream_splits_each_global_batch_and_resumes_from_the_step():
     resumed.set_epoch(0)
     assert list(resumed) == epoch1[4:] and epoch1 != whole
     assert list(StepStream(10, 4, 3, seed=2)) != whole
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    """TensorBoard's train/loss points of a run folder (every event file): step -> value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    points = {}
+    for path in sorted((out / "tb").rglob("events*")):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        if "train/loss" in events.Tags()["scalars"]:
+            points.update({s.step: s.value for s in events.Scalars("train/loss")})
+    return points
+
+
+def test_a_resumed_runs_curve_lies_on_the_uninterrupted_one(tmp_path, monkeypatch):
+    """The loss of every step is logged at the same TensorBoard step as in the uninterrupted run
+    (an interrupt saved mid-loop once shifted every point after the resume one step to the right)."""
+    whole = train(tmp_path / "whole", "--train.log_every_n_steps", "1")
+    out = tmp_path / "part"
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 5)
+        with pytest.raises(RunInterrupted):
+            train(out, "--train.log_every_n_steps", "1")
+    train(out, "--train.log_every_n_steps", "1", "--resume")
+    expected, got = logged_losses(whole), logged_losses(out)
+    assert sorted(got) == sorted(expected) == list(range(STEPS))
+    assert got == pytest.approx(expected, rel=1e-6)

@@ -73,6 +73,7 @@ class SaveLast(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            unready_next_batch(trainer)
             with contextlib.suppress(NonFiniteError):
                 self._save(trainer, self.written_step)
 
@@ -91,6 +92,20 @@ class SaveLast(Callback):
         if resumed_from and Path(resumed_from).is_file():
             return f"the last checkpoint is {resumed_from} (nothing newer was saved)", True
         return "no step had finished, so nothing was saved; run the same command again", False
+
+
+def unready_next_batch(trainer) -> None:
+    """Undo Lightning's count of the batch an interrupt stopped before it started.
+
+    The interrupt is raised in on_train_batch_start (runs.guards.StopAtStepBoundary), after the
+    loop has counted that batch 'ready' but not 'started'. Saved so, the progress matches none of
+    the restart points Lightning knows, and on --resume it adds one to the step that the loggers
+    use: every later TensorBoard point sat one step to the right of the uninterrupted run's. With
+    the count undone, the checkpoint reads as saved after the last finished batch, which it is."""
+    progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)
+    for counter in (getattr(progress, "total", None), getattr(progress, "current", None)):
+        if counter is not None and counter.ready == counter.started + 1:
+            counter.ready -= 1
 
 
 class LossBar(TQDMProgressBar):
