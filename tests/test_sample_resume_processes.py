@@ -92,3 +92,25 @@ def test_ddp_over_two_devices_samples_on_two_replicas_and_rank_zero_computes_the
     assert json.loads((tmp_path / "o" / "run.json").read_text())["data_replicas"] == 2
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["fd-random"] >= 0
     assert torch.load(tmp_path / "o" / "samples.pt", weights_only=True)["x0"].shape[0] == 4
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_first_process_only_stops_the_run_as_one(tmp_path):
+    """A scheduler or user signals the process they started (the one that started the copy): it
+    passes the signal on, so the run ends as interrupted (exit 143, what was kept, the resume
+    line), not with the copy failing on the closed connection and exit 1."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(REPO / "sample.py"), *COMMON, "--num-images", "40", "--out", str(out)]
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob(sample_batches.BATCH_FILES)) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "finished batch(es) of up to 2 image(s) kept in" in err and "resume with:" in err
+    assert "processes failed" not in err and "closed its connection" not in err, err[-3000:]

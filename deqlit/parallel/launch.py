@@ -13,6 +13,7 @@ deqlit.runs.launch is the one caller.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -45,6 +46,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_LOCAL_CHILDREN: list[subprocess.Popen] = []     # the copies that start_local_processes started
+
+
+def forward_signal(signum: int) -> None:
+    """Pass a Ctrl-C / SIGTERM that this process got on to the copies it started and that still
+    run: a user or scheduler signalling the first process only then stops them all as one run
+    (each says it was interrupted) instead of the copies failing on its closed connection."""
+    for child in _LOCAL_CHILDREN:
+        if child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+
 def start_local_processes(count: int) -> list[subprocess.Popen]:
     """Make this process rank 0 of a world of `count` on this machine and start ranks 1..count-1
     as copies of the same command line, with torchrun's variables (what Lightning's own launcher
@@ -56,6 +70,7 @@ def start_local_processes(count: int) -> list[subprocess.Popen]:
     children = [subprocess.Popen([sys.executable, *sys.argv], env={**os.environ, **env, "RANK": str(r),
                                                                     "LOCAL_RANK": str(r)})
                 for r in range(1, count)]
+    _LOCAL_CHILDREN.extend(children)
 
     def wait() -> None:
         # A copy stopped by the same Ctrl-C / SIGTERM as this process (exit 128 + signal, or killed

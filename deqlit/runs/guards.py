@@ -82,6 +82,9 @@ def interrupts_as_exceptions(trainer: Any = None) -> Iterator[Interrupts]:
         if seen.signum is None:
             seen.signum = signum
             _SIGNAL_SEEN["name"] = signal.Signals(signum).name
+            launcher = sys.modules.get("deqlit.parallel.launch")    # loaded where copies were started
+            if launcher is not None:
+                launcher.forward_signal(signum)
             if seen.in_step:
                 print(f"{signal.Signals(signum).name} received: stopping when this step ends",
                       file=sys.stderr, flush=True)
