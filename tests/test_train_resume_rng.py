@@ -127,3 +127,20 @@ def test_a_resumed_runs_curve_lies_on_the_uninterrupted_one(tmp_path, monkeypatc
     expected, got = logged_losses(whole), logged_losses(out)
     assert sorted(got) == sorted(expected) == list(range(STEPS))
     assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_epoch_order_follows_the_restored_step_not_set_epoch():
+    """EpochSampler with progress(): the epoch and the batches done come from the global step when an
+    iterator starts (Lightning draws a resumed fit's first indices before set_epoch, with workers)."""
+    from deqlit.lit.joint_data import EpochSampler
+    step = {"now": 0}
+    sampler = EpochSampler(10, 7, None, 2, 5, lambda: step["now"])
+    epochs = []
+    for epoch in range(3):
+        step["now"] = epoch * 5
+        epochs.append(list(sampler))
+    assert epochs[0] != epochs[1] != epochs[2] and all(sorted(e) == list(range(10)) for e in epochs)
+    fresh = EpochSampler(10, 7, None, 2, 5, lambda: step["now"])
+    fresh.set_epoch(0)                    # a stale set_epoch, as before Lightning calls it on resume
+    step["now"] = 5 + 3                   # resumed after 3 of epoch 1's 5 batches
+    assert list(fresh) == epochs[1][3 * 2:]

@@ -58,7 +58,6 @@ class StepStream(DistributedSampler):
         return self.steps_per_epoch * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
-        self.order.set_epoch(self.done() // self.steps_per_epoch)
         rest = torch.tensor(list(self.order), dtype=torch.long)      # the epoch's global batches left
         mine = rest.view(-1, self.num_replicas, self.batch_size)[:, self.rank]
         return iter(mine.reshape(-1).tolist())

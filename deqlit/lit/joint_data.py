@@ -32,11 +32,13 @@ class IndexedImages(Indexed):
 
 
 class EpochSampler(Sampler[int]):
-    """A permutation (or `draws` draws with replacement) seeded by (seed, epoch): the Trainer calls
-    set_epoch, so a resumed run sees the same order as an uninterrupted one. A run resumed in the
-    middle of an epoch gets a fresh iterator, so the sampler skips the batches that the restored
-    global step says were done (`progress()`; one training step per batch). The order is kept as
-    one int64 tensor (8 bytes an image), not a Python list."""
+    """A permutation (or `draws` draws with replacement) seeded by (seed, epoch), so a resumed run
+    sees the same order as an uninterrupted one. With `progress()` (the restored global step; one
+    training step per batch) the epoch is read from it when an iterator starts, and the batches it
+    says were done are skipped: Lightning restarts a resumed epoch's order from its beginning, and
+    builds a resumed fit's first iterator before it calls set_epoch (with num_workers > 0 the
+    indices are drawn right then). Without it, the Trainer's set_epoch decides. The order is kept
+    as one int64 tensor (8 bytes an image), not a Python list."""
 
     def __init__(self, size: int, seed: int, draws: Optional[int] = None, per_batch: int = 1,
                  steps_per_epoch: int = 1, progress: Optional[Callable[[], int]] = None):
@@ -50,6 +52,8 @@ class EpochSampler(Sampler[int]):
         return self.size if self.draws is None else self.draws
 
     def __iter__(self):
+        if self.progress is not None:
+            self.epoch = self.progress() // self.steps_per_epoch
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         if self.draws is None:
             order = torch.randperm(self.size, generator=gen)
