@@ -21,11 +21,7 @@ class ArgumentParser(argparse.ArgumentParser):
     as run_main's: the usage block argparse prints first buries the line that says what to fix."""
 
     def error(self, message: str) -> NoReturn:
-        one_line_error(self, message)
-
-
-def one_line_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
-    parser.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def typed_keys(argv: list[str]) -> dict[str, str]:
@@ -48,13 +44,11 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, flag_to_key: 
     left at None does not override the YAML. `task` picks the job's Trainer defaults
     (deqlit.runs.sections.TASK_TRAINER). `adjust(cfg, args, argv)`, a command's own defaults that
     depend on what was passed (invert.py's restoration tasks), runs before --print_config, which
-    prints the resolved config and exits 0; its returned line (or None) is args.note. A bad flag
-    value is one line, `error: ... (see --help)`, exit 2 (ArgumentParser), whatever parser is given.
+    prints the resolved config and exits 0; its returned line (or None) is args.note. The scripts
+    pass this module's ArgumentParser: a bad flag value is one line, `error: ... (see --help)`.
     Returns (args, resolved config).
     """
     from deqlit.runs.sections import print_config, resolve
-    if not isinstance(parser, ArgumentParser):      # a command's own parser: one-line errors too
-        parser.error = lambda message: one_line_error(parser, message)  # type: ignore[method-assign]
     parser.add_argument("--data", default=None,
                         help="dataset name: faces, digits, cifar10, celeba, lsun-bedroom, "
                              "lsun-church, folder:PATH (default: faces)")

@@ -25,6 +25,18 @@ class UserInputError(ValueError):
     """Bad input the user can fix; the message says how. run_main prints it as one line."""
 
 
+def unread_flags(readers: dict[str, list[str]], context: str, fix: str) -> UserInputError:
+    """The one-line refusal of typed flags a run would not read: readers {what reads them: [flag,
+    ...]}; context, e.g. 'in this run (--method exact)'; fix, what to do instead ('{them}' becomes
+    it/them). '--a, --b would do nothing CONTEXT: --a applies to X; --b applies to Y. Drop them, ...'."""
+    given = [flag for group in readers.values() for flag in group]
+    them = "it" if len(given) == 1 else "them"
+    uses = "; ".join(f"{' and '.join(group)} {'applies' if len(group) == 1 else 'apply'} to {reader}"
+                     for reader, group in readers.items())
+    return UserInputError(f"{', '.join(given)} would do nothing {context}: {uses}. Drop {them}, or "
+                          f"{fix.format(them=them)}")
+
+
 class OutputFolderError(UserInputError):
     """--out cannot be used: an existing file, unwritable, or an earlier run that would be overwritten."""
 

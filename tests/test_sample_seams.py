@@ -180,6 +180,6 @@ def test_a_typed_option_of_another_solver_is_refused_by_name(tmp_path):
     in metrics.json as if used). The config file's list of every solver's options is never refused."""
     from deqlit.guards import UserInputError
     with pytest.raises(UserInputError, match=r"--sampling.jacobian would do nothing with --solver picard: "
-                                             r"it is an option of newton-scan"):
+                                             r"--sampling.jacobian applies to --solver newton-scan"):
         main(["--solver", "picard", "--sampling.jacobian", "scalar", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()

@@ -11,8 +11,8 @@ from deqlit.cli import ArgumentParser, parse, positive_int, typed_keys
 from deqlit.config import set_path
 from deqlit.deq.degradations import FILLS, TASK_OPTIONS, TASKS
 from deqlit.deq.inversion import INIT_ALIASES, INITS, METHODS, canonical_init
-from deqlit.deq.solvers import SOLVERS, option_defaults
-from deqlit.guards import UserInputError
+from deqlit.deq.solvers import SOLVERS, option_defaults, solvers_taking
+from deqlit.guards import unread_flags
 from deqlit.runs.inversion import run_inversion
 from deqlit.runs.launch import launched_worker
 
@@ -219,8 +219,7 @@ def takes_solver_option(key: str) -> Callable[[dict], bool]:
 
 
 def solver_option_need(key: str) -> str:
-    owners = [name for name in SOLVERS if key in option_defaults(name)]
-    return f"--method deq with --solver {' or '.join(owners)} (an option of its forward solve)"
+    return f"--method deq with --solver {' or '.join(solvers_taking(key))} (an option of its forward solve)"
 
 
 # Keys of the inversion section that only some runs read, with the runs that do: set on the command
@@ -259,13 +258,8 @@ def check_applicable(inv: dict, typed: dict[str, str]) -> None:
     flags_by_need: dict[str, list[str]] = {}
     for key in refused:
         flags_by_need.setdefault(ONLY_FOR[key][0], []).append(typed[key])
-    flags = [flag for group in flags_by_need.values() for flag in group]
-    needs = "; ".join(f"{' and '.join(group)} {'applies' if len(group) == 1 else 'apply'} to {need}"
-                      for need, group in flags_by_need.items())
-    them = "it" if len(flags) == 1 else "them"
-    raise UserInputError(f"{', '.join(flags)} would do nothing in this run (--task {inv['task']}, "
-                         f"--method {inv['method']}): {needs}. Drop {them}, or choose the settings "
-                         f"that use {them}")
+    raise unread_flags(flags_by_need, f"in this run (--task {inv['task']}, --method {inv['method']})",
+                       "choose the settings that use {them}")
 
 
 def restoration_summary(metrics: dict) -> str:

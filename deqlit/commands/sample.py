@@ -21,15 +21,15 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm import tqdm
 
-from deqlit.cli import int_at_least, parse, positive_int
+from deqlit.cli import ArgumentParser, int_at_least, parse, positive_int, typed_keys
 from deqlit.config import save_config
-from deqlit.deq.solvers import option_defaults, options_from
+from deqlit.deq.solvers import option_defaults, options_from, solvers_taking
 from deqlit.devices import placement
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.interpolation import FRAMES_RULE
 from deqlit.evaluation import DatasetMetrics, format_metrics
 from deqlit.guards import (NonFiniteError, OutputFolderError, RankZeroStopped, RunInterrupted, UserInputError,
-                           first_nonfinite)
+                           first_nonfinite, unread_flags)
 from deqlit.models.build import build_noise_model
 from deqlit.parallel.launch import from_rank_zero, gather_over_data
 from deqlit.pictures import numbered_grid, save_picture
@@ -57,7 +57,7 @@ frame_count = int_at_least(2, FRAMES_RULE)      # argparse type of --frames
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Sample with DEQ-DDIM. Any config key can be "
+    p = ArgumentParser(description="Sample with DEQ-DDIM. Any config key can be "
                                 "overridden as --section.key value; device and precision as "
                                 "--trainer.accelerator cpu|gpu|auto, --trainer.precision 64-true.")
     p.add_argument("--ckpt", help="weights (default: checkpoint.path of the config)")
@@ -303,17 +303,16 @@ def stored(x: torch.Tensor) -> torch.Tensor:
 
 def refuse_other_solvers_options(argv: list[str], solver: str) -> None:
     """A typed --sampling.KEY that is an option of other solvers only (--sampling.jacobian with
-    anderson) would be ignored and recorded as if used: refuse it, naming the solvers that take it.
+    picard) would be ignored and recorded as if used: refuse it, naming the solvers that take it.
     (The config file lists every solver's options: those are defaults, never refused.)"""
-    from deqlit.cli import typed_keys
-    from deqlit.deq.solvers import SOLVERS
-    mine = option_defaults(solver) if solver != "sequential" else {}
+    readers: dict[str, list[str]] = {}
     for key, flag in typed_keys(argv).items():
         section, _, name = key.partition(".")
-        owners = [other for other in SOLVERS if other != "sequential" and name in option_defaults(other)]
-        if section == "sampling" and owners and name not in mine:
-            raise UserInputError(f"{flag} would do nothing with --solver {solver}: it is an option of "
-                                 f"{' and '.join(owners)}; drop it or choose one of those solvers")
+        owners = solvers_taking(name)
+        if section == "sampling" and owners and solver not in owners:
+            readers.setdefault(f"--solver {' or '.join(owners)}", []).append(flag)
+    if readers:
+        raise unread_flags(readers, f"with --solver {solver}", "choose a solver that reads {them}")
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

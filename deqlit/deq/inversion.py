@@ -83,7 +83,7 @@ def check_exact_options(exact: dict[str, Any], where: str = "inversion.exact") -
     import difflib
 
     from deqlit.deq.inverse_map import INITS as EXACT_INITS, MODES
-    from deqlit.deq.solvers import SOLVERS
+    from deqlit.deq.solvers import SOLVERS, solvers_taking
     solver = exact.get("solver", exact_option_defaults()["solver"])
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r} for --{where}.solver; use one of {', '.join(SOLVERS)}")
@@ -91,7 +91,7 @@ def check_exact_options(exact: dict[str, Any], where: str = "inversion.exact") -
     for key in exact:
         if key in accepted:
             continue
-        owners = [name for name in SOLVERS if key in option_defaults(name)]
+        owners = solvers_taking(key)
         if owners:       # another solver's option: the chosen one would never read it
             raise ValueError(f"--{where}.{key} is an option of solver {', '.join(owners)}, not of "
                              f"{solver!r} (--{where}.solver): drop it or choose one of those solvers")

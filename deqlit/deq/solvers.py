@@ -369,6 +369,11 @@ def option_defaults(name: str) -> dict[str, object]:
     return {k: p.default for k, p in signature.parameters.items() if k not in CALLER_ARGUMENTS}
 
 
+def solvers_taking(option: str) -> list[str]:
+    """The registered solvers that take `option` (e.g. 'jacobian' -> ['newton-scan']), in order."""
+    return [name for name in SOLVERS if option in option_defaults(name)]
+
+
 def options_from(name: str, section: dict) -> dict[str, object]:
     """The options of solver `name` found in a config section; the other solvers' keys are
     left out (a config lists m, lam, beta for Anderson; picard takes none of them)."""

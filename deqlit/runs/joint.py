@@ -46,7 +46,7 @@ from deqlit.lit.checkpoints import ExportEMA, SaveLast
 from deqlit.runs.launch import Launch, launched_worker, on_rank_zero_of, prepare_launch, world_of
 from deqlit.runs.resume import check_resume, record_resume, resume_checkpoint
 from deqlit.runs.sections import module_arguments, resolve
-from deqlit.runs.trainer import build_trainer
+from deqlit.runs.trainer import build_trainer, saving
 
 
 
@@ -284,10 +284,8 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
         extra = [] if cpu_budget is None else [ProcessTimeBudget(cpu_budget)]
         trainer = build_trainer(launch, max_time=None if max_time is None else timedelta(seconds=float(max_time)),
                                 logger=TensorBoardLogger(str(out), name="tb", version=0, default_hp_metric=False),
-                                # A debug step saves nothing (Lightning's ModelCheckpoint would write last.ckpt).
-                            callbacks=[*([] if fast_dev_run else [checkpoint, export, SaveLatents(out / "latents.pt"),
-                                                                  saver]), *extra],
-                            **({"enable_checkpointing": False} if fast_dev_run else {}),
+                                **saving(fast_dev_run, [checkpoint, export, SaveLatents(out / "latents.pt"), saver],
+                                         extra),
                                 use_distributed_sampler=False,    # ddp_time: every process loads the global batch
                                 fast_dev_run=fast_dev_run, num_sanity_val_steps=0)
         start, cpu_start = time.time(), time.process_time()

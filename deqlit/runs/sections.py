@@ -338,7 +338,7 @@ def refuse_unread(task: str, typed: dict[str, str], flags: Optional[dict[str, st
     """Refuse what the command line set that --task `task` never reads, in one line naming each
     flag and what reads it. typed: {dotted key: the word that set it} (deqlit.cli.typed_keys);
     flags: {a named flag given: what reads it}, e.g. {'--ckpt': '--task joint (...)'}."""
-    from deqlit.guards import UserInputError
+    from deqlit.guards import unread_flags
     readers: dict[str, list[str]] = {}
     for flag, reader in (flags or {}).items():
         readers.setdefault(reader, []).append(flag)
@@ -346,11 +346,5 @@ def refuse_unread(task: str, typed: dict[str, str], flags: Optional[dict[str, st
         reader = NOT_READ_BY.get(task, {}).get(key.split(".", 1)[0])
         if reader is not None:
             readers.setdefault(f"{reader} (the {key.split('.', 1)[0]} section)", []).append(word)
-    if not readers:
-        return
-    given = [flag for group in readers.values() for flag in group]
-    them = "it" if len(given) == 1 else "them"
-    uses = "; ".join(f"{' and '.join(group)} {'applies' if len(group) == 1 else 'apply'} to {reader}"
-                     for reader, group in readers.items())
-    raise UserInputError(f"{', '.join(given)} would do nothing with --task {task}: {uses}. "
-                         f"Drop {them}, or run the task or script named")
+    if readers:
+        raise unread_flags(readers, f"with --task {task}", "run the task or script named")

@@ -48,3 +48,13 @@ def build_trainer(launch: "Launch", **job: Any) -> L.Trainer:
         if isinstance(err, UserInputError):
             raise
         raise UserInputError(f"the trainer settings cannot run here: {err}") from None
+
+
+def saving(fast_dev_run: bool, savers: list[Any], others: list[Any]) -> dict[str, Any]:
+    """build_trainer's callbacks and checkpointing for a training job: its `savers` (ModelCheckpoint,
+    ExportEMA, SaveLast, ...) then its `others`; no saver under --fast-dev-run, which saves nothing,
+    since Lightning's ModelCheckpoint would still write last.ckpt into the folder that the real run
+    then refuses."""
+    if fast_dev_run:
+        return {"callbacks": list(others), "enable_checkpointing": False}
+    return {"callbacks": [*savers, *others]}

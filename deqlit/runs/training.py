@@ -37,7 +37,7 @@ from deqlit.runs.guards import (RUN_FILES, FolderStart, check_output_dir, interr
 from deqlit.runs.launch import launched_worker, on_rank_zero_of, prepare_launch
 from deqlit.runs.resume import check_resume, record_resume, resume_checkpoint
 from deqlit.runs.sections import module_arguments, resolve
-from deqlit.runs.trainer import build_trainer
+from deqlit.runs.trainer import build_trainer, saving
 
 # Trainer arguments that train.py takes from `train:` (their home in every config and in the
 # saved run): the trainer section may not set them too, or one of the two would be ignored.
@@ -149,10 +149,7 @@ def prepare_training(cfg: dict, resume: str | None = None,
         launch, max_steps=train["max_steps"], log_every_n_steps=log_every(train),
         gradient_clip_val=clip, gradient_clip_algorithm="norm" if clip else None,
         logger=TensorBoardLogger(str(out), name="tb", version=0, default_hp_metric=False),
-        # A debug step saves nothing: Lightning's ModelCheckpoint would still write last.ckpt (and
-        # ExportEMA ema.pt) into the folder of the real run that the same command then refuses.
-        callbacks=[*([] if fast_dev_run else [checkpoint, export, saver]), *bar, *metrics_callbacks(cfg)],
-        **({"enable_checkpointing": False} if fast_dev_run else {}),
+        **saving(fast_dev_run, [checkpoint, export, saver], [*bar, *metrics_callbacks(cfg)]),
         fast_dev_run=fast_dev_run, num_sanity_val_steps=0)
     # Created last: data, model, weights and Trainer settings that fail leave no folder behind.
     start = FolderStart(out, results="checkpoints/*.ckpt")     # before the folder is made
