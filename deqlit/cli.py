@@ -13,6 +13,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+import yaml
+
 from deqlit.config import apply_overrides, find_config, load_config, set_path
 
 
@@ -24,14 +26,27 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def typed_keys(argv: list[str]) -> dict[str, str]:
+def typed_keys(argv: list[str], expand_mappings: bool = False) -> dict[str, str]:
     """{dotted config key: the word that set it} for each `--section.key[.sub] value` (or
-    `--section.key=value`) of a command line; what comes from a config file is not in it."""
+    `--section.key=value`) of a command line; what comes from a config file is not in it.
+    expand_mappings: a value typed as a mapping (`--inversion.exact '{init: ddim}'`) also sets its
+    keys ('inversion.exact.init', set by the word "init in --inversion.exact"), as the dotted
+    form of each would."""
     typed = {}
-    for word in argv:
+    for i, word in enumerate(argv):
         match = re.match(r"--([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?:=|$)", word)
-        if match:
-            typed.setdefault(match.group(1), word.split("=", 1)[0])
+        if not match:
+            continue
+        flag = word.split("=", 1)[0]
+        typed.setdefault(match.group(1), flag)
+        value = word.split("=", 1)[1] if "=" in word else (argv[i + 1] if i + 1 < len(argv) else "")
+        if expand_mappings and value.lstrip().startswith("{"):
+            try:
+                mapping = yaml.safe_load(value)
+            except yaml.YAMLError:          # the override itself reports a malformed value
+                mapping = None
+            for sub in mapping if isinstance(mapping, dict) else ():
+                typed.setdefault(f"{match.group(1)}.{sub}", f"{sub} in {flag}")
     return typed
 
 

@@ -129,6 +129,8 @@ def test_a_bad_flag_value_is_one_line_that_points_to_help(tmp_path, capsys, scri
     ("train.py", ["--max-steps", "2", "--sampling.timesteps", "5"], ["--sampling.timesteps", "sample.py"]),
     ("invert.py", ["--inversion.exact.init", "extrapolated"],
      ["--inversion.exact.init would do nothing", "--inversion.exact.mode all-timesteps"]),
+    ("invert.py", ["--inversion.exact", "{mode: per-step, init: extrapolated}"],   # the mapping form
+     ["init in --inversion.exact would do nothing", "--inversion.exact.mode all-timesteps"]),
     ("invert.py", ["--method", "deq", "--inversion.optimize_noise", "true"],
      ["--inversion.optimize_noise would do nothing", "--eta above 0"]),
     ("invert.py", ["--method", "deq", "--solver", "newton-scan", "--inversion.m", "3"],
@@ -149,6 +151,7 @@ def test_exact_init_is_named_once_where_exact_is_not_used(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [
     ["--inversion.exact.mode", "all-timesteps", "--inversion.exact.init", "extrapolated"],
+    ["--inversion.exact", "{mode: all-timesteps, init: extrapolated}"],
     ["--method", "deq", "--eta", "0.5", "--inversion.optimize_noise", "true"],
     ["--inversion.exact.on_fail", "warn"],
 ])

@@ -67,12 +67,12 @@ def given(argv: list[str], args: argparse.Namespace, dest: str) -> bool:
 def typed_inversion_keys(argv: list[str], args: argparse.Namespace) -> dict[str, str]:
     """{key of the inversion section: how the command line set it}, for the keys it set: by flag
     (max_steps: '--max-steps') or dotted ('--inversion.max_steps'; '--inversion.exact.tol' sets
-    'exact' and 'exact.tol'). Values that come from the config file are not in it."""
+    'exact' and 'exact.tol', as does '--inversion.exact "{tol: ...}"'). Values that come from the config file are not in it."""
     typed = {}
     for dest, key in FLAGS.items():
         if key.startswith("inversion.") and getattr(args, dest, None) is not None:
             typed[key.split(".", 1)[1]] = "--" + dest.replace("_", "-")
-    for key, word in typed_keys(argv).items():
+    for key, word in typed_keys(argv, expand_mappings=True).items():
         section, _, rest = key.partition(".")
         if section == "inversion":
             typed.setdefault(rest.split(".", 1)[0], word)
