@@ -40,14 +40,20 @@ def build_trainer(launch: "Launch", **job: Any) -> L.Trainer:
     --trainer.accelerator gpu, a bad precision) raises UserInputError naming Lightning's reason."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from deqlit.devices import precision_note
     from deqlit.guards import UserInputError
     from deqlit.runs.launch import trainer_section
     try:
-        return L.Trainer(**{**job, **trainer_kwargs(trainer_section(launch))})
+        trainer = L.Trainer(**{**job, **trainer_kwargs(trainer_section(launch))})
     except (MisconfigurationException, ValueError) as err:
         if isinstance(err, UserInputError):
             raise
         raise UserInputError(f"the trainer settings cannot run here: {err}") from None
+    # The precision Lightning resolved (it runs 16-mixed on a CPU as bf16-mixed, and says so).
+    note = precision_note(trainer.strategy.root_device.type, trainer.precision)
+    if note and trainer.is_global_zero:
+        print(note, flush=True)
+    return trainer
 
 
 def saving(fast_dev_run: bool, savers: list[Any], others: list[Any]) -> dict[str, Any]:

@@ -1,0 +1,38 @@
+"""Half precisions on a CPU: sample.py's placement() computes as Lightning's Trainer does (which runs
+16-mixed as bf16-mixed there), and a float16 choice that would crawl is said, not silently run."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from deqlit.devices import AUTOCAST, placement, precision_note
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "32-true", "64-true", "16-true"])
+def test_placement_on_a_cpu_computes_in_the_precision_lightning_resolves(precision):
+    trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
+    _, dtype, autocast = placement({"accelerator": "cpu", "precision": precision})
+    resolved = str(trainer.precision)
+    if resolved in AUTOCAST:
+        assert isinstance(autocast, torch.autocast) and autocast.fast_dtype == AUTOCAST[resolved]
+        assert dtype == torch.float32
+    else:
+        assert not isinstance(autocast, torch.autocast)
+        assert dtype == {"32-true": torch.float32, "64-true": torch.float64, "16-true": torch.float16}[resolved]
+
+
+def test_float16_on_a_cpu_is_said_and_nothing_else_is():
+    assert "runs as bf16-mixed" in precision_note("cpu", "16-mixed")
+    assert "50x slower" in precision_note("cpu", "16-true")
+    for device, precision in [("cpu", "32-true"), ("cpu", "bf16-mixed"), ("cpu", "64-true"),
+                              ("cuda", "16-mixed"), ("cuda", "16-true")]:
+        assert precision_note(device, precision) is None
+
+
+def test_a_gpu_keeps_float16_autocast():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _, _, autocast = placement({"accelerator": "gpu", "precision": "16-mixed"})
+    assert autocast.fast_dtype == torch.float16
