@@ -153,3 +153,48 @@ def test_the_secant_scale_fits_the_step_and_stays_within_its_range():
         moved[1, 0] = False
         assert torch.allclose(rho[moved], torch.full_like(rho[moved], expected), atol=1e-12)
         assert rho[1, 0] == 0.77
+
+
+class BentFilter(CircularFilter):
+    """A nonlinear network (tanh of the filter, plus sin(3x)): its table depends on the states and
+    the probes drawn, so equal tables mean equal draws. Counts the images it is called on."""
+
+    def __init__(self):
+        super().__init__()
+        self.images = 0
+
+    def forward(self, x, t):
+        self.images += x.shape[0]
+        return torch.tanh(2 * super().forward(x, t)) + 0.1 * torch.sin(3 * x)
+
+
+def test_a_time_shards_block_measures_its_own_states_and_gets_the_whole_tables_rows():
+    """Each of K time shards asks for its block's states only: it measures the calibration states
+    around them (fewer network rows) and its rows equal the whole table's bitwise; the others are
+    NaN, never read. A block holding only x_0 measures none."""
+    chain = Chain.build(ABAR, 60)
+    with torch.no_grad():
+        whole_net = BentFilter()
+        whole = gain_table(whole_net, chain, (1, 8, 8), torch.device("cpu"), torch.float64)
+        for rows in (range(0, 15), range(15, 30), range(45, 60), range(59, 61)):
+            net = BentFilter()
+            part = gain_table(net, chain, (1, 8, 8), torch.device("cpu"), torch.float64, list(rows))
+            read = torch.tensor([i for i in rows if i <= 60])
+            assert torch.equal(part[read], whole[read])
+            assert net.images < whole_net.images
+            outside = torch.tensor([i for i in range(1, 61) if i < rows.start - 3 or i > rows.stop + 3])
+            assert bool(part[outside].isnan().all())
+        net = BentFilter()
+        only_x0 = gain_table(net, chain, (1, 8, 8), torch.device("cpu"), torch.float64, [0])
+        assert only_x0[0].abs().max() == 0 and net.images == 8 * 10      # the clean samples only
+
+
+def test_a_block_asking_for_every_state_shares_the_whole_tables_cache_entry():
+    net = BentFilter()
+    chain = Chain.build(ABAR, 30)
+    with torch.no_grad():
+        whole = gain_table(net, chain, (1, 8, 8), torch.device("cpu"), torch.float64)
+        images = net.images
+        again = gain_table(net, chain, (1, 8, 8), torch.device("cpu"), torch.float64, list(range(30)))
+        block = gain_table(net, chain, (1, 8, 8), torch.device("cpu"), torch.float64, list(range(10, 20)))
+    assert again is whole and block is whole and net.images == images
