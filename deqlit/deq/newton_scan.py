@@ -66,6 +66,16 @@ calls), a rho per frequency band (35.7), Anderson on the newton-scan iterates (a
 table measured on the solve's own start states (35.6), a first call from the table (30.5), a
 Broyden rank-1 term per row along the last step (40.1 with its Sherman-Morrison denominator kept
 above 0.6, 33.7 above 0.05; its maps no longer compose, so no scan and no time shards).
+Why no cheap model closes it (x_2's step linearized at the solution, x_1 exact, same 8 faces): at
+the inversion's own states the network's gain is below the table's (s w tau 0.96 at the highest
+frequencies, measured 0.78: these states are not noised training images), so the uncapped table
+expands the error (+24 dB a step); even the best per-image diagonal in the Fourier, Haar or pixel
+basis (48 JVP probes each) does not contract (+1 / +2 / +4 dB a step): the Jacobian there is far
+from diagonal in any fixed basis. Newton-GMRES with 4 true JVPs a step takes x_2 from -18 to -60
+dB in two steps, but its JVPs are sequential; directions chosen one call ahead (the table's Krylov
+space of the last residual, probed in the same batched call) gain under 3 dB on Picard. And with
+x_1, x_2 pinned to the solution, newton-scan still gives 37.3 dB at 5 calls (45.9 at 6 with the cap
+lifted on the other rows): the later rows would need a better model too.
 
 Triangular guarantee (forward). A row whose input X_r and every later row's are exact has R = 0
 there, so U_r = 0 on it and on the row below: the update is Picard's on the settled rows, and the
