@@ -280,3 +280,14 @@ def test_ifts_sweep_adjoint_becomes_the_exact_plain_iteration_on_time_shards(cap
         assert joint["adjoint"] == expected, (shards, grad)
         printed = capsys.readouterr().out
         assert (printed.count("\n") == 1 and "--joint.adjoint" in printed) == (expected["solver"] == "picard")
+
+
+def test_the_gradient_cosine_of_a_onestep_run_takes_the_time_shardable_adjoint_too(capsys):
+    """compare_every logs the cosine between onestep and ift, which solves ift's adjoint: with
+    faces.yaml's 'sweep' a onestep run on time shards stopped at its first step ('cannot be split
+    over time shards', README's torchrun command). It switches as ift does, and says why."""
+    from deqlit.runs.joint import time_shardable_adjoint
+    joint = {"grad": "onestep", "compare_every": 25, "adjoint": {"solver": "sweep"}}
+    time_shardable_adjoint(joint, 2)
+    assert joint["adjoint"] == {"solver": "picard", "tol": 0.0, "freeze": True}
+    assert "--joint.compare_every's onestep-vs-ift cosine" in capsys.readouterr().out

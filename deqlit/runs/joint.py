@@ -219,13 +219,16 @@ def time_shardable_adjoint(joint: dict[str, Any], shards: int) -> None:
     """ift's adjoint 'sweep' (faces.yaml's, for a CPU) solves the rows one after another and cannot
     be split over time shards; the default adjoint (plain iteration, tol 0, freezing) solves the same
     triangular system exactly in T calls that each evaluate all shards at once. Switch to it, and say
-    so on the first process, where time shards run a sweep."""
+    so on the first process, where time shards run a sweep: under grad ift, and under onestep when
+    compare_every logs the onestep-vs-ift cosine (which solves ift's adjoint too)."""
     adjoint = joint.get("adjoint") or {}
-    if shards <= 1 or joint.get("grad") != "ift" or adjoint.get("solver") != "sweep":
+    uses = "ift's adjoint" if joint.get("grad") == "ift" else \
+        "the adjoint of --joint.compare_every's onestep-vs-ift cosine" if joint.get("compare_every") else None
+    if shards <= 1 or uses is None or adjoint.get("solver") != "sweep":
         return
     joint["adjoint"] = {"solver": "picard", "tol": 0.0, "freeze": True}   # cfg["joint"]: config.yaml records what ran
     if not launched_worker():
-        print(f"--parallel.time_shards {shards}: ift's adjoint runs as plain iteration to tol 0 with "
+        print(f"--parallel.time_shards {shards}: {uses} runs as plain iteration to tol 0 with "
               f"freezing (the same exact adjoint in T calls over all shards; 'sweep' goes row by row "
               f"and cannot be split); --joint.adjoint '{{solver: picard, tol: 0.0, freeze: true}}' "
               f"says so explicitly", flush=True)
