@@ -18,7 +18,8 @@ SAMPLE_STEPS + 2 batched calls of CALIBRATION_SAMPLES images (times CALIBRATION_
 two), once per (model, chain, image shape, device, dtype) in a process. A time shard measures
 only the calibration states around its block's (T = 100: 13 of 24 with 2 shards, 7-8 with 4;
 the noise and probes are drawn for all, so its rows equal one process's bitwise). The table is cached with
-the model and not refreshed when its weights change (joint fine-tuning): a stale table could only
+the model and not refreshed when its weights change (joint fine-tuning, whose checkpoints carry
+it, measured_tables / keep_tables, so that --resume solves as the uninterrupted run): a stale table could only
 make the solve take more iterations, never change its fixed point, and measured it does not: after
 200 steps of the default joint run (weights 2.6% away from the shipped ones, the table 19% at T = 10
 and 12% at T = 25), sampling with the fine-tuned network and the shipped network's table took the
@@ -177,3 +178,31 @@ def gain_table(model: NoiseModel, chain: Chain, image_shape: tuple[int, ...], de
         per_model[key] = per_model[whole] if whole in per_model else calibrate(model, chain, image_shape,
                                                                                device, dtype, needed)
     return per_model[key]
+
+
+def measured_tables(model: NoiseModel) -> list[dict]:
+    """The tables gain_table has measured (or was given) for `model` in this process, as plain
+    data for a checkpoint: [{'key': [timesteps, abar, image shape, device, dtype name, part],
+    'table': tensor}]; keep_tables gives them back."""
+    try:
+        per_model = _CACHE.get(model) or {}
+    except TypeError:
+        return []
+    return [{"key": [*key[:4], str(key[4]).removeprefix("torch."), key[5]], "table": table}
+            for key, table in per_model.items()]
+
+
+def keep_tables(model: NoiseModel, saved: list[dict]) -> None:
+    """gain_table answers with the `saved` tables (measured_tables of an earlier process) for
+    `model` instead of measuring them. A table is measured once, from the weights of the first
+    solve: a process resuming fine-tuning would measure the restored weights, and its solves
+    (within tol) would differ from the uninterrupted run's, which kept the starting weights' table."""
+    for entry in saved:
+        timesteps, abar, shape, device, dtype, part = entry["key"]
+        key = (tuple(timesteps), tuple(abar), tuple(shape), device, getattr(torch, dtype),
+               None if part is None else tuple(part))
+        try:
+            table = entry["table"] if device == "None" else entry["table"].to(torch.device(device))
+        except (RuntimeError, AssertionError):    # a device this machine lacks: measured anew
+            continue
+        _CACHE.setdefault(model, {})[key] = table

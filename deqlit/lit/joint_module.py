@@ -40,6 +40,7 @@ from deqlit.deq.blocks import x0_objective
 from deqlit.deq.degradations import frobenius_loss
 from deqlit.deq.grad import adjoint_settings, attach_gradient, check_grad_mode
 from deqlit.deq.inversion import INITS, canonical_init
+from deqlit.deq.jacobian_table import keep_tables, measured_tables
 from deqlit.deq.layer import DEQSampler
 from deqlit.deq.solvers import SolverStats, get_solver
 from deqlit.diffusion.chain import Chain
@@ -384,13 +385,17 @@ class JointFineTuneModule(L.LightningModule):
 
     # ---- the on-disk table (latent_store.py) and Lightning checkpoints -------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The files are flushed, and their undo journal restarts, at every checkpoint."""
+        """The files are flushed, and their undo journal restarts, at every checkpoint. newton-scan's
+        Jacobian tables (measured on the starting weights) go with it: a resume solves with them."""
+        checkpoint["jacobian_tables"] = measured_tables(self.model)
         if self.latents.store is not None:
             self.latents.store.checkpoint(int(checkpoint["global_step"]))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """--resume: the files ran ahead of the checkpoint; put them back to its step. A run
-        resumed with more images (--joint.num_images) grows the saved table; fewer are refused."""
+        resumed with more images (--joint.num_images) grows the saved table; fewer are refused.
+        newton-scan takes the run's saved Jacobian tables instead of measuring the restored weights."""
+        keep_tables(self.model, checkpoint.get("jacobian_tables", []))
         if self.latents.store is not None:
             self.latents.store.rollback(int(checkpoint["global_step"]))
             return
