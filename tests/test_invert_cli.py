@@ -60,6 +60,24 @@ def test_a_mask_of_another_size_and_the_same_shape_is_resized_with_a_note(tmp_pa
     assert torch.equal(hidden.nonzero().max(0).values, torch.tensor([5, 5])) and int(hidden.sum()) == 16
 
 
+def test_a_mask_file_edited_before_resume_is_refused(tmp_path):
+    """run.json recorded the mask file's path only: a file painted again between Ctrl-C and --resume
+    gave the resumed images another mask than the finished ones, under the same name. The same
+    pixels saved again (another size of the same shape) still resume."""
+    config = exact_config(tmp_path)
+    mask = mask_file(tmp_path / "mask.png", (8, 8), (2, 2, 6, 6))
+    out = tmp_path / "o"
+    args = ("--task", "inpaint", "--mask", str(mask), "--max-steps", "1", "--batch-size", "1", "--out", str(out))
+    invert(config, *args)
+    (out / "latents" / "part-00000001.pt").unlink()           # as if stopped before the second image
+    mask_file(mask, (16, 16), (4, 4, 12, 12))                 # the same pixels at twice the size
+    assert invert(config, *args, "--resume")["num_images"] == 2
+    (out / "latents" / "part-00000001.pt").unlink()
+    mask_file(mask, (8, 8), (0, 4, 8, 8))                     # another hole
+    with pytest.raises(UserInputError, match=r"cannot resume with changed settings: mask_file_pixels"):
+        invert(config, *args, "--resume")
+
+
 def test_a_run_that_fails_before_its_first_result_leaves_no_folder(tmp_path, monkeypatch):
     """Any error in the first batch (here a stand-in for one) undoes run.json, config.yaml and tb/:
     the rerun is not refused as "an earlier inversion"."""

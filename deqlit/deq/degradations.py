@@ -185,6 +185,15 @@ def fit_mask(mask: torch.Tensor, height: int, width: int, path: str | Path) -> t
     return fitted
 
 
+def mask_digest(mask: torch.Tensor) -> str:
+    """'sha256:...' of a mask's known/unknown pixels and its size (not of the file's bytes: a file
+    saved again with the same pixels is the same mask)."""
+    import hashlib
+    known = (mask >= 0.5).to(torch.uint8).contiguous()
+    data = repr(tuple(known.shape)).encode() + known.numpy().tobytes()
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
 def file_mask(path: str | Path, height: int, width: int) -> torch.Tensor:
     """(1, 1, H, W) from a PNG: white (>= 128) = known; checked and fitted by fit_mask."""
     return fit_mask(read_mask_file(path), height, width, path)

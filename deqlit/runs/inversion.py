@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from deqlit.config import save_config
-from deqlit.deq.degradations import TASK_OPTIONS, check_factor_divides, fit_mask, read_mask_file
+from deqlit.deq.degradations import TASK_OPTIONS, check_factor_divides, fit_mask, mask_digest, read_mask_file
 from deqlit.deq.inversion import InversionSettings
 from deqlit.deq.solvers import SolverDivergedError, options_from
 from deqlit.diffusion.chain import Chain
@@ -34,6 +34,9 @@ from deqlit.runs.trainer import build_trainer
 from deqlit.models.build import build_noise_model, resolve_checkpoint, schedule_from_config
 
 RUN_FILE = "run.json"   # what decides the results; a resume must match it
+# run.json's key for the pixels of a mask file: a file edited between Ctrl-C and --resume would
+# otherwise give the resumed images another mask than the finished ones, under the same path.
+MASK_PIXELS = "mask_file_pixels"
 
 
 class MissingInputsError(FileNotFoundError):
@@ -67,18 +70,20 @@ def check_factor(settings: InversionSettings, resolution: int) -> None:
         check_factor_divides(settings.factor, resolution, resolution)
 
 
-def check_mask(settings: InversionSettings, resolution: int, quiet: bool = False) -> None:
+def check_mask(settings: InversionSettings, resolution: int, quiet: bool = False) -> Optional[str]:
     """A mask file is read and checked here, before the output folder is touched, rather than at
     the first batch, where a missing or unusable file stopped a run that had written run.json
-    (and so blocked its corrected rerun). A file of another size is resized: said unless quiet."""
+    (and so blocked its corrected rerun). A file of another size is resized: said unless quiet.
+    Returns the digest of the mask the run uses (mask_digest; None without a mask file)."""
     if settings.task != "inpaint" or settings.mask == "center" or settings.mask.startswith("random:"):
-        return
+        return None
     mask = read_mask_file(settings.mask)
-    fit_mask(mask, resolution, resolution, settings.mask)
+    fitted = fit_mask(mask, resolution, resolution, settings.mask)
     height, width = mask.shape[-2:]
     if (height, width) != (resolution, resolution) and not quiet:
         print(f"note: mask file {settings.mask} is {width}x{height} pixels: resized to the images' "
               f"{resolution}x{resolution} (nearest neighbours)")
+    return mask_digest(fitted)
 
 
 def check_inputs(cfg: dict, ckpt: Optional[str] = None) -> None:
@@ -103,16 +108,19 @@ def check_inputs(cfg: dict, ckpt: Optional[str] = None) -> None:
             + "\nPut them there, or point elsewhere with --data.root DIR and --ckpt PATH.")
 
 
-def run_identity(cfg: dict, settings: InversionSettings, chain: Chain) -> dict[str, Any]:
-    """Everything that decides an image's latent. Not in it: num_images and batch_size (results
-    are per image), max_batch, trainer and output options."""
+def run_identity(cfg: dict, settings: InversionSettings, chain: Chain,
+                 mask_pixels: Optional[str] = None) -> dict[str, Any]:
+    """Everything that decides an image's latent: with a mask file, what it holds (mask_pixels,
+    check_mask's digest), not only its path. Not in it: num_images and batch_size (results are
+    per image), max_batch, trainer and output options."""
     data = cfg["data"]
     return {"settings": settings.to_dict(), "chain": chain.to_dict(),
             "data": {"name": data["name"], "split": cfg["inversion"]["split"],
                      "resolution": data["resolution"], "channels": data["channels"]},
             "checkpoint": str(resolve_checkpoint(cfg["checkpoint"]["path"] or "")),
             "checkpoint_ema": cfg["checkpoint"]["ema"],
-            "model": cfg["model"], "diffusion": cfg["diffusion"]}
+            "model": cfg["model"], "diffusion": cfg["diffusion"],
+            **({MASK_PIXELS: mask_pixels} if mask_pixels else {})}
 
 
 def check_output_folder(out: Path, identity: dict[str, Any], resume: bool) -> None:
@@ -132,7 +140,10 @@ def check_output_folder(out: Path, identity: dict[str, Any], resume: bool) -> No
     except (OSError, json.JSONDecodeError) as err:
         raise OutputFolderError(f"cannot resume: {out / RUN_FILE} is unreadable ({err}); start over "
                                 f"with another --out") from err
-    changed = differences(recorded_settings_only(saved), json.loads(json.dumps(identity)))
+    now = json.loads(json.dumps(identity))
+    if MASK_PIXELS not in saved:       # a run.json of a version that recorded the mask file's path only
+        now.pop(MASK_PIXELS, None)
+    changed = differences(recorded_settings_only(saved), now)
     if changed:
         raise UserInputError(f"cannot resume with changed settings: {listed(changed)}. Use the saved "
                              f"settings (see {out / 'config.yaml'}) to continue it, or --out NEW_FOLDER "
@@ -203,7 +214,7 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
     settings = settings_from(inv)
     check_counts(inv)
     check_factor(settings, data["resolution"])
-    check_mask(settings, data["resolution"], quiet=launched_worker())
+    mask_pixels = check_mask(settings, data["resolution"], quiet=launched_worker())
     chain = Chain.build(schedule_from_config(cfg["diffusion"]), inv["timesteps"], inv["skip"], inv["eta"])
     # A method that cannot run on time shards is refused before the count of processes is read:
     # no number of processes would run it.
@@ -217,7 +228,7 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
     # --out as it was (no run.json that a later run would take for an earlier inversion).
     model, schedule, _ = build_noise_model(cfg)
     chain.check_schedule(schedule)
-    identity = run_identity(cfg, settings, chain)
+    identity = run_identity(cfg, settings, chain, mask_pixels)
     if launch.launched is not None:
         launch = prepare_launch(cfg)
     worker = launched_worker()
