@@ -50,6 +50,19 @@ def test_a_bad_mask_file_is_refused_before_the_folder_is_touched(tmp_path):
     invert(config, "--task", "inpaint", "--mask", "center", "--max-steps", "1", "--out", str(out))
 
 
+def test_a_random_mask_that_hides_no_pixel_or_every_pixel_is_refused_before_the_folder_is_touched(tmp_path):
+    """Before: random:0.001 on 8x8 images ran, and its hole scores were NaN (written to metrics.json
+    as NaN, which strict JSON readers refuse); random:0.999 left nothing to restore from."""
+    config = exact_config(tmp_path)
+    out = tmp_path / "masked"
+    for mask, words in (("random:0.001", r"hides no pixel of 2 of the 2 images \(dataset indices 0, 1;"),
+                        ("random:0.999", r"hides every pixel of 2 of the 2 images .*nothing to restore them from")):
+        with pytest.raises(ValueError, match=words):
+            invert(config, "--task", "inpaint", "--mask", mask, "--out", str(out))
+        assert not out.exists(), mask
+    invert(config, "--task", "inpaint", "--mask", "random:0.5", "--max-steps", "1", "--out", str(out))
+
+
 def test_a_mask_of_another_size_and_the_same_shape_is_resized_with_a_note(tmp_path, capsys):
     config = exact_config(tmp_path)
     big = mask_file(tmp_path / "big.png", (16, 16), (4, 4, 12, 12))     # the centre 8x8 of 16x16

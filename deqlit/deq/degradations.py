@@ -144,6 +144,32 @@ def random_mask(height: int, width: int, fraction: float, generator: torch.Gener
     return (torch.rand(1, 1, height, width, generator=generator) >= fraction).float()
 
 
+def random_masks(height: int, width: int, fraction: float, indices: Sequence[int], seed: int) -> torch.Tensor:
+    """(N, 1, H, W): random_mask of each image, from its own stream (index + a fixed offset, not the
+    latent's), so a mask does not depend on the batch."""
+    return torch.cat([random_mask(height, width, fraction, per_image_generator(seed, int(i) + 7_777_777))
+                      for i in indices])
+
+
+def check_random_masks(mask: str, height: int, width: int, indices: Sequence[int], seed: int) -> None:
+    """--mask random:P over the images `indices`: raise ValueError naming those whose mask hides no
+    pixel (nothing to restore: the scores on their hole would be NaN) or every pixel (nothing to
+    restore them from), as a mask file that does either is refused (fit_mask)."""
+    if not len(indices):
+        return
+    fraction, pixels = float(mask.split(":", 1)[1]), height * width
+    masks = random_masks(height, width, fraction, indices, seed)
+    hidden = [(int(i), int((m == 0).sum())) for i, m in zip(indices, masks)]
+    for count, words, why, fix in ((0, "no pixel", "nothing to restore", "larger"),
+                                   (pixels, "every pixel", "nothing to restore them from", "smaller")):
+        bad = [i for i, h in hidden if h == count]
+        if bad:
+            shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+            raise ValueError(f"--mask {mask} hides {words} of {len(bad)} of the {len(hidden)} images "
+                             f"(dataset indices {shown}; {fraction * pixels:.1f} of {pixels} pixels hidden "
+                             f"on average): {why}; use a {fix} fraction")
+
+
 def read_mask_file(path: str | Path) -> torch.Tensor:
     """(1, 1, h, w) at the file's own size from a PNG: white (>= 128) = known (1), else 0."""
     from PIL import Image
@@ -239,10 +265,7 @@ def make_degradation(task: str, mask: str, factor: int, images: torch.Tensor, in
         if mask == "center":
             masks = center_mask(height, width).expand(len(indices), 1, height, width)
         elif mask.startswith("random:"):
-            fraction = float(mask.split(":", 1)[1])
-            # Its own stream per image, not the latent's: the stream of index + a fixed offset.
-            masks = torch.cat([random_mask(height, width, fraction, per_image_generator(seed, int(i) + 7_777_777))
-                               for i in indices])
+            masks = random_masks(height, width, float(mask.split(":", 1)[1]), indices, seed)
         else:
             masks = file_mask(mask, height, width).expand(len(indices), 1, height, width)
         return Degradation(mask=masks.to(images.device, images.dtype).contiguous(), fill=fill)

@@ -17,7 +17,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from deqlit.config import save_config
-from deqlit.deq.degradations import TASK_OPTIONS, check_factor_divides, fit_mask, mask_digest, read_mask_file
+from deqlit.deq.degradations import (TASK_OPTIONS, check_factor_divides, check_random_masks, fit_mask, mask_digest,
+                                     read_mask_file)
 from deqlit.deq.inversion import InversionSettings
 from deqlit.deq.solvers import SolverDivergedError, options_from
 from deqlit.diffusion.chain import Chain
@@ -84,6 +85,18 @@ def check_mask(settings: InversionSettings, resolution: int, quiet: bool = False
         print(f"note: mask file {settings.mask} is {width}x{height} pixels: resized to the images' "
               f"{resolution}x{resolution} (nearest neighbours)")
     return mask_digest(fitted)
+
+
+def check_random_masks_of_run(cfg: dict, settings: InversionSettings) -> None:
+    """--mask random:P: the masks of the images the run inverts, checked (check_random_masks) once
+    the dataset is known to be there, before the output folder is touched."""
+    if settings.task != "inpaint" or not settings.mask.startswith("random:"):
+        return
+    from deqlit.data.streaming import split_dataset
+    data, inv = cfg["data"], cfg["inversion"]
+    total = len(split_dataset(data["name"], inv["split"], data["resolution"], data["channels"], data["root"]))
+    count = total if inv["num_images"] is None else min(inv["num_images"], total)
+    check_random_masks(settings.mask, data["resolution"], data["resolution"], range(count), settings.seed)
 
 
 def check_inputs(cfg: dict, ckpt: Optional[str] = None) -> None:
@@ -224,6 +237,7 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
     # and its list of finished images reach every process before any of them starts.
     launch = prepare_launch(cfg, join=False)
     check_inputs(cfg)
+    check_random_masks_of_run(cfg, settings)
     # The network is read before anything is written: a refused or mismatched checkpoint leaves
     # --out as it was (no run.json that a later run would take for an earlier inversion).
     model, schedule, _ = build_noise_model(cfg)
