@@ -87,6 +87,10 @@ def test_a_mask_file_is_read_white_known_and_bad_ones_are_refused(tmp_path):
     Image.new("L", (8, 8), 0).save(tmp_path / "black.png")
     with pytest.raises(ValueError, match="marks no pixel as known"):       # nothing to restore from
         file_mask(tmp_path / "black.png", 8, 8)
+    erased = Image.new("RGBA", (8, 8), (255, 255, 255, 255))
+    erased.paste((255, 255, 255, 0), (0, 0, 4, 8))        # left half erased to transparent: unknown
+    erased.save(tmp_path / "erased.png")                  # (read without alpha: all white, refused)
+    assert torch.equal(file_mask(tmp_path / "erased.png", 8, 8), mask)
     picture.crop((0, 0, 16, 8)).save(tmp_path / "wide.png")
     with pytest.raises(ValueError, match=r"is 16x8 pixels but the images are 8x8"):   # would stretch
         file_mask(tmp_path / "wide.png", 8, 8)

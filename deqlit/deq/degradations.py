@@ -171,7 +171,9 @@ def check_random_masks(mask: str, height: int, width: int, indices: Sequence[int
 
 
 def read_mask_file(path: str | Path) -> torch.Tensor:
-    """(1, 1, h, w) at the file's own size from a PNG: white (>= 128) = known (1), else 0."""
+    """(1, 1, h, w) at the file's own size from a PNG: white (>= 128) = known (1), else 0. A file
+    with transparency is read as shown over black: a pixel erased to transparent is unknown (read
+    without its alpha, it was the white under it, and a hole erased out of a white mask was known)."""
     from PIL import Image
     path = Path(path)
     if not path.is_file():
@@ -179,6 +181,8 @@ def read_mask_file(path: str | Path) -> torch.Tensor:
                                 f"--mask random:0.5 or the path of a PNG (white = known pixels)")
     try:
         with Image.open(path) as img:
+            if "A" in img.getbands() or "transparency" in img.info:
+                img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img.convert("RGBA"))
             grey = img.convert("L")
             values = torch.tensor(list(grey.getdata()), dtype=torch.float32)
             values = values.reshape(1, 1, grey.height, grey.width)
