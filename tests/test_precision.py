@@ -36,3 +36,24 @@ def test_a_gpu_keeps_float16_autocast():
         pytest.skip("needs a CUDA GPU")
     _, _, autocast = placement({"accelerator": "gpu", "precision": "16-mixed"})
     assert autocast.fast_dtype == torch.float16
+
+
+def test_a_tolerance_below_a_half_precisions_rounding_is_said_with_what_to_do():
+    from deqlit.devices import resolved_precision, tolerance_note
+    assert resolved_precision("cpu", "16-mixed") == "bf16-mixed"
+    assert resolved_precision("cuda", "16-mixed") == "16-mixed"
+    note = tolerance_note("bf16-mixed", 1e-3, "--tol")
+    assert "--tol 0.001 is below what bf16-mixed resolves" in note and "--tol 0.004" in note
+    assert "16-mixed resolves" in tolerance_note("16-mixed", 1e-4, "--tol")
+    for precision, tol in [("bf16-mixed", 5e-3), ("16-mixed", 1e-3), ("32-true", 1e-6), ("64-true", 0.0),
+                           ("bf16-mixed", 0.0)]:
+        assert tolerance_note(precision, tol, "--tol") is None
+
+
+def test_an_exact_inversion_that_misses_tol_in_half_precision_names_the_precision_first():
+    from deqlit.deq.inversion_report import remedies
+    half = remedies(10, "per-step", "anderson", 20, "bf16-mixed", 1e-4)
+    assert half.startswith("--trainer.precision 32-true (bf16-mixed rounds to 3.9e-03, above tol 0.0001")
+    assert "--timesteps 20" in half                      # the other remedies follow
+    for precision, tol in [("32-true", 1e-4), ("bf16-mixed", 1e-2), (None, 1e-4)]:
+        assert "--trainer.precision" not in remedies(10, "per-step", "anderson", 20, precision, tol)

@@ -187,6 +187,18 @@ def command_defaults(cfg: dict, args: argparse.Namespace, argv: list[str]) -> Op
     return "\n".join(n for n in notes if n) or None
 
 
+def run_precision(cfg: dict) -> Optional[str]:
+    """The precision the inversion computes in (Lightning's: 16-mixed is bf16-mixed on a CPU);
+    None where the accelerator is not here (the Trainer then names the problem)."""
+    from deqlit.devices import resolve_device, resolved_precision
+    trainer = cfg.get("trainer") or {}
+    try:
+        device = resolve_device(trainer.get("accelerator", "auto"))
+    except ValueError:
+        return None
+    return resolved_precision(device.type, trainer.get("precision", "32-true"))
+
+
 def optimizes(inv: dict) -> bool:
     return inv["method"] != "exact"
 
@@ -288,9 +300,10 @@ def unconverged_images(metrics: dict) -> list[dict]:
     return [m for m in metrics["images"] if m.get("exact_solve_converged") is False]
 
 
-def unconverged_warning(metrics: dict) -> Optional[str]:
+def unconverged_warning(metrics: dict, precision: Optional[str] = None) -> Optional[str]:
     """One line naming the images whose exact inversion (method exact, or the start of init
-    exact) missed its tolerance, what they reached, and the flags that may help; None if none."""
+    exact) missed its tolerance, what they reached, and the flags that may help; None if none.
+    precision: the one the run computed in (run_precision), for the remedy of a half precision."""
     import inspect
 
     from deqlit.deq.inverse_map import DEFAULT_MAX_ITER, exact_invert
@@ -317,7 +330,7 @@ def unconverged_warning(metrics: dict) -> Optional[str]:
             reached += f" (the converged images: {sum(converged) / len(converged):.1f} dB on average)"
     T = len(metrics["chain"]["timesteps"])
     return (f"warning: {what} did not converge for {len(failed)} of {plural(len(metrics['images']), 'image')} "
-            f"(dataset indices {shown}): {reached}. What helps: {remedies(T, mode, solver, max_iter)}")
+            f"(dataset indices {shown}): {reached}. What helps: {remedies(T, mode, solver, max_iter, precision, tol)}")
 
 
 def steps_summary(metrics: dict) -> str:
@@ -351,7 +364,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     task = metrics["settings"].get("task", "reconstruct")
     gaussianity = (f"latents: lag-1 autocorrelation {metrics['mean_latent_autocorrelation']:.2f}, "
                    f"kurtosis {metrics['mean_latent_kurtosis']:.2f} (white noise: 0 and 3)")
-    warning = unconverged_warning(metrics)
+    warning = unconverged_warning(metrics, run_precision(cfg))
     if warning:
         print(f"\n{warning}")
     unconverged = len(unconverged_images(metrics))
