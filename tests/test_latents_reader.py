@@ -9,6 +9,7 @@ import torch
 
 from deqlit.commands.invert import main as invert_main
 from deqlit.commands.sample import main as sample_main
+from deqlit.guards import UserInputError
 from deqlit.runs.latents import read_latents
 from tests.tiny import tiny_setup
 
@@ -67,3 +68,26 @@ def test_interpolate_flag_writes_a_strip_per_pair_and_the_gaussianity(inverted, 
     assert saved["interpolated"]["count"] == 2 * 3              # the inner frames of both pairs
     with pytest.raises(ValueError, match="eta"):                # noise has no path between latents
         sample_main(["--config", str(config), "--interpolate", str(run), "--out", str(tmp_path / "x")])
+
+
+def test_latents_holding_nan_are_refused_naming_their_dataset_indices(inverted, tmp_path, capsys):
+    """A file with NaN rows (a diverged run's) stops sample.py --latents / --interpolate with one
+    line naming the images, not with the solver's 'starting point holds NaN/Inf' mid-run."""
+    config, run = inverted
+    data = torch.load(run / "latents.pt", weights_only=True)
+    data["x_T"][1, 0, 0, 0] = float("nan")
+    data["x_T"][3] = float("inf")
+    bad = tmp_path / "bad.pt"
+    torch.save(data, bad)
+    with pytest.raises(UserInputError, match=r"NaN/Inf for 2 of 5 image\(s\) \(dataset indices 1, 3\)"):
+        read_latents(bad)
+    assert torch.isfinite(read_latents(bad, limit=1)["x_T"]).all()     # the rows before them still read
+    from deqlit.cli import run_main
+    for flag in ("--latents", "--interpolate"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            run_main(sample_main, ["--config", str(config), flag, str(bad), "--no-progress",
+                                   "--out", str(tmp_path / flag.strip("-"))], script="sample.py")
+        err = capsys.readouterr().err
+        assert stop.value.code != 0 and "dataset indices 1, 3" in err and "Traceback" not in err
+        assert not (tmp_path / flag.strip("-")).exists()

@@ -33,14 +33,28 @@ def _reason(err: BaseException) -> str:
 
 
 def read_latents(path: str | Path, limit: Optional[int] = None) -> dict[str, Any]:
-    """The latents payload of a file or a run folder (see the module header)."""
-    path = Path(path)
+    """The latents payload of a file or a run folder (see the module header). Latents holding
+    NaN/Inf are refused naming their rows (a solve from them would fail far from the cause)."""
+    data = _read_payload(Path(path), limit)
+    x_T = data["x_T"]
+    if isinstance(x_T, torch.Tensor) and x_T.is_floating_point() and not bool(torch.isfinite(x_T).all()):
+        bad = (~torch.isfinite(x_T.reshape(len(x_T), -1))).any(1).nonzero().flatten().tolist()
+        indices = data.get("indices")
+        named = [int(indices[b]) for b in bad] if indices is not None and len(indices) == len(x_T) else bad
+        shown = ", ".join(str(i) for i in named[:12]) + (", ..." if len(named) > 12 else "")
+        raise UserInputError(f"the latents in {path} hold NaN/Inf for {len(bad)} of {len(x_T)} image(s) "
+                             f"(dataset indices {shown}): they come from a diverged run; invert those "
+                             f"images again, or pass --num-images to stop before them")
+    return data
+
+
+def _read_payload(path: Path, limit: Optional[int]) -> dict[str, Any]:
     if path.is_dir():
         parts = sorted((path / "latents").glob(PART_GLOB)) if (path / "latents").is_dir() else []
         if parts:
             return _from_parts(parts, limit)
         if (path / "latents.pt").is_file():
-            return read_latents(path / "latents.pt", limit)
+            return _read_payload(path / "latents.pt", limit)
         raise FileNotFoundError(f"{path} holds neither latents.pt nor latents/part-*.pt: pass the folder "
                                 f"of an invert.py or train.py --task joint run, or its latents.pt")
     try:
