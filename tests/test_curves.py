@@ -260,3 +260,19 @@ def test_curves_png_takes_batches_that_stopped_after_different_steps(tmp_path):
     from deqlit.lit.inversion_figures import loss_rows
     rows = loss_rows(histories)          # the rows drawn, one per image, NaN after its batch's end
     assert rows.shape == (3, 5) and rows[0, :3].tolist() == [4.0, 2.0, 1.0] and torch.isnan(rows[0, 3:]).all()
+
+
+def test_curves_png_draws_an_image_that_took_no_step_as_a_visible_dot(tmp_path):
+    """An image under early_stop_loss at its start has a one-point history: a line through one
+    point draws nothing, so it gets a marker; images with several points keep plain lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from deqlit.lit.inversion_figures import _loss_panel, loss_rows
+    fig, ax = plt.subplots()
+    _loss_panel(ax, loss_rows([torch.tensor([[0.3]]), torch.tensor([[4.0, 2.0, 1.0]])]))
+    lines = ax.get_lines()            # one per image, then the mean
+    assert lines[0].get_marker() == "o" and lines[1].get_marker() in ("None", None, "")
+    assert list(lines[0].get_xdata()) == [1, 2, 3][:len(lines[0].get_xdata())]
+    assert "optimization step" in ax.get_xlabel()
+    plt.close(fig)

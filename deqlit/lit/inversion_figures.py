@@ -156,14 +156,17 @@ def _loss_panel(ax, losses: Optional[torch.Tensor]) -> None:
     if losses is None:
         ax.text(0.5, 0.5, "no optimization steps", ha="center", va="center", transform=ax.transAxes)
     else:
+        # Point k is step k's loss, that of the latents it starts from (as in TensorBoard's
+        # deq/ curves); an image that stopped at its start has one point: drawn as a dot.
         for k, row in enumerate(losses[:64]):
+            alone = int(torch.isfinite(row).sum()) == 1
             ax.plot(range(1, len(row) + 1), row.numpy(), color="tab:blue", alpha=0.35, lw=0.8,
-                    label="one image" if k == 0 else None)
+                    marker="o" if alone else None, ms=3, label="one image" if k == 0 else None)
         ax.plot(range(1, losses.shape[1] + 1), torch.nanmean(losses, 0).numpy(), color="black", lw=2,
                 label="mean over images", marker="o" if losses.shape[1] < 20 else None, ms=3)
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    ax.set_xlabel("optimization step")
+    ax.set_xlabel("optimization step (its loss: of the latents it starts from)")
     ax.set_ylabel("loss (squared Frobenius, [-1, 1] scale)")
     ax.set_title("latent optimization")
 
