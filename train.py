@@ -23,13 +23,16 @@ TASK_ONLY = {"ckpt": ("joint", "--task joint (the network it fine-tunes; --init 
                                "--task joint fine-tunes)")}
 
 
-def refuse_other_tasks_flags(task: str, args: argparse.Namespace, argv: list[str]) -> None:
+def refuse_other_tasks_flags(task: str, cfg: dict, args: argparse.Namespace, argv: list[str]) -> None:
     """parse()'s `adjust`: refuse what the command line set that `task` never reads (another
-    task's flag or section); the config file's values are defaults, never refused."""
-    from deqlit.runs.sections import refuse_unread
+    task's flag or section, another joint.solver's option); the config file's values are
+    defaults, never refused."""
+    from deqlit.runs.sections import refuse_other_solvers_options, refuse_unread
     flags = {f"--{dest}": reader for dest, (owner, reader) in TASK_ONLY.items()
              if owner != task and getattr(args, dest, None) is not None}
     refuse_unread(task, typed_keys(argv), flags)
+    if task == "joint":
+        refuse_other_solvers_options(typed_keys(argv), "joint", cfg["joint"]["solver"], "--joint.solver")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         "max_steps": "train.max_steps", "lr": "train.lr", "batch_size": "data.batch_size",
         "seed": "train.seed", "out": "train.out", "init": "train.init"}
     args, cfg = parse(parser, argv, flags, task=task,
-                      adjust=lambda cfg, args, argv: refuse_other_tasks_flags(task, args, argv))
+                      adjust=lambda cfg, args, argv: refuse_other_tasks_flags(task, cfg, args, argv))
     if task == "joint":
         from deqlit.runs.joint import run_joint
         run_joint(cfg, resume=args.resume, fast_dev_run=args.fast_dev_run, ckpt=args.ckpt)

@@ -135,6 +135,11 @@ def test_a_bad_flag_value_is_one_line_that_points_to_help(tmp_path, capsys, scri
      ["--inversion.optimize_noise would do nothing", "--eta above 0"]),
     ("invert.py", ["--method", "deq", "--solver", "newton-scan", "--inversion.m", "3"],
      ["--inversion.m would do nothing", "--solver anderson or triangular-anderson"]),
+    ("train.py", ["--task", "joint", "--joint.m", "5"],       # faces.yaml's joint.solver: newton-scan
+     ["--joint.m would do nothing with --joint.solver newton-scan",
+      "--joint.solver anderson or triangular-anderson"]),
+    ("train.py", ["--task", "joint", "--joint.solver", "sequential", "--joint.tol", "0.1"],
+     ["--joint.tol would do nothing with --joint.solver sequential"]),
 ])
 def test_a_flag_the_run_never_reads_is_refused(tmp_path, capsys, script, argv, words):
     line = refused(script, [*argv, "--num-images", "1"] if script == "invert.py" else argv,

@@ -23,13 +23,13 @@ from tqdm import tqdm
 
 from deqlit.cli import ArgumentParser, int_at_least, parse, positive_int, typed_keys
 from deqlit.config import save_config
-from deqlit.deq.solvers import option_defaults, options_from, solvers_taking
+from deqlit.deq.solvers import option_defaults, options_from
 from deqlit.devices import placement, precision_note
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.interpolation import FRAMES_RULE
 from deqlit.evaluation import DatasetMetrics, format_metrics
 from deqlit.guards import (NonFiniteError, OutputFolderError, RankZeroStopped, RunInterrupted, UserInputError,
-                           first_nonfinite, unread_flags)
+                           first_nonfinite)
 from deqlit.models.build import build_noise_model
 from deqlit.parallel.launch import from_rank_zero, gather_over_data
 from deqlit.pictures import numbered_grid, save_picture
@@ -37,6 +37,7 @@ from deqlit.runs import sample_batches
 from deqlit.runs.folder_lock import folder_lock
 from deqlit.runs.guards import FolderStart, check_output_dir, interrupts_as_exceptions
 from deqlit.runs.latents import read_latents
+from deqlit.runs.sections import refuse_other_solvers_options
 from deqlit.runs.launch import prepare_launch, process_mesh, world_of
 from deqlit.sampling import SAMPLERS, draw_noise, generate
 
@@ -301,26 +302,12 @@ def stored(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def refuse_other_solvers_options(argv: list[str], solver: str) -> None:
-    """A typed --sampling.KEY that is an option of other solvers only (--sampling.jacobian with
-    picard) would be ignored and recorded as if used: refuse it, naming the solvers that take it.
-    (The config file lists every solver's options: those are defaults, never refused.)"""
-    readers: dict[str, list[str]] = {}
-    for key, flag in typed_keys(argv).items():
-        section, _, name = key.partition(".")
-        owners = solvers_taking(name)
-        if section == "sampling" and owners and solver not in owners:
-            readers.setdefault(f"--solver {' or '.join(owners)}", []).append(flag)
-    if readers:
-        raise unread_flags(readers, f"with --solver {solver}", "choose a solver that reads {them}")
-
-
 def main(argv: Optional[list[str]] = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, cfg = parse(build_parser(), argv, FLAGS, task="sample")
     refuse_interpolation_flags(args)
     s = cfg["sampling"]
-    refuse_other_solvers_options(argv, s["solver"])
+    refuse_other_solvers_options(typed_keys(argv), "sampling", s["solver"], "--solver")
     device, dtype, autocast = placement(cfg["trainer"])
     sampling_layout(cfg, bool(args.interpolate))
     # --trainer.strategy ddp_time: a data x time mesh (None: one process), joined as every job

@@ -348,3 +348,21 @@ def refuse_unread(task: str, typed: dict[str, str], flags: Optional[dict[str, st
             readers.setdefault(f"{reader} (the {key.split('.', 1)[0]} section)", []).append(word)
     if readers:
         raise unread_flags(readers, f"with --task {task}", "run the task or script named")
+
+
+def refuse_other_solvers_options(typed: dict[str, str], section: str, solver: str, choice: str) -> None:
+    """A typed --SECTION.KEY that is an option of other solvers only (--sampling.jacobian with
+    picard, --joint.m with newton-scan) would be ignored and recorded as if used: refuse it, naming
+    the solvers that take it. typed: deqlit.cli.typed_keys; choice: the flag that picks `solver`
+    ('--solver', '--joint.solver'). (The config file lists every solver's options: those are
+    defaults, never refused.)"""
+    from deqlit.deq.solvers import solvers_taking
+    from deqlit.guards import unread_flags
+    readers: dict[str, list[str]] = {}
+    for key, flag in typed.items():
+        where, _, name = key.partition(".")
+        owners = solvers_taking(name)
+        if where == section and owners and solver not in owners:
+            readers.setdefault(f"{choice} {' or '.join(owners)}", []).append(flag)
+    if readers:
+        raise unread_flags(readers, f"with {choice} {solver}", "choose a solver that reads {them}")
