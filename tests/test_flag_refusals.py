@@ -118,6 +118,13 @@ def test_a_bad_flag_value_is_one_line_that_points_to_help(tmp_path, capsys, scri
     assert line.startswith(f"error: argument {flag}:") and line.endswith("(see --help)")
 
 
+@pytest.mark.parametrize("key", ["checkpoint_every", "kid_every", "image_every", "compare_every"])
+def test_a_negative_period_of_a_joint_run_is_one_line(tmp_path, capsys, key):
+    """--joint.checkpoint_every -1 was Lightning's traceback; --joint.kid_every -1 ran KID every step."""
+    line = refused("train.py", ["--task", "joint", f"--joint.{key}", "-1"], capsys, tmp_path)
+    assert line == f"error: --joint.{key} must be a number of steps >= 0, got -1"
+
+
 # ---- flags the run would never read ------------------------------------------------------------
 @pytest.mark.parametrize("script, argv, words", [
     ("train.py", ["--max-steps", "2", "--ckpt", "SOMEFILE"], ["--ckpt would do nothing with --task train",

@@ -134,12 +134,17 @@ class SaveLatents(Callback):
 
 # ---- the run ---------------------------------------------------------------------------------
 def joint_settings(cfg: dict) -> dict[str, Any]:
-    """The resolved joint section, its counts checked (the step count is the trainer section's)."""
+    """The resolved joint section, its counts and periods checked (the step count is the trainer
+    section's): a negative period was a traceback (checkpoint_every) or ran every step (kid_every)."""
     joint = cfg["joint"]
     for key in ("batch_size", "timesteps"):
         value = joint[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserInputError(f"--joint.{key} must be a positive integer, got {value!r}")
+    for key in ("checkpoint_every", "compare_every", "image_every", "kid_every"):
+        value = joint[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserInputError(f"--joint.{key} must be a number of steps >= 0, got {value!r}")
     return joint
 
 
