@@ -258,6 +258,28 @@ def test_a_resumed_newton_scan_run_solves_with_the_jacobian_table_of_the_uninter
     assert torch.equal(a, b), float((a - b).abs().max())
 
 
+@pytest.mark.parametrize("log_every", [1, 2])
+def test_images_and_periodic_scalars_lie_at_the_step_of_the_curves_they_belong_to(tmp_path, log_every):
+    """A step's curves are at x = global_step before its update. The reconstructions (of that
+    step's solve) were at x + 1 (steps 2, 4 of a 4-step run beside train/recon_loss 0..3), and KID
+    with its samples one step apart; with log_every_n_steps 2, KID and the gradient cosine computed
+    at step 0 appeared at 1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = tiny_config(tmp_path, "run", 4)
+    cfg["joint"].update(image_every=2, kid_every=2, compare_every=2, checkpoint_every=4)
+    cfg["trainer"]["log_every_n_steps"] = log_every
+    run_joint(cfg)
+    events = EventAccumulator(str(tmp_path / "run" / "tb" / "version_0"), size_guidance={"images": 0})
+    events.Reload()
+    def steps(kind, tag):
+        return [e.step for e in getattr(events, kind)(tag)]
+    assert steps("Scalars", "train/recon_loss") == list(range(log_every - 1, 4, log_every))   # Lightning's
+    for tag in ("reconstructions", "samples"):
+        assert steps("Images", tag) == [0, 2], tag
+    for tag in ("eval/kid", "grad/cosine_onestep_ift"):
+        assert steps("Scalars", tag) == [0, 2], tag
+
+
 def test_a_cpu_time_budget_stops_the_run_and_is_recorded(tmp_path, capsys):
     """max_process_s counts this process's CPU time: a budget of 0 stops after the first step.
     The run ends with one line naming its files and the EMA weights' PSNR from metrics.json, then

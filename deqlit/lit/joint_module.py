@@ -208,6 +208,7 @@ class JointFineTuneModule(L.LightningModule):
         (reduce_latent_rows: the same by row) equal one process's.
         """
         hp, mesh = self.hparams, self.mesh
+        step = self.global_step      # the x of this step's curves (Lightning logs before the update)
         index, images = batch["target"]
         prior_all = batch["prior"][0] if isinstance(batch["prior"], (tuple, list)) else batch["prior"]
         index = index.long()
@@ -263,12 +264,16 @@ class JointFineTuneModule(L.LightningModule):
                 prior_loss = self.denoising_loss(prior_all, self.step_generator(), pmine)
             else:
                 prior_loss = None
-        self.log_step(x0, x0_hat, x_T.detach(), recon, chi2, prior_loss, stats, idx, cosine)
+        self.log_step(step, x0, x0_hat, x_T.detach(), recon, chi2, prior_loss, stats, idx, cosine)
         return objective.detach()
 
     # ---- logging ------------------------------------------------------------------------
     @torch.no_grad()
-    def log_step(self, x0, x0_hat, x_T, recon, chi2, prior_loss, stats, index, cosine) -> None:
+    def log_step(self, step, x0, x0_hat, x_T, recon, chi2, prior_loss, stats, index, cosine) -> None:
+        """This step's curves, and its images at the same x (`step`: global_step before the update,
+        where Lightning logs the step's values). What has its own period (the gradient cosine, KID,
+        the images) goes to the logger at `step` directly: through self.log on a step that
+        log_every_n_steps skips, it would appear at the next logged step."""
         rho, kurt = lag1_autocorrelation(x_T), kurtosis(x_T)
         values = {"train/recon_loss": recon.mean(), "train/typicality_chi2": chi2.mean(),
                   "latents/autocorr_mean": rho.mean(),
@@ -282,15 +287,16 @@ class JointFineTuneModule(L.LightningModule):
             values["train/target_denoise_mse"] = self.denoising_loss(x0, self.step_generator())
         if self.hparams.grad == "ift" and self.backward_stats is not None:
             values["solver/adjoint_iterations"] = float(self.backward_stats.iterations)
-        if cosine is not None:
-            values["grad/cosine_onestep_ift"] = cosine
+        periodic = {} if cosine is None else {"grad/cosine_onestep_ift": float(cosine)}
         self.log_dict(values, prog_bar=False, batch_size=len(index))
         self.log("recon", recon.mean(), prog_bar=True, batch_size=len(index), logger=False)
-        step = self.global_step
         if self.hparams.image_every and step % self.hparams.image_every == 0:
-            self.log_images("reconstructions", torch.cat([x0[:8], x0_hat[:8]]), nrow=min(8, len(x0)))
+            self.log_images("reconstructions", torch.cat([x0[:8], x0_hat[:8]]), nrow=min(8, len(x0)),
+                            step=step)
         if self.hparams.kid_every and step % self.hparams.kid_every == 0:
-            self.log("eval/kid", self.fresh_sample_kid(), batch_size=1)
+            periodic["eval/kid"] = self.fresh_sample_kid(step)
+        if periodic and self.logger is not None:      # rank 0 writes (the loggers' log_metrics)
+            self.logger.log_metrics(periodic, step=step)
 
     def logged_now(self) -> bool:
         """Whether this step's values reach the logger (the Trainer's log_every_n_steps)."""
@@ -317,14 +323,14 @@ class JointFineTuneModule(L.LightningModule):
                 p.requires_grad_(flag)
         return F.cosine_similarity(grads[0], grads[1], dim=0)
 
-    def log_images(self, tag: str, images: torch.Tensor, nrow: int) -> None:
+    def log_images(self, tag: str, images: torch.Tensor, nrow: int, step: int) -> None:
         experiment = getattr(self.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
             grid = torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow)
-            experiment.add_image(tag, grid.float().cpu(), self.global_step)
+            experiment.add_image(tag, grid.float().cpu(), step)
 
     @torch.no_grad()
-    def fresh_sample_kid(self) -> float:
+    def fresh_sample_kid(self, step: int) -> float:
         """kd-random of `kid_samples` fresh EMA samples (sequential DDIM over the chain) against
         the prior (training) images; fixed x_T, so the curve compares like with like."""
         from deqlit.evaluation import kid
@@ -332,7 +338,7 @@ class JointFineTuneModule(L.LightningModule):
         shape = (self.hparams.kid_samples, *self.latents.image_shape)
         x_T = torch.randn(shape, generator=torch.Generator().manual_seed(self.hparams.seed + 99)).to(reference)
         samples = ddim_sample(self.ema.module, x_T.to(self.device), self.chain)
-        self.log_images("samples", samples[:16], nrow=4)
+        self.log_images("samples", samples[:16], nrow=4, step=step)
         return kid(reference.cpu().float(), samples.cpu().float())
 
     # ---- optimizers ---------------------------------------------------------------------
