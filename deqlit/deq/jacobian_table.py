@@ -15,9 +15,9 @@ Cost. The states are measured on at most CALIBRATION_STATES of the chain (the re
 tau * sqrt(1 - abar), which stays between 0 and about 1, linearly in the state index); the clean
 samples come from a DDIM chain through at most SAMPLE_STEPS of the chain's own states. In all
 SAMPLE_STEPS + 2 batched calls of CALIBRATION_SAMPLES images (times CALIBRATION_STATES in the last
-two), once per (model, chain, image shape, device, dtype) in a process. A time shard measures
-only the calibration states around its block's (T = 100: 13 of 24 with 2 shards, 7-8 with 4;
-the noise and probes are drawn for all, so its rows equal one process's bitwise). The table is cached with
+two), once per (model, chain, image shape, device, dtype) in a process, the whole table even on a
+time shard (which reads its block's rows only): a checkpoint written by rank 0 then holds every
+row that the processes of a resumed run read. The table is cached with
 the model and not refreshed when its weights change (joint fine-tuning, whose checkpoints carry
 it, measured_tables / keep_tables, so that --resume solves as the uninterrupted run): a stale table could only
 make the solve take more iterations, never change its fixed point, and measured it does not: after
@@ -36,7 +36,7 @@ measured on the chain's own trajectories (JVPs) instead of noised samples: the s
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
 import torch
 
@@ -81,63 +81,38 @@ def clean_samples(model: NoiseModel, chain: Chain, image_shape: tuple[int, ...],
 
 
 def measure_gains(model: NoiseModel, chain: Chain, states: list[int], x0: torch.Tensor,
-                  generator: torch.Generator, step: float, subset: Optional[list[int]] = None) -> torch.Tensor:
-    """tau_i(k) at the given states (module header), (len(states), C, H, W // 2 + 1) float64.
-    subset: positions in `states` to measure (None: all); the others are NaN. The noise and probes
-    are drawn for every state, so a state's gain does not depend on which others are measured."""
+                  generator: torch.Generator, step: float) -> torch.Tensor:
+    """tau_i(k) at the given states (module header), (len(states), C, H, W // 2 + 1) float64."""
     from deqlit.deq.fixed_point import batched_eps
+    idx = torch.tensor(states)
+    s = chain.abar[idx].sqrt().to(device=x0.device, dtype=x0.dtype).reshape(-1, 1, 1, 1, 1)
+    sigma = (1 - chain.abar[idx]).sqrt().to(device=x0.device, dtype=x0.dtype).reshape(-1, 1, 1, 1, 1)
     shape = (len(states),) + tuple(x0.shape)
     noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(x0)
     probe = torch.randn(shape, generator=generator, dtype=torch.float64).to(x0)
-    subset = list(range(len(states))) if subset is None else list(subset)
-    gains = torch.full((len(states),) + tuple(x0.shape[1:-1]) + (x0.shape[-1] // 2 + 1,), float("nan"),
-                       dtype=torch.float64, device=x0.device)
-    if not subset:
-        return gains
-    pick = torch.tensor(subset, dtype=torch.long)
-    noise, probe = noise[pick.to(noise.device)], probe[pick.to(probe.device)]
-    idx = torch.tensor(states)[pick]
-    s = chain.abar[idx].sqrt().to(device=x0.device, dtype=x0.dtype).reshape(-1, 1, 1, 1, 1)
-    sigma = (1 - chain.abar[idx]).sqrt().to(device=x0.device, dtype=x0.dtype).reshape(-1, 1, 1, 1, 1)
     x = s * x0[None] + sigma * noise
     times = chain.timestep_tensor(x0.device)[idx - 1]
     jv = (batched_eps(model, x + step * probe, times) - batched_eps(model, x - step * probe, times)) / (2 * step)
     V = torch.fft.rfft2(probe.double(), norm="ortho")
     JV = torch.fft.rfft2(jv.double(), norm="ortho")
     # Sum over the samples (dim 1): one gain per (state, channel, frequency).
-    gains[pick.to(gains.device)] = (V.conj() * JV).real.sum(1) / (V.abs() ** 2).sum(1).clamp(min=1e-300)
-    return gains
-
-
-def brackets(measured: list[int], needed: list[int]) -> list[int]:
-    """Positions in `measured` (sorted states) of the two measured states around each needed
-    state, which calibrate's interpolation reads (sorted, distinct)."""
-    if not needed:
-        return []
-    where = torch.tensor(measured, dtype=torch.float64)
-    hi = torch.searchsorted(where, torch.tensor(needed, dtype=torch.float64)).clamp(max=len(measured) - 1)
-    lo = (hi - 1).clamp(min=0)
-    return sorted(set(lo.tolist()) | set(hi.tolist()))
+    return (V.conj() * JV).real.sum(1) / (V.abs() ** 2).sum(1).clamp(min=1e-300)
 
 
 def calibrate(model: NoiseModel, chain: Chain, image_shape: tuple[int, ...], device=None,
-              dtype=torch.float32, states: Optional[Sequence[int]] = None) -> torch.Tensor:
+              dtype=torch.float32) -> torch.Tensor:
     """tau_i(k) of every state x_0..x_T: (T + 1, C, H, W // 2 + 1) float64 on `device` (row 0,
-    x_0, makes no term: zero). states: the chain states the caller reads (a time shard's block;
-    None: all): only the measured states around them are measured, the other rows are NaN, and
-    the rows read equal the whole table's. Uncached; `gain_table` caches it."""
+    x_0, makes no term: zero). Uncached; `gain_table` caches it."""
     if len(image_shape) != 3:
         raise ValueError(f"the Jacobian table needs images (C, H, W), got a state shape {tuple(image_shape)}")
-    measured = evenly_spaced(1, chain.T, CALIBRATION_STATES)
-    subset = (list(range(len(measured))) if states is None
-              else brackets(measured, sorted({int(i) for i in states if i >= 1})))
     generator = torch.Generator().manual_seed(SEED)
     # Central differences: a step well above the dtype's resolution, small beside the states' ~1.
     step = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
     with torch.no_grad():
         x0 = clean_samples(model, chain, image_shape, CALIBRATION_SAMPLES, device, dtype, generator)
-        gains = measure_gains(model, chain, measured, x0, generator, step, subset)
-    if not bool(torch.isfinite(gains[subset]).all()):
+        states = evenly_spaced(1, chain.T, CALIBRATION_STATES)
+        gains = measure_gains(model, chain, states, x0, generator, step)
+    if not bool(torch.isfinite(gains).all()):
         from deqlit.deq.solvers import SolverDivergedError
         raise SolverDivergedError(
             "newton-scan: the noise network returned NaN/Inf while its Jacobian table was measured "
@@ -146,49 +121,40 @@ def calibrate(model: NoiseModel, chain: Chain, image_shape: tuple[int, ...], dev
             "or another solver will meet the same values")
     # Interpolate tau * sigma (bounded) over the state index; sigma_i = sqrt(1 - abar_i).
     sigma = (1 - chain.abar.double()).clamp(min=0).sqrt().to(gains.device)
-    scaled = gains * sigma[measured].reshape(-1, 1, 1, 1)
-    # Every state i >= 1 between the measured states lo <= i <= hi (measured[0] = 1, [-1] = T).
-    where = torch.tensor(measured, dtype=torch.float64, device=gains.device)
+    measured = gains * sigma[states].reshape(-1, 1, 1, 1)
+    # Every state i >= 1 between the measured states lo <= i <= hi (states[0] = 1, states[-1] = T).
+    where = torch.tensor(states, dtype=torch.float64, device=gains.device)
     i = torch.arange(1, chain.T + 1, dtype=torch.float64, device=gains.device)
-    hi = torch.searchsorted(where, i).clamp(max=len(measured) - 1)
+    hi = torch.searchsorted(where, i).clamp(max=len(states) - 1)
     lo = (hi - 1).clamp(min=0)
     frac = ((i - where[lo]) / (where[hi] - where[lo]).clamp(min=1)).reshape(-1, 1, 1, 1)
     table = torch.zeros((chain.T + 1,) + tuple(gains.shape[1:]), dtype=torch.float64, device=gains.device)
-    table[1:] = ((1 - frac) * scaled[lo] + frac * scaled[hi]) / sigma[1:].clamp(min=1e-12).reshape(-1, 1, 1, 1)
+    table[1:] = ((1 - frac) * measured[lo] + frac * measured[hi]) / sigma[1:].clamp(min=1e-12).reshape(-1, 1, 1, 1)
     return table
 
 
 def gain_table(model: NoiseModel, chain: Chain, image_shape: tuple[int, ...], device=None,
-               dtype=torch.float32, states: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """`calibrate`'s table, measured once per (model, chain, image shape, device, dtype, the
-    measured states that `states` needs; None: all). A time shard passes its block's states, so
-    each of K shards measures about 1/K of the states instead of all of them."""
-    needed = None if states is None else sorted({int(i) for i in states if i >= 1})
-    measured = evenly_spaced(1, chain.T, CALIBRATION_STATES)
-    part = None if needed is None else tuple(brackets(measured, needed))
-    part = None if part == tuple(range(len(measured))) else part      # the whole table
-    key = (chain.timesteps, tuple(chain.abar.tolist()), tuple(image_shape), str(device), dtype, part)
+               dtype=torch.float32) -> torch.Tensor:
+    """`calibrate`'s table, measured once per (model, chain, image shape, device, dtype)."""
+    key = (chain.timesteps, tuple(chain.abar.tolist()), tuple(image_shape), str(device), dtype)
     try:
         per_model = _CACHE.setdefault(model, {})
     except TypeError:                    # a model that cannot be weakly referenced: no cache
-        return calibrate(model, chain, image_shape, device, dtype, needed)
+        return calibrate(model, chain, image_shape, device, dtype)
     if key not in per_model:
-        whole = key[:-1] + (None,)
-        # A table measured for all states serves every block.
-        per_model[key] = per_model[whole] if whole in per_model else calibrate(model, chain, image_shape,
-                                                                               device, dtype, needed)
+        per_model[key] = calibrate(model, chain, image_shape, device, dtype)
     return per_model[key]
 
 
 def measured_tables(model: NoiseModel) -> list[dict]:
     """The tables gain_table has measured (or was given) for `model` in this process, as plain
-    data for a checkpoint: [{'key': [timesteps, abar, image shape, device, dtype name, part],
+    data for a checkpoint: [{'key': [timesteps, abar, image shape, device, dtype name],
     'table': tensor}]; keep_tables gives them back."""
     try:
         per_model = _CACHE.get(model) or {}
     except TypeError:
         return []
-    return [{"key": [*key[:4], str(key[4]).removeprefix("torch."), key[5]], "table": table}
+    return [{"key": [*key[:4], str(key[4]).removeprefix("torch.")], "table": table}
             for key, table in per_model.items()]
 
 
@@ -198,9 +164,8 @@ def keep_tables(model: NoiseModel, saved: list[dict]) -> None:
     solve: a process resuming fine-tuning would measure the restored weights, and its solves
     (within tol) would differ from the uninterrupted run's, which kept the starting weights' table."""
     for entry in saved:
-        timesteps, abar, shape, device, dtype, part = entry["key"]
-        key = (tuple(timesteps), tuple(abar), tuple(shape), device, getattr(torch, dtype),
-               None if part is None else tuple(part))
+        timesteps, abar, shape, device, dtype = entry["key"]
+        key = (tuple(timesteps), tuple(abar), tuple(shape), device, getattr(torch, dtype))
         try:
             table = entry["table"] if device == "None" else entry["table"].to(torch.device(device))
         except (RuntimeError, AssertionError):    # a device this machine lacks: measured anew

@@ -211,9 +211,8 @@ def row_gain_table(f: Map, x0: torch.Tensor, jacobian: str, scale: torch.Tensor)
         prior = (1.0 - scale.pow(2)).clamp(min=1e-12).rsqrt()
         C, H, W = x0.shape[2:]
         return prior.reshape(-1, 1, 1, 1).expand(-1, C, H, W // 2 + 1)
-    rows = f.row_states()          # a time shard's block: only its states are measured
-    table = gain_table(f.model, f.chain, tuple(x0.shape[2:]), x0.device, x0.dtype, rows.tolist())
-    return table[rows.to(table.device)]
+    table = gain_table(f.model, f.chain, tuple(x0.shape[2:]), x0.device, x0.dtype)
+    return table[f.row_states().to(table.device)]
 
 
 def newton_scan(f: Map, x0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3,
