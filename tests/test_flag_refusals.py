@@ -136,6 +136,8 @@ def test_a_negative_period_of_a_joint_run_is_one_line(tmp_path, capsys, key):
     ("train.py", ["--max-steps", "2", "--sampling.timesteps", "5"], ["--sampling.timesteps", "sample.py"]),
     ("invert.py", ["--inversion.exact.init", "extrapolated"],
      ["--inversion.exact.init would do nothing", "--inversion.exact.mode all-timesteps"]),
+    ("train.py", ["--task", "joint", "--joint.compare_every", "0", "--joint.adjoint.solver", "picard"],
+     ["--joint.adjoint.solver would do nothing with --joint.grad onestep", "--joint.grad ift"]),
     ("invert.py", ["--inversion.exact", "{mode: per-step, init: extrapolated}"],   # the mapping form
      ["init in --inversion.exact would do nothing", "--inversion.exact.mode all-timesteps"]),
     ("invert.py", ["--method", "deq", "--inversion.optimize_noise", "true"],
@@ -181,4 +183,13 @@ def test_config_file_values_are_defaults_never_refused(tmp_path, capsys):
     code, _, err = run("invert.py", ["--config", str(config), "--print_config"], capsys)
     assert code == 0, err
     code, _, err = run("train.py", ["--config", str(config), "--print_config"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--joint.adjoint.solver", "picard"],                                  # faces.yaml: compare_every 25
+    ["--joint.grad", "ift", "--joint.compare_every", "0", "--joint.adjoint", "{solver: picard}"],
+])
+def test_a_joint_adjoint_that_some_solve_reads_is_accepted(capsys, argv):
+    code, _, err = run("train.py", ["--task", "joint", *argv, "--print_config"], capsys)
     assert code == 0, err
