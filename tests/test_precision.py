@@ -57,3 +57,13 @@ def test_an_exact_inversion_that_misses_tol_in_half_precision_names_the_precisio
     assert "--timesteps 20" in half                      # the other remedies follow
     for precision, tol in [("32-true", 1e-4), ("bf16-mixed", 1e-2), (None, 1e-4)]:
         assert "--trainer.precision" not in remedies(10, "per-step", "anderson", 20, precision, tol)
+
+
+def test_sample_says_when_its_tol_is_below_the_precisions_rounding(tmp_path, capsys):
+    from deqlit.commands.sample import main as sample_main
+    base = ["--timesteps", "3", "--num-images", "1", "--no-progress", "--trainer.accelerator", "cpu"]
+    sample_main([*base, "--trainer.precision", "bf16-mixed", "--out", str(tmp_path / "a")])
+    assert "--tol 0.001 is below what bf16-mixed resolves" in capsys.readouterr().out
+    sample_main([*base, "--trainer.precision", "bf16-mixed", "--tol", "0.004", "--out", str(tmp_path / "b")])
+    sample_main([*base, "--out", str(tmp_path / "c")])
+    assert "resolves" not in capsys.readouterr().out

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from deqlit.cli import ArgumentParser, int_at_least, parse, positive_int, typed_keys
 from deqlit.config import save_config
 from deqlit.deq.solvers import option_defaults, options_from
-from deqlit.devices import placement, precision_note
+from deqlit.devices import placement, precision_note, resolved_precision, tolerance_note
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.interpolation import FRAMES_RULE
 from deqlit.evaluation import DatasetMetrics, format_metrics
@@ -313,9 +313,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # --trainer.strategy ddp_time: a data x time mesh (None: one process), joined as every job
     # joins it (torchrun / srun, or --trainer.devices N started here).
     mesh = process_mesh(prepare_launch(cfg), device)
-    note = precision_note(device.type, cfg["trainer"].get("precision"))
-    if note and (mesh is None or mesh.rank == 0):
-        print(note, flush=True)
+    precision = cfg["trainer"].get("precision", "32-true")
+    notes = [precision_note(device.type, precision)]
+    if s["solver"] != "sequential" and not args.interpolate:
+        notes.append(tolerance_note(resolved_precision(device.type, precision), s["tol"], "--tol"))
+    for note in notes:
+        if note and (mesh is None or mesh.rank == 0):
+            print(note, flush=True)
     if args.interpolate:
         return interpolate_main(args, cfg, device, dtype)
     saved = read_latents(args.latents, args.num_images) if args.latents else None
