@@ -227,7 +227,7 @@ def gradient_methods(steps: list[int], only_T: list[int]) -> Callable:
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--timesteps", type=int, nargs="*", default=[10, 100])
     p.add_argument("--images", type=int, nargs="+", default=[16],
                    help="faces per T (one number for all, or one per --timesteps)")

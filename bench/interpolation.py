@@ -73,7 +73,7 @@ def trained_steps(run: Path) -> int | None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exact", type=Path, default=Path("runs/invert-faces"), help="invert.py run folder")
     p.add_argument("--joint", type=Path, default=Path("runs/joint-faces"), help="train.py --task joint run folder")
     p.add_argument("--methods", nargs="+", default=["slerp", "lerp"])

@@ -118,7 +118,7 @@ def newton_scan(model, faces, chain, start, calls: int, solution) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--timesteps", type=int, default=10)
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--calls", type=int, default=6)

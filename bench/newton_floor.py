@@ -83,7 +83,7 @@ def exact_newton_iterations(model, chain: Chain, seq: list[int], x_T: torch.Tens
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--timesteps", type=int, nargs="+", default=[25])
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--out", default=str(RESULTS / "newton_floor.csv"))

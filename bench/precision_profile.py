@@ -51,7 +51,7 @@ def profile_dtype(model: torch.nn.Module, rows: int, dtype: torch.dtype, repeats
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=48, help="network rows of one step (40 chain + 8 prior)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--top", type=int, default=12)

@@ -87,7 +87,7 @@ def median(values: list[float]) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--timesteps", type=int, default=10)
     p.add_argument("--steps", type=int, default=10, help="Adam steps of the DEQ method")
