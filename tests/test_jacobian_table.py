@@ -4,9 +4,10 @@ frequency response is the FFT of the kernel), and a row-by-row back-substitution
 equations with the Jacobian applied as an explicit operator."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from deqlit.deq.jacobian_table import evenly_spaced, gain_table, rfft_weights
+from deqlit.deq.jacobian_table import evenly_spaced, gain_table, keep_tables, measured_tables, rfft_weights
 from deqlit.deq.newton_scan import from_frequencies, scan_correction, to_frequencies
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.schedule import alphas_cumprod, linear_betas
@@ -59,6 +60,28 @@ def test_the_table_is_measured_once_per_model_and_chain():
         assert again is first and net.calls == calls
         other = gain_table(net, Chain.build(ABAR, 12), (1, 8, 8), torch.device("cpu"), torch.float64)
     assert net.calls > calls and other.shape[0] == 13
+
+
+@pytest.mark.parametrize("saved_on", ["cuda:0", "cpu"])
+def test_a_saved_table_serves_a_process_on_another_device(saved_on):
+    """Joint fine-tuning's checkpoint carries rank 0's tables (measured_tables) and every process of
+    a resumed run keeps them (keep_tables). On GPUs rank 0's key names cuda:0 and rank 1 solves on
+    cuda:1 (or the run resumes on a CPU): a key with the device missed, and that process measured a
+    new table from the restored weights (then solved unlike the uninterrupted run). The saved table
+    serves any device, moved there."""
+    chain = Chain.build(ABAR, 10)
+    first = CircularFilter()
+    with torch.no_grad():
+        table = gain_table(first, chain, (1, 8, 8), torch.device("cpu"), torch.float64)
+    saved = measured_tables(first)
+    assert len(saved) == 1
+    saved[0]["key"][3] = saved_on                     # as the process that wrote it named its device
+    resumed = CircularFilter()
+    keep_tables(resumed, saved)
+    with torch.no_grad():
+        kept = gain_table(resumed, chain, (1, 8, 8), torch.device("cpu"), torch.float64)
+    assert resumed.calls == 0
+    assert torch.equal(kept, table) and kept.device == torch.device("cpu")
 
 
 def test_a_long_chain_measures_a_subset_and_interpolates_between_its_states():

@@ -15,7 +15,7 @@ Cost. The states are measured on at most CALIBRATION_STATES of the chain (the re
 tau * sqrt(1 - abar), which stays between 0 and about 1, linearly in the state index); the clean
 samples come from a DDIM chain through at most SAMPLE_STEPS of the chain's own states. In all
 SAMPLE_STEPS + 2 batched calls of CALIBRATION_SAMPLES images (times CALIBRATION_STATES in the last
-two), once per (model, chain, image shape, device, dtype) in a process, the whole table even on a
+two), once per (model, chain, image shape, dtype) in a process, the whole table even on a
 time shard (which reads its block's rows only): a checkpoint written by rank 0 then holds every
 row that the processes of a resumed run read. The table is cached with
 the model and not refreshed when its weights change (joint fine-tuning, whose checkpoints carry
@@ -135,14 +135,18 @@ def calibrate(model: NoiseModel, chain: Chain, image_shape: tuple[int, ...], dev
 
 def gain_table(model: NoiseModel, chain: Chain, image_shape: tuple[int, ...], device=None,
                dtype=torch.float32) -> torch.Tensor:
-    """`calibrate`'s table, measured once per (model, chain, image shape, device, dtype)."""
-    key = (chain.timesteps, tuple(chain.abar.tolist()), tuple(image_shape), str(device), dtype)
+    """`calibrate`'s table, measured once per (model, chain, image shape, dtype) and moved to the
+    `device` asked for. The device is not part of the key: a checkpoint's table, written by rank 0
+    on cuda:0, serves rank 1 on cuda:1 (or a resume on a CPU) instead of being measured again."""
+    key = (chain.timesteps, tuple(chain.abar.tolist()), tuple(image_shape), dtype)
     try:
         per_model = _CACHE.setdefault(model, {})
     except TypeError:                    # a model that cannot be weakly referenced: no cache
         return calibrate(model, chain, image_shape, device, dtype)
     if key not in per_model:
         per_model[key] = calibrate(model, chain, image_shape, device, dtype)
+    elif device is not None and per_model[key].device != torch.device(device):
+        per_model[key] = per_model[key].to(device)
     return per_model[key]
 
 
@@ -154,7 +158,7 @@ def measured_tables(model: NoiseModel) -> list[dict]:
         per_model = _CACHE.get(model) or {}
     except TypeError:
         return []
-    return [{"key": [*key[:4], str(key[4]).removeprefix("torch.")], "table": table}
+    return [{"key": [*key[:3], str(table.device), str(key[3]).removeprefix("torch.")], "table": table}
             for key, table in per_model.items()]
 
 
@@ -162,12 +166,10 @@ def keep_tables(model: NoiseModel, saved: list[dict]) -> None:
     """gain_table answers with the `saved` tables (measured_tables of an earlier process) for
     `model` instead of measuring them. A table is measured once, from the weights of the first
     solve: a process resuming fine-tuning would measure the restored weights, and its solves
-    (within tol) would differ from the uninterrupted run's, which kept the starting weights' table."""
+    (within tol) would differ from the uninterrupted run's, which kept the starting weights' table.
+    The saved device (the writer's, rank 0's) is only informative: gain_table moves the table to
+    the device of each process's solve."""
     for entry in saved:
-        timesteps, abar, shape, device, dtype = entry["key"]
-        key = (tuple(timesteps), tuple(abar), tuple(shape), device, getattr(torch, dtype))
-        try:
-            table = entry["table"] if device == "None" else entry["table"].to(torch.device(device))
-        except (RuntimeError, AssertionError):    # a device this machine lacks: measured anew
-            continue
-        _CACHE.setdefault(model, {})[key] = table
+        timesteps, abar, shape, _device, dtype = entry["key"]
+        key = (tuple(timesteps), tuple(abar), tuple(shape), getattr(torch, dtype))
+        _CACHE.setdefault(model, {})[key] = entry["table"]
