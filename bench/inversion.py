@@ -12,7 +12,7 @@ time budget), the time to reach loss 1.0, and the final mean PSNR.
 Part 2, memory of one optimization step for T in --memory-timesteps: each measurement runs in a
 fresh process and reports the growth of its peak resident memory (VmHWM, reset after set-up) during one
 step over the memory after set-up, so other runs cannot hide it.
-Writes bench/results/inversion.csv, inversion_loss_vs_time.png and inversion_memory.csv.
+Writes bench/results/inversion.csv, inversion_loss_vs_time.png and inversion_memory.csv (or into --out).
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from pathlib import Path
 
 from bench_csv import write_csv
 
+import torch
+
 from deqlit.config import find_config, load_config
 from deqlit.data.registry import load_images
 from deqlit.deq.degradations import frobenius_loss
@@ -40,10 +42,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_BUDGET_S = {10: 120.0, 100: 1800.0}   # wall seconds per method; other T run --steps steps
 
 
-def config(method: str, T: int, images: int, steps: int, ckpt: str | None, lr: float, init: str) -> dict:
+def config(method: str, T: int, images: int, steps: int, ckpt: str | None, lr: float, init: str,
+           solver: str | None = None) -> dict:
     cfg = load_config(find_config("faces"))
     cfg["inversion"].update(method=method, timesteps=T, num_images=images, batch_size=images,
                             max_steps=steps, early_stop_loss=0.0, lr=lr, init=init)
+    if solver:
+        cfg["inversion"]["solver"] = solver
     if ckpt:
         cfg["checkpoint"]["path"] = ckpt
     return cfg
@@ -87,9 +92,9 @@ def run_curve(cfg: dict, budget_s: float | None = None,
     return losses, [stamps[k] for k in points], sum(m["psnr"] for m in result) / len(result), taken
 
 
-def measure_memory(method: str, T: int, ckpt: str | None) -> dict:
+def measure_memory(method: str, T: int, ckpt: str | None, solver: str | None = None) -> dict:
     """Child process: peak RSS growth (MB) of one optimization step on one face."""
-    cfg = config(method, T, 1, 1, ckpt, 0.01, "random")
+    cfg = config(method, T, 1, 1, ckpt, 0.01, "random", solver)
     cfg["inversion"]["max_iter"] = 3          # memory does not depend on the iteration count
     inverter = make_inverter(cfg, images=1)
     # ru_maxrss survives fork+exec (it would report the parent's peak); the kernel's per-process
@@ -122,13 +127,18 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--init", default="random", choices=["random", "ddim-inversion"])
     p.add_argument("--ckpt", default=None)
+    p.add_argument("--solver", default=None,
+                   help="the DEQ's solver (default: faces.yaml's inversion.solver; README's figures: triangular-anderson)")
     p.add_argument("--memory-child", nargs=2, metavar=("METHOD", "T"), dest="memory_child")
+    p.add_argument("--out", default=str(RESULTS), help="folder of the CSVs and the PNG (default bench/results)")
     args = p.parse_args()
     warnings.simplefilter("ignore")
     if args.memory_child:
-        print(json.dumps(measure_memory(args.memory_child[0], int(args.memory_child[1]), args.ckpt)))
+        print(json.dumps(measure_memory(args.memory_child[0], int(args.memory_child[1]), args.ckpt, args.solver)))
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    folder = Path(args.out)
+    solver = args.solver or load_config(find_config("faces"))["inversion"]["solver"]
+    folder.mkdir(parents=True, exist_ok=True)
     curves, rows = {}, []
     budgets = args.budget_s if args.budget_s is not None else [DEFAULT_BUDGET_S.get(T) for T in args.timesteps]
     if len(budgets) != len(args.timesteps):
@@ -136,8 +146,8 @@ def main() -> None:
     for T, budget_s in zip(args.timesteps, budgets):
         for method in ("deq", "baseline"):
             steps = args.steps or (1000 if budget_s else 40)
-            losses, stamps, psnr, taken = run_curve(config(method, T, args.images, steps, args.ckpt, args.lr, args.init),
-                                             budget_s)
+            cfg = config(method, T, args.images, steps, args.ckpt, args.lr, args.init, args.solver)
+            losses, stamps, psnr, taken = run_curve(cfg, budget_s)
             curves[(T, method)] = (losses, stamps)
             reach = next((s for s, l in zip(stamps, losses) if l <= 1.0), None)
             rows.append({"T": T, "method": method, "steps": taken, "seconds": stamps[-1],
@@ -155,18 +165,21 @@ def main() -> None:
         print(f"T={T}: equal time budget {budget:.1f}s: baseline/DEQ min loss = {ratio:.2f}"
               f"{'  (target >= 20 at T = 100: ' + ('PASS' if ratio >= 20 else 'FAIL') + ')' if T == 100 else ''}")
     if rows:
-        write_csv(rows, RESULTS / "inversion.csv")
-        plot(curves)
+        write_csv(rows, folder / "inversion.csv")
+        plot(curves, folder / "inversion_loss_vs_time.png",
+             f"Inversion, loss against wall time\n{args.images} held-out face(s), {args.init} start, lr {args.lr}\n"
+             f"DEQ solver {solver}; {torch.get_num_threads()} CPU thread(s)")
     memory = []
     for T in args.memory_timesteps:
         for method in ("deq", "baseline"):
             cmd = [sys.executable, __file__, "--memory-child", method, str(T)] + (["--ckpt", args.ckpt] if args.ckpt else [])
+            cmd += ["--solver", args.solver] if args.solver else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             memory.append(json.loads(out))
             print(f"memory T={T:5d} {method:8s} one step grows peak RSS by {memory[-1]['step_peak_growth_mb']:8.1f} MB "
                   f"({memory[-1]['step_seconds']:.1f}s)", flush=True)
     if memory:
-        write_csv(memory, RESULTS / "inversion_memory.csv")
+        write_csv(memory, folder / "inversion_memory.csv")
         for T in args.memory_timesteps:
             by = {m["method"]: m["step_peak_growth_mb"] for m in memory if m["T"] == T}
             ratio = by["deq"] / max(by["baseline"], 1e-9)
@@ -177,12 +190,12 @@ def main() -> None:
         print(f"DEQ mean PSNR at T = 100: {deq100[0]['final_mean_psnr']:.2f} dB (target >= 35)")
 
 
-def plot(curves: dict) -> None:
+def plot(curves: dict, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     Ts = sorted({T for T, _ in curves})
-    fig, axes = plt.subplots(1, len(Ts), figsize=(5 * len(Ts), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(Ts), figsize=(5 * len(Ts), 4.6), squeeze=False)
     for ax, T in zip(axes[0], Ts):
         for method in ("deq", "baseline"):
             losses, stamps = curves[(T, method)]
@@ -191,8 +204,9 @@ def plot(curves: dict) -> None:
         ax.set_xlabel("wall time (s)")
         ax.set_ylabel("mean loss (squared Frobenius)")
         ax.legend()
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "inversion_loss_vs_time.png", dpi=100)
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
