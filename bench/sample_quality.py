@@ -107,6 +107,9 @@ def plot(rows: list[dict], path: Path) -> None:
                 title="random features, not FID")
     axes[2].set(xscale="log", xlabel="T", ylabel="solver iterations (mean over images)")
     axes[0].legend(fontsize=7)
+    images = {int(r["T"]): r["images"] for r in rows if r["solver"] == "sequential"}
+    fig.suptitle("DEQ samples stopped at a solver tolerance against sequential DDIM from the same x_T, "
+                 "shipped faces model; images per T: " + ", ".join(f"{T}: {n}" for T, n in sorted(images.items())))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ckpt", default=None)
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=str(RESULTS), help="folder of sample_quality.csv and .png")
     p.add_argument("--replot", help="only redraw the PNG from this CSV")
     p.add_argument("--append", action="store_true",
                    help="keep the rows in --out's CSV of the (T, solver) pairs not run now, e.g. "
