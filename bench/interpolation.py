@@ -15,7 +15,7 @@ kurtosis, Shapiro-Wilk rejection rate, largest 8x8 patch correlation) beside the
 Target (issue 21): joint latents' midpoints within 10% of fresh samples' fd-random.
 
 Writes bench/results/interpolation.csv, interpolation.json and interpolation.png (one slerp strip of
-each set of latents, the same pair).
+each set of latents, the same pair), or into --out.
 """
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--strip-pair", default="0:1")
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--latents", type=int, default=None, help="use the first N latents (a quick look)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder of the results (default bench/results)")
     args = p.parse_args()
     cfg = load_config(find_config("faces"))
     rows, summary, strips = [], {}, {}
@@ -136,8 +137,8 @@ def main() -> None:
                          "exact_slerp_ratio": summary["exact"]["slerp"]["ratio_to_fresh_mean"],
                          "joint_slerp_ratio_to_white_midpoints": summary["joint"]["slerp"]["ratio_to_fresh_midpoints_mean"],
                          "exact_slerp_ratio_to_white_midpoints": summary["exact"]["slerp"]["ratio_to_fresh_midpoints_mean"]}
-    write_csv(rows, RESULTS / "interpolation.csv")
-    (RESULTS / "interpolation.json").write_text(json.dumps(summary, indent=2))
+    write_csv(rows, args.out / "interpolation.csv")
+    (args.out / "interpolation.json").write_text(json.dumps(summary, indent=2))
     # Exact above joint: the same pair, the same frames.
     width = max(s.width for s in strips.values())
     canvas = Image.new("RGB", (width, sum(s.height for s in strips.values()) + 24 * len(strips)), "white")
@@ -147,11 +148,11 @@ def main() -> None:
                   fill="black")
         canvas.paste(strip.convert("RGB"), (0, y + 24))
         y += strip.height + 24
-    canvas.save(RESULTS / "interpolation.png")
+    canvas.save(args.out / "interpolation.png")
     print(f"target (joint slerp midpoints within 10% of fresh): "
           f"{'met' if summary['target']['joint_slerp_within_10pct_of_fresh'] else 'not met'} "
           f"({joint_slerp:.3f}x; exact {summary['target']['exact_slerp_ratio']:.3f}x); wrote "
-          f"{RESULTS / 'interpolation.csv'}, interpolation.json, interpolation.png")
+          f"{args.out / 'interpolation.csv'}, interpolation.json, interpolation.png")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ number of iterations, batch 1) and measure, per process:
               ring model (all_reduce: 2 (K-1)/K n, all_gather: (K-1) n for n bytes per process);
   seconds     median wall time per iteration (the memory scan excluded).
 Figures are the worst process. The ratio sent / state compares the traffic with the chain's state
-(T x image). Writes bench/results/sharding.csv (the rows of other solvers already there are kept:
+(T x image). Writes bench/results/sharding.csv or --out (the rows of other solvers already there are kept:
     python bench/sharding.py --solver newton-scan --timesteps 100 adds newton-scan's).
 """
 from __future__ import annotations
@@ -136,6 +136,7 @@ def main() -> None:
     p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--solver", default="triangular-anderson")
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--out", default=str(RESULTS / "sharding.csv"))
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process (1: no oversubscription "
                    "when K processes share a few cores)")
     args = p.parse_args()
@@ -158,7 +159,7 @@ def main() -> None:
                   f"({row['state_vs_K1']:.2f} x K=1), sent {row['sent_kb_per_iter']:.1f} KB/iter "
                   f"({100 * row['sent_vs_chain_state']:.3f}% of the chain state), "
                   f"{row['seconds_per_iter']:.3f} s/iter", flush=True)
-    out = RESULTS / "sharding.csv"
+    out = Path(args.out)
     if out.exists():                     # keep the other solvers' rows: one solver per run
         with out.open() as fh:
             rows = [r for r in csv.DictReader(fh) if r["solver"] != args.solver] + rows
