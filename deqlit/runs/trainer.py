@@ -3,6 +3,8 @@ the command line (`--trainer.accelerator gpu --trainer.devices 4 --trainer.preci
 from __future__ import annotations
 
 import inspect
+import signal
+import threading
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -49,11 +51,33 @@ def build_trainer(launch: "Launch", **job: Any) -> L.Trainer:
         if isinstance(err, UserInputError):
             raise
         raise UserInputError(f"the trainer settings cannot run here: {err}") from None
+    copies_start_deaf_to_ctrl_c(trainer)
     # The precision Lightning resolved (it runs 16-mixed on a CPU as bf16-mixed, and says so).
     note = precision_note(trainer.strategy.root_device.type, trainer.precision)
     if note and trainer.is_global_zero:
         print(note, flush=True)
     return trainer
+
+
+def copies_start_deaf_to_ctrl_c(trainer: L.Trainer) -> None:
+    """The processes that Lightning's launcher starts (--trainer.devices N) ignore SIGINT until
+    their own handler is installed (runs.guards.interrupts_as_exceptions). A terminal's Ctrl-C
+    reaches every process: a copy still importing torch died of it with a traceback, Lightning's
+    process observer then SIGKILLed the run (exit 137), and rank 0 could neither say it was
+    interrupted nor print the --resume line. Now rank 0 alone answers such an early Ctrl-C and
+    stops the copies (Lightning's graceful shutdown). An ignored signal survives exec; handlers do not."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    start = getattr(launcher, "_call_children_scripts", None)
+    if start is None or threading.current_thread() is not threading.main_thread():
+        return
+
+    def start_deaf() -> None:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    launcher._call_children_scripts = start_deaf
 
 
 def saving(fast_dev_run: bool, savers: list[Any], others: list[Any]) -> dict[str, Any]:
