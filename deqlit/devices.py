@@ -38,9 +38,10 @@ def precision_note(device_type: str, precision: Any) -> str | None:
 # The relative rounding (unit roundoff) of each half precision's numbers. The noise network's output
 # carries no more, and a solver's relative residual, made of such outputs, stalls near it: a tol
 # below it is met only as the triangular chain's rows become exact, i.e. after nearly T iterations
-# (the shipped faces model, bf16-mixed, 8 samples, newton-scan: T = 25 took 19 iterations at tol
-# 1e-3, 12 at 3e-3, 10 at 5e-3, against 7 in 32-true at 1e-3; x_0 within 1.07x / 1.24x of bf16
-# sequential DDIM's own distance to float32's at 3e-3 / 5e-3).
+# (bench/half_precision.py: the shipped faces model, 8 samples, newton-scan, bf16-mixed at tol 1e-3 /
+# 3e-3 / 5e-3 against 32-true at 1e-3: T = 25 took 20 / 12 / 10 iterations against 9, T = 100
+# 51 / 34 / 28 against 10; at 3e-3 x_0 is 1.10x (T = 25) and 1.21x (T = 100) as far from float32
+# sequential DDIM as bf16 sequential DDIM is).
 UNIT_ROUNDOFF = {"bf16-mixed": 2.0 ** -8, "bf16-true": 2.0 ** -8,
                  "16-mixed": 2.0 ** -11, "16-true": 2.0 ** -11, "16": 2.0 ** -11}
 

@@ -67,3 +67,23 @@ def test_sample_says_when_its_tol_is_below_the_precisions_rounding(tmp_path, cap
     sample_main([*base, "--trainer.precision", "bf16-mixed", "--tol", "0.004", "--out", str(tmp_path / "b")])
     sample_main([*base, "--out", str(tmp_path / "c")])
     assert "resolves" not in capsys.readouterr().out
+
+
+def test_the_half_precision_benchmark_writes_its_rows_side_by_side(tmp_path, monkeypatch, capsys):
+    import csv
+    import sys
+
+    from tests.tiny import load_script
+    bench = load_script("bench/half_precision.py", "bench_half_precision")
+    out = tmp_path / "hp.csv"
+    monkeypatch.setattr(sys, "argv", ["half_precision.py", "--timesteps", "3", "--images", "1",
+                                      "--tols", "1e-3", "--out", str(out)])
+    bench.main()
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["precision"], r["solver"]) for r in rows] == [
+        ("32-true", "sequential"), ("bf16-mixed", "sequential"), ("32-true", "newton-scan"),
+        ("bf16-mixed", "newton-scan")]
+    assert float(rows[0]["x0_rmse_vs_float32_sequential"]) == 0.0            # the reference itself
+    assert 0 < float(rows[1]["x0_rmse_vs_float32_sequential"]) < 0.05       # bf16 rounds, a little
+    assert all(1 <= int(r["iterations"]) <= 3 for r in rows)
+    assert "the iterations of 32-true" in capsys.readouterr().out
