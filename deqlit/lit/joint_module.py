@@ -297,6 +297,8 @@ class JointFineTuneModule(L.LightningModule):
             periodic["eval/kid"] = self.fresh_sample_kid(step)
         if periodic and self.logger is not None:      # rank 0 writes (the loggers' log_metrics)
             self.logger.log_metrics(periodic, step=step)
+        for name, value in periodic.items():         # and callbacks see them (trainer.callback_metrics)
+            self.log(name, value, logger=False, batch_size=1)
 
     def logged_now(self) -> bool:
         """Whether this step's values reach the logger (the Trainer's log_every_n_steps)."""
