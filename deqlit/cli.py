@@ -211,6 +211,11 @@ def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
         if thread_errors:        # the run itself went on: the thread's error is the one to report
             raise thread_errors[0]
     except RunInterrupted as err:
+        from deqlit.runs.launch import launched_worker
+        if launched_worker():        # rank 0 prints the resume command, once, as the user typed it
+            print(f"{script} (process {os.environ.get('RANK') or os.environ.get('LOCAL_RANK')}): {err}",
+                  file=sys.stderr)
+            sys.exit(128 + err.signum)
         print(f"{script}: {err}", file=sys.stderr)
         if resume_flag and err.resumable:
             print(f"resume with: {resume_command(script_as_typed(script), argv, resume_flag)}", file=sys.stderr)

@@ -145,6 +145,14 @@ def test_interrupt_prints_the_resume_command_and_exits_128_plus_signal(capsys):
     assert resume_command("invert.py", ["--resume", "--out", "d"]) == "python invert.py --resume --out d"
 
 
+def test_an_interrupted_process_other_than_rank_0_leaves_the_resume_command_to_rank_0(capsys, monkeypatch):
+    """Every process of a multi-process run is interrupted; one resume line (rank 0's) is enough,
+    and a copy started by Lightning would print it with its own absolute script path."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    code, err = run(raising(RunInterrupted(2, "saved X at step 7")), ["--out", "a"], capsys)
+    assert code == 130 and "train.py (process 1): interrupted by SIGINT" in err and "resume with" not in err
+
+
 # ---- checkpoints: malicious pickles and a DDIM file without EMA -------------------------------
 class _Payload:
     """Unpickling this would run a shell command that creates `marker`."""
