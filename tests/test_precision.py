@@ -87,3 +87,16 @@ def test_the_half_precision_benchmark_writes_its_rows_side_by_side(tmp_path, mon
     assert 0 < float(rows[1]["x0_rmse_vs_float32_sequential"]) < 0.05       # bf16 rounds, a little
     assert all(1 <= int(r["iterations"]) <= 3 for r in rows)
     assert "the iterations of 32-true" in capsys.readouterr().out
+
+
+def test_jobs_with_a_trainer_say_a_tol_below_the_resolved_precisions_rounding(capsys):
+    """invert.py --method deq and joint fine-tuning print it from the Trainer's resolved precision:
+    16-mixed on a CPU is bf16-mixed there, so its tol is judged against bf16's rounding."""
+    from deqlit.runs.trainer import note_tolerance
+    for precision, tol, said in [("16-mixed", 1e-3, True), ("bf16-mixed", 1e-2, False), ("32-true", 1e-6, False)]:
+        trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False)
+        capsys.readouterr()
+        note_tolerance(trainer, tol, "--joint.tol")
+        out = capsys.readouterr().out
+        assert ("--joint.tol 0.001 is below what bf16-mixed resolves" in out) == said, (precision, out)

@@ -31,7 +31,7 @@ from deqlit.lit.inversion_outputs import InversionWriter, finished_indices, merg
 from deqlit.runs.launch import launched_worker, on_rank_zero_of, prepare_launch, time_shards_of
 from deqlit.runs.resume import differences, listed
 from deqlit.runs.sections import resolve
-from deqlit.runs.trainer import build_trainer
+from deqlit.runs.trainer import build_trainer, note_tolerance
 from deqlit.models.build import build_noise_model, resolve_checkpoint, schedule_from_config
 
 RUN_FILE = "run.json"   # what decides the results; a resume must match it
@@ -277,6 +277,8 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
                        interrupt, *(callbacks or [])],
             enable_progress_bar=progress, enable_model_summary=False, enable_checkpointing=False,
             use_distributed_sampler=False)   # InversionDataModule splits the images itself
+        if settings.method == "deq":            # its forward solves; exact's misses are named at the end
+            note_tolerance(trainer, inv.get("tol"), "--inversion.tol")
         datamodule.setup("predict")
         # The images split over the data replicas; the time shards of a replica share its images.
         shards = time_shards_of(launch.section, launch.parallel, trainer.world_size)

@@ -46,7 +46,7 @@ from deqlit.lit.checkpoints import ExportEMA, SaveLast
 from deqlit.runs.launch import Launch, launched_worker, on_rank_zero_of, prepare_launch, world_of
 from deqlit.runs.resume import check_resume, record_resume, resume_checkpoint
 from deqlit.runs.sections import module_arguments, resolve
-from deqlit.runs.trainer import build_trainer, saving
+from deqlit.runs.trainer import build_trainer, note_tolerance, saving
 
 
 
@@ -296,6 +296,8 @@ def run_joint(cfg: dict, resume: Optional[str] = None, fast_dev_run: bool = Fals
                                          extra),
                                 use_distributed_sampler=False,    # ddp_time: every process loads the global batch
                                 fast_dev_run=fast_dev_run, num_sanity_val_steps=0)
+        if joint["solver"] != "sequential":
+            note_tolerance(trainer, joint.get("tol"), "--joint.tol")
         start, cpu_start = time.time(), time.process_time()
         try:
             with interrupts_as_exceptions(trainer), warnings.catch_warnings():

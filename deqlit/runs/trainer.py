@@ -59,6 +59,15 @@ def build_trainer(launch: "Launch", **job: Any) -> L.Trainer:
     return trainer
 
 
+def note_tolerance(trainer: L.Trainer, tol: Any, flag: str) -> None:
+    """Say (rank 0) when a solver's `tol` is below what the precision Lightning resolved can
+    resolve (devices.tolerance_note): the solves would then run to their iteration limit."""
+    from deqlit.devices import tolerance_note
+    note = tolerance_note(str(trainer.precision), tol, flag)
+    if note and trainer.is_global_zero:
+        print(note, flush=True)
+
+
 def copies_start_deaf_to_ctrl_c(trainer: L.Trainer) -> None:
     """The processes that Lightning's launcher starts (--trainer.devices N) ignore SIGINT until
     their own handler is installed (runs.guards.interrupts_as_exceptions). A terminal's Ctrl-C
