@@ -91,6 +91,31 @@ def test_a_mask_file_edited_before_resume_is_refused(tmp_path):
         invert(config, *args, "--resume")
 
 
+def test_a_mask_file_painted_over_during_the_run_is_refused_at_the_next_batch(tmp_path, monkeypatch):
+    """Each batch reads the mask file again: one painted over between batches would have given the
+    later images another mask under the same name. The run stops naming the file; the finished
+    batch is kept, and with the first mask back --resume finishes the run."""
+    import deqlit.lit.inversion_module as inversion_module
+    config = exact_config(tmp_path)
+    mask = mask_file(tmp_path / "mask.png", (8, 8), (2, 2, 6, 6))
+    out = tmp_path / "o"
+    args = ("--task", "inpaint", "--mask", str(mask), "--max-steps", "1", "--batch-size", "1", "--out", str(out))
+    real, made = inversion_module.BatchInverter, []
+
+    def painting_over(*a, **k):
+        if made:                                            # between the first batch and the second
+            mask_file(mask, (8, 8), (0, 4, 8, 8))
+        made.append(1)
+        return real(*a, **k)
+    with monkeypatch.context() as patch:
+        patch.setattr(inversion_module, "BatchInverter", painting_over)
+        with pytest.raises(UserInputError, match=r"mask file .*mask.png changed during the run"):
+            invert(config, *args)
+    assert sorted(p.name for p in (out / "latents").glob("part-*.pt")) == ["part-00000000.pt"]
+    mask_file(mask, (8, 8), (2, 2, 6, 6))
+    assert invert(config, *args, "--resume")["num_images"] == 2
+
+
 def test_a_run_that_fails_before_its_first_result_leaves_no_folder(tmp_path, monkeypatch):
     """Any error in the first batch (here a stand-in for one) undoes run.json, config.yaml and tb/:
     the rerun is not refused as "an earlier inversion"."""

@@ -52,8 +52,11 @@ class InversionModule(L.LightningModule):
 
     def __init__(self, model: nn.Module, chain: Chain, settings: InversionSettings,
                  max_batch: Optional[int] = None, state_dir: Optional[Path] = None,
-                 save_every: int = 10, log_every: int = 1):
+                 save_every: int = 10, log_every: int = 1, mask_pixels: Optional[str] = None):
         super().__init__()
+        # The digest of the mask file's pixels when the run started (runs/inversion.check_mask):
+        # each batch reads the file again, and one painted over mid-run is refused, not used.
+        self.mask_pixels = mask_pixels
         self.model = model.requires_grad_(False).eval()
         self.chain, self.settings = chain, settings.validate()
         self.max_batch, self.state_dir = max_batch, state_dir
@@ -95,12 +98,26 @@ class InversionModule(L.LightningModule):
     def method(self) -> str:
         return self.settings.method
 
+    def check_mask_unchanged(self, inverter: BatchInverter, indices: list[int]) -> None:
+        """Refuse a batch whose mask file no longer holds the pixels the run started with."""
+        mask = inverter.degradation.mask
+        if self.mask_pixels is None or mask is None:
+            return
+        from deqlit.deq.degradations import mask_digest
+        from deqlit.guards import UserInputError
+        if mask_digest(mask[:1].cpu()) != self.mask_pixels:
+            raise UserInputError(
+                f"the mask file {self.settings.mask} changed during the run (found at the batch of "
+                f"images {indices[0]}..{indices[-1]}): the finished batches used the mask it held at "
+                f"the start; put that mask back and resume, or start a new run (--out) with the new one")
+
     # ---- one batch ------------------------------------------------------------------------
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         indices, images = batch
         dtype = next(self.model.parameters()).dtype
         inverter = BatchInverter(self.model, self.chain, images.to(dtype), indices.tolist(),
                                  self.settings, self.max_batch, self.time_reducer())
+        self.check_mask_unchanged(inverter, indices.tolist())
         self.resume_batch(inverter)
         self.current = inverter
         while not inverter.finished:

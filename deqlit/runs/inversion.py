@@ -266,7 +266,7 @@ def run_inversion(cfg: dict, resume: bool = False, progress: bool = True,
                                          data["channels"], data["root"],
                                          num_images=inv["num_images"], batch_size=inv["batch_size"],
                                          num_workers=inv["num_workers"], skip=done)
-        module = InversionModule(model, chain, settings, max_batch=inv["max_batch"],
+        module = InversionModule(model, chain, settings, max_batch=inv["max_batch"], mask_pixels=mask_pixels,
                                  state_dir=out / "latents", save_every=inv["save_every"],
                                  log_every=cfg["trainer"].get("log_every_n_steps", 1))
         interrupt = SaveOnInterrupt()
