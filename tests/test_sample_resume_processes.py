@@ -90,8 +90,19 @@ def test_ddp_over_two_devices_samples_on_two_replicas_and_rank_zero_computes_the
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "o" / "run.json").read_text())["data_replicas"] == 2
-    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["fd-random"] >= 0
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["fd-random"] >= 0
     assert torch.load(tmp_path / "o" / "samples.pt", weights_only=True)["x0"].shape[0] == 4
+    # The solve's figures are those of all 4 images, as one process reports them (not rank 0's 2).
+    one = subprocess.run([sys.executable, str(REPO / "sample.py"), *args[:4], "--no-progress",
+                          "--trainer.accelerator", "cpu", "--out", str(tmp_path / "one")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    alone = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert metrics["image_iterations"] == alone["image_iterations"] and len(alone["image_iterations"]) == 4
+    assert metrics["iterations"] == alone["iterations"]
+    assert metrics["image_residual"] == pytest.approx(alone["image_residual"], rel=1e-3, abs=1e-7)
+    assert len(metrics["residual_trace"]) == len(alone["residual_trace"])
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,7 +32,7 @@ from deqlit.evaluation import DatasetMetrics, format_metrics
 from deqlit.guards import (NonFiniteError, OutputFolderError, RankZeroStopped, RunInterrupted, UserInputError,
                            first_nonfinite)
 from deqlit.models.build import build_noise_model
-from deqlit.parallel.launch import from_rank_zero, gather_over_data
+from deqlit.parallel.launch import from_rank_zero, gather_over_data, objects_over_data
 from deqlit.pictures import numbered_grid, save_picture
 from deqlit.runs import sample_batches
 from deqlit.runs.folder_lock import folder_lock
@@ -39,7 +40,7 @@ from deqlit.runs.guards import FolderStart, check_output_dir, interrupts_as_exce
 from deqlit.runs.latents import read_latents
 from deqlit.runs.sections import refuse_other_solvers_options
 from deqlit.runs.launch import prepare_launch, process_mesh, world_of
-from deqlit.sampling import SAMPLERS, draw_noise, generate
+from deqlit.sampling import SAMPLERS, combine_stats, draw_noise, generate
 
 FLAGS = {"timesteps": "sampling.timesteps", "skip": "sampling.skip", "eta": "sampling.eta",
          "solver": "sampling.solver", "max_iter": "sampling.max_iter", "tol": "sampling.tol",
@@ -407,8 +408,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         seconds = time.perf_counter() - start
         bar.total = bar.n          # the batches stopped before their caps: end the bar full
         bar.close()
-        if mesh is not None:   # rank 0 writes everything (stats: its replica's solve)
+        if mesh is not None:   # rank 0 writes everything, the stats as one solve of all replicas'
             x0, x_T, noise = gather_over_data(mesh, x0), all_x_T, all_noise
+            stats = combine_stats(objects_over_data(mesh, replace(stats, abs_trace=[], rel_trace=[])))
             if mesh.rank != 0:
                 return {}
         x0 = stored(x0)
@@ -430,6 +432,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "final_residual": stats.rel_residual[-1] if stats.rel_residual else 0.0,
             "exact_by_depth": stats.exact_by_depth,
             "residual_trace": stats.rel_residual, "abs_residual_trace": stats.abs_residual,
+            "image_iterations": stats.image_iterations, "image_residual": stats.image_residual,
             "seconds": seconds, "chain": chain.to_dict(),
         }
         if saved is not None and saved.get("reconstructions") is not None:

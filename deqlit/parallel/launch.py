@@ -88,9 +88,14 @@ def start_local_processes(count: int) -> list[subprocess.Popen]:
 def gather_over_data(mesh: TimeMesh, value: torch.Tensor) -> torch.Tensor:
     """Every replica's `value` (its share of the images along dim 0) joined in data order, on every
     process: (n_d, ...) -> (sum n_d, ...). Replicas may hold different counts."""
-    parts: list[Optional[torch.Tensor]] = [None] * mesh.data
-    dist.all_gather_object(parts, value.detach().cpu(), group=mesh.data_group)
-    return torch.cat(parts).to(value.device)
+    return torch.cat(objects_over_data(mesh, value.detach().cpu())).to(value.device)
+
+
+def objects_over_data(mesh: TimeMesh, value: Any) -> list[Any]:
+    """Every replica's (picklable) `value`, in data order, on every process."""
+    parts: list[Any] = [None] * mesh.data
+    dist.all_gather_object(parts, value, group=mesh.data_group)
+    return parts
 
 
 def external_launch() -> Optional[tuple[int, int]]:
