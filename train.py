@@ -27,24 +27,13 @@ def refuse_other_tasks_flags(task: str, cfg: dict, args: argparse.Namespace, arg
     """parse()'s `adjust`: refuse what the command line set that `task` never reads (another
     task's flag or section, another joint.solver's option); the config file's values are
     defaults, never refused."""
-    from deqlit.runs.sections import refuse_other_solvers_options, refuse_unread
+    from deqlit.runs.sections import refuse_other_solvers_options, refuse_unread, refuse_unread_adjoint
     flags = {f"--{dest}": reader for dest, (owner, reader) in TASK_ONLY.items()
              if owner != task and getattr(args, dest, None) is not None}
     refuse_unread(task, typed_keys(argv), flags)
     if task == "joint":
         refuse_other_solvers_options(typed_keys(argv), "joint", cfg["joint"]["solver"], "--joint.solver")
         refuse_unread_adjoint(cfg["joint"], typed_keys(argv))
-
-
-def refuse_unread_adjoint(joint: dict, typed: dict[str, str]) -> None:
-    """--joint.adjoint[.KEY] configures ift's adjoint solve, which a onestep run makes only for
-    --joint.compare_every's cosine: typed for a run that never solves it, it would do nothing."""
-    from deqlit.guards import unread_flags
-    given = sorted({word for key, word in typed.items() if key.split(".")[:2] == ["joint", "adjoint"]})
-    if given and joint.get("grad") != "ift" and not joint.get("compare_every"):
-        raise unread_flags({"--joint.grad ift, or --joint.compare_every N (its cosine against ift)": given},
-                           f"with --joint.grad {joint.get('grad')} and --joint.compare_every 0",
-                           "set what reads {them}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -211,10 +211,9 @@ def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
         if thread_errors:        # the run itself went on: the thread's error is the one to report
             raise thread_errors[0]
     except RunInterrupted as err:
-        from deqlit.runs.launch import launched_worker
-        if launched_worker():        # rank 0 prints the resume command, once, as the user typed it
-            print(f"{script} (process {os.environ.get('RANK') or os.environ.get('LOCAL_RANK')}): {err}",
-                  file=sys.stderr)
+        from deqlit.runs.launch import process_rank
+        if process_rank() > 0:       # rank 0 prints the resume command, once, as the user typed it
+            print(f"{script} (process {process_rank()}): {err}", file=sys.stderr)
             sys.exit(128 + err.signum)
         print(f"{script}: {err}", file=sys.stderr)
         if resume_flag and err.resumable:

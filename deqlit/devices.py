@@ -52,6 +52,17 @@ def resolved_precision(device_type: str, precision: Any) -> str:
     return CPU_AUTOCAST_SUBSTITUTE.get(precision, precision) if device_type == "cpu" else precision
 
 
+def section_precision(section: dict[str, Any] | None) -> str | None:
+    """The precision a trainer section computes in here (resolved_precision on the device its
+    accelerator picks); None where that accelerator is not here (the Trainer then says why)."""
+    section = section or {}
+    try:
+        device = resolve_device(section.get("accelerator", "auto"))
+    except ValueError:
+        return None
+    return resolved_precision(device.type, section.get("precision", "32-true"))
+
+
 def tolerance_note(precision: str, tol: float, flag: str) -> str | None:
     """A line for a solver tolerance below what a half `precision` (as resolved) resolves, where
     the solve runs to its iteration limit (UNIT_ROUNDOFF); None otherwise."""

@@ -25,6 +25,13 @@ class UserInputError(ValueError):
     """Bad input the user can fix; the message says how. run_main prints it as one line."""
 
 
+def first_few(items, limit: int = 12) -> str:
+    """The first `limit` items joined by commas, then ', ...' if there are more (error messages
+    that name images, files or indices)."""
+    items = list(items)
+    return ", ".join(str(i) for i in items[:limit]) + (", ..." if len(items) > limit else "")
+
+
 def unread_flags(readers: dict[str, list[str]], context: str, fix: str) -> UserInputError:
     """The one-line refusal of typed flags a run would not read: readers {what reads them: [flag,
     ...]}; context, e.g. 'in this run (--method exact)'; fix, what to do instead ('{them}' becomes

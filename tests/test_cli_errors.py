@@ -268,3 +268,10 @@ def test_the_resume_command_names_the_script_as_the_user_started_it(monkeypatch)
     assert resume_command(script_as_typed("sample.py"), ["--out", "x"]) == "python /opt/deqlit/sample.py --out x --resume"
     monkeypatch.setattr(sys, "argv", ["pytest"])          # in-process (tests): the bare name
     assert script_as_typed("sample.py") == "sample.py"
+
+
+def test_messages_name_the_first_few_items_then_an_ellipsis():
+    from deqlit.guards import first_few
+    assert first_few(range(3)) == "0, 1, 2"
+    assert first_few(range(13)) == ", ".join(map(str, range(12))) + ", ..."
+    assert first_few(["a", "b", "c"], 2) == "a, b, ..." and first_few([], 4) == ""

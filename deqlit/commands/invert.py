@@ -12,7 +12,8 @@ from deqlit.config import set_path
 from deqlit.deq.degradations import FILLS, TASK_OPTIONS, TASKS
 from deqlit.deq.inversion import INIT_ALIASES, INITS, METHODS, canonical_init
 from deqlit.deq.solvers import SOLVERS, option_defaults, solvers_taking
-from deqlit.guards import unread_flags
+from deqlit.devices import section_precision
+from deqlit.guards import first_few, unread_flags
 from deqlit.runs.inversion import run_inversion
 from deqlit.runs.launch import launched_worker
 
@@ -187,18 +188,6 @@ def command_defaults(cfg: dict, args: argparse.Namespace, argv: list[str]) -> Op
     return "\n".join(n for n in notes if n) or None
 
 
-def run_precision(cfg: dict) -> Optional[str]:
-    """The precision the inversion computes in (Lightning's: 16-mixed is bf16-mixed on a CPU);
-    None where the accelerator is not here (the Trainer then names the problem)."""
-    from deqlit.devices import resolve_device, resolved_precision
-    trainer = cfg.get("trainer") or {}
-    try:
-        device = resolve_device(trainer.get("accelerator", "auto"))
-    except ValueError:
-        return None
-    return resolved_precision(device.type, trainer.get("precision", "32-true"))
-
-
 def optimizes(inv: dict) -> bool:
     return inv["method"] != "exact"
 
@@ -303,7 +292,7 @@ def unconverged_images(metrics: dict) -> list[dict]:
 def unconverged_warning(metrics: dict, precision: Optional[str] = None) -> Optional[str]:
     """One line naming the images whose exact inversion (method exact, or the start of init
     exact) missed its tolerance, what they reached, and the flags that may help; None if none.
-    precision: the one the run computed in (run_precision), for the remedy of a half precision."""
+    precision: the one the run computed in (devices.section_precision), for a half precision's remedy."""
     import inspect
 
     from deqlit.deq.inverse_map import DEFAULT_MAX_ITER, exact_invert
@@ -316,7 +305,7 @@ def unconverged_warning(metrics: dict, precision: Optional[str] = None) -> Optio
     mode = exact.get("mode", defaults["mode"].default)
     solver, tol = exact.get("solver", defaults["solver"].default), exact.get("tol", defaults["tol"].default)
     max_iter = exact.get("max_iter") or DEFAULT_MAX_ITER[mode]
-    shown = ", ".join(str(m["index"]) for m in failed[:12]) + (", ..." if len(failed) > 12 else "")
+    shown = first_few(m["index"] for m in failed)
     worst = max(m["exact_solve_residual"] for m in failed)
     what = "exact inversion" if settings.get("method") == "exact" else \
         "the exact inversion of the start (--init exact, which the gradient steps then refine)"
@@ -364,7 +353,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     task = metrics["settings"].get("task", "reconstruct")
     gaussianity = (f"latents: lag-1 autocorrelation {metrics['mean_latent_autocorrelation']:.2f}, "
                    f"kurtosis {metrics['mean_latent_kurtosis']:.2f} (white noise: 0 and 3)")
-    warning = unconverged_warning(metrics, run_precision(cfg))
+    warning = unconverged_warning(metrics, section_precision(cfg.get("trainer")))
     if warning:
         print(f"\n{warning}")
     unconverged = len(unconverged_images(metrics))

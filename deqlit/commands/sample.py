@@ -25,12 +25,12 @@ from tqdm import tqdm
 from deqlit.cli import ArgumentParser, int_at_least, parse, positive_int, typed_keys
 from deqlit.config import save_config
 from deqlit.deq.solvers import option_defaults, options_from
-from deqlit.devices import placement, precision_note, resolved_precision, tolerance_note
+from deqlit.devices import placement, precision_note, section_precision, tolerance_note
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.interpolation import FRAMES_RULE
 from deqlit.evaluation import DatasetMetrics, format_metrics
 from deqlit.guards import (NonFiniteError, OutputFolderError, RankZeroStopped, RunInterrupted, UserInputError,
-                           first_nonfinite)
+                           first_few, first_nonfinite)
 from deqlit.models.build import build_noise_model
 from deqlit.parallel.launch import from_rank_zero, gather_over_data, objects_over_data
 from deqlit.pictures import numbered_grid, save_picture
@@ -183,7 +183,7 @@ def refuse_earlier_outputs(out: Path) -> None:
     """OutputFolderError if `out` holds what a sampling or interpolation run writes (OUTPUTS)."""
     found = sorted({p.name for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
     if found:
-        listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        listed = first_few(found, 4)
         # Only a sample.py run resumes here (invert.py writes a run.json too).
         unfinished = sample_batches.holds_sample_run(out) and "samples.pt" not in found
         raise OutputFolderError(f"--out {out} holds an earlier run's outputs ({listed}), which this run "
@@ -314,10 +314,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # --trainer.strategy ddp_time: a data x time mesh (None: one process), joined as every job
     # joins it (torchrun / srun, or --trainer.devices N started here).
     mesh = process_mesh(prepare_launch(cfg), device)
-    precision = cfg["trainer"].get("precision", "32-true")
-    notes = [precision_note(device.type, precision)]
+    notes = [precision_note(device.type, cfg["trainer"].get("precision", "32-true"))]
     if s["solver"] != "sequential" and not args.interpolate:
-        notes.append(tolerance_note(resolved_precision(device.type, precision), s["tol"], "--tol"))
+        notes.append(tolerance_note(section_precision(cfg["trainer"]), s["tol"], "--tol"))
     for note in notes:
         if note and (mesh is None or mesh.rank == 0):
             print(note, flush=True)

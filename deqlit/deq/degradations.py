@@ -164,7 +164,8 @@ def check_random_masks(mask: str, height: int, width: int, indices: Sequence[int
                                    (pixels, "every pixel", "nothing to restore them from", "smaller")):
         bad = [i for i, h in hidden if h == count]
         if bad:
-            shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+            from deqlit.guards import first_few
+            shown = first_few(bad, 8)
             raise ValueError(f"--mask {mask} hides {words} of {len(bad)} of the {len(hidden)} images "
                              f"(dataset indices {shown}; {fraction * pixels:.1f} of {pixels} pixels hidden "
                              f"on average): {why}; use a {fix} fraction")

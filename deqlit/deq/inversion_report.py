@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Any
+from typing import Any, Optional
 
 from deqlit.diffusion.chain import Chain
 from deqlit.diffusion.inverse import contraction_factors

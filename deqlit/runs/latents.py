@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from deqlit.guards import CorruptCheckpointError, UserInputError
+from deqlit.guards import CorruptCheckpointError, UserInputError, first_few
 from deqlit.lit.inversion_outputs import PART_GLOB, ROW_KEYS, join_parts, read_result
 
 
@@ -41,9 +41,8 @@ def read_latents(path: str | Path, limit: Optional[int] = None) -> dict[str, Any
         bad = (~torch.isfinite(x_T.reshape(len(x_T), -1))).any(1).nonzero().flatten().tolist()
         indices = data.get("indices")
         named = [int(indices[b]) for b in bad] if indices is not None and len(indices) == len(x_T) else bad
-        shown = ", ".join(str(i) for i in named[:12]) + (", ..." if len(named) > 12 else "")
         raise UserInputError(f"the latents in {path} hold NaN/Inf for {len(bad)} of {len(x_T)} image(s) "
-                             f"(dataset indices {shown}): they come from a diverged run; invert those "
+                             f"(dataset indices {first_few(named)}): they come from a diverged run; invert those "
                              f"images again, or pass --num-images to stop before them")
     return data
 

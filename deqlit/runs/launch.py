@@ -42,11 +42,16 @@ class Launch:
         return self.section.get("strategy") == "ddp_time"
 
 
+def process_rank() -> int:
+    """This process's rank as a multi-process launcher set it (Lightning's DDP launcher re-runs the
+    script with LOCAL_RANK set; torchrun sets RANK, SLURM SLURM_PROCID); 0 without one."""
+    return max(int(os.environ.get(key, "0") or 0) for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
 def launched_worker() -> bool:
-    """True in a process that a multi-process launcher started for rank > 0 (Lightning's DDP
-    launcher re-runs the script with LOCAL_RANK set; torchrun sets RANK, SLURM SLURM_PROCID).
-    Such a process reads what rank 0 checked and wrote, and writes nothing of the run's own."""
-    return any(int(os.environ.get(key, "0") or 0) > 0 for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+    """True in a process that a multi-process launcher started for rank > 0. Such a process reads
+    what rank 0 checked and wrote, and writes nothing of the run's own."""
+    return process_rank() > 0
 
 
 def world_of(section: dict[str, Any]) -> Optional[int]:

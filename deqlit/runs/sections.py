@@ -366,3 +366,14 @@ def refuse_other_solvers_options(typed: dict[str, str], section: str, solver: st
             readers.setdefault(f"{choice} {' or '.join(owners)}", []).append(flag)
     if readers:
         raise unread_flags(readers, f"with {choice} {solver}", "choose a solver that reads {them}")
+
+
+def refuse_unread_adjoint(joint: dict, typed: dict[str, str]) -> None:
+    """--joint.adjoint[.KEY] configures ift's adjoint solve, which a onestep run makes only for
+    --joint.compare_every's cosine: typed for a run that never solves it, it would do nothing."""
+    from deqlit.guards import unread_flags
+    given = sorted({word for key, word in typed.items() if key.split(".")[:2] == ["joint", "adjoint"]})
+    if given and joint.get("grad") != "ift" and not joint.get("compare_every"):
+        raise unread_flags({"--joint.grad ift, or --joint.compare_every N (its cosine against ift)": given},
+                           f"with --joint.grad {joint.get('grad')} and --joint.compare_every 0",
+                           "set what reads {them}")
